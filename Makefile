@@ -1,0 +1,33 @@
+# The README's two commands. Both set everything up on a fresh machine (Debian + Python 3.11+).
+PY ?= python3
+VENV ?= .venv
+WORKDIR ?= workdirs/fashion_mnist_demo
+ARGS ?=
+
+.PHONY: setup setup-dev data demo test lint clean
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	$(PY) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -r requirements-dev.txt
+	touch $@
+
+setup: $(VENV)/.installed
+
+# Fashion-MNIST's idx files from Debian (needs root; skipped when already there).
+data:
+	@test -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz || \
+	  { (apt-get update -qq || true) && apt-get install -y -qq dataset-fashion-mnist; }
+
+# 1. Train the demo, then sample CFG and SG side by side.
+demo: setup data
+	$(VENV)/bin/python -m sgjax.main --config=configs/fashion_mnist.py --workdir=$(WORKDIR) \
+	  --mode=demo $(ARGS)
+
+# 2. The test suite (8 fake CPU devices; see tests/conftest.py).
+test: setup data
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/python -m pytest -q tests $(ARGS)
+
+clean:
+	rm -rf $(VENV) workdirs

@@ -1,0 +1,1 @@
+"""sgjax: token-sparse Diffusion Transformers and Sparse Guidance in JAX."""

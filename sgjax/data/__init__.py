@@ -1,0 +1,1 @@
+"""Input data: raw readers, our tfds ArrayRecord builders, and grain pipelines."""

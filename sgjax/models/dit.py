@@ -1,0 +1,169 @@
+"""DiT/SiT with adaLN-Zero (Peebles & Xie 2023), with token routing as a call-time argument.
+
+One module serves training (routing at the config's γ), every guidance branch (its own γ) and
+the dense model (`Sparsity()`): sparsity never changes the parameters, only which tokens run
+which blocks. Params carry logical axis names; `sgjax.sharding` maps them onto the mesh.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sgjax import sparsity as sp
+
+Dtype = Any
+
+# Logical axis names of params and activations (mapped to mesh axes by sgjax.sharding).
+EMBED, MLP, HEADS, KV, VOCAB, PATCH, NONE = "embed", "mlp", "heads", "kv", "vocab", "patch", None
+
+
+def _dense(features, axes, *, name, dtype, zero=False):
+  init = nn.initializers.zeros_init() if zero else nn.initializers.xavier_uniform()
+  return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, name=name,
+                  kernel_init=nn.with_logical_partitioning(init, axes),
+                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[-1:]))
+
+
+def sincos_pos_embed_2d(width: int, grid: int) -> np.ndarray:
+  """Fixed 2-D sin-cos position embedding, (grid*grid, width); half the channels per axis."""
+  assert width % 4 == 0, "width must be divisible by 4 for the 2-D sin-cos embedding"
+  omega = 1.0 / 10000 ** (np.arange(width // 4, dtype=np.float64) / (width / 4.0))
+  coords = np.arange(grid, dtype=np.float64)
+  gy, gx = np.meshgrid(coords, coords, indexing="ij")
+
+  def emb_1d(pos):
+    out = np.einsum("n,d->nd", pos.reshape(-1), omega)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+  # DiT's convention: the first half embeds the column (w) coordinate, the second the row.
+  return np.concatenate([emb_1d(gx), emb_1d(gy)], axis=1).astype(np.float32)
+
+
+def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+  """Sinusoidal embedding of t in [0, 1]; scaled by 1000 so the frequencies match DiT's."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = (t.astype(jnp.float32) * 1000.0)[:, None] * freqs[None]
+  return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+  return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class Attention(nn.Module):
+  heads: int
+  dtype: Dtype
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, n, d = x.shape
+    qkv = _dense(3 * d, (EMBED, HEADS), name="qkv", dtype=self.dtype)(x)
+    q, k, v = jnp.split(qkv.reshape(b, n, 3, self.heads, d // self.heads), 3, axis=2)
+    # XLA's fused attention on CPU/TPU; cuDNN flash attention is picked on GPU when eligible.
+    out = jax.nn.dot_product_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0])
+    return _dense(d, (HEADS, EMBED), name="proj", dtype=self.dtype)(out.reshape(b, n, d))
+
+
+class DiTBlock(nn.Module):
+  width: int
+  heads: int
+  mlp_ratio: float
+  dtype: Dtype
+
+  @nn.compact
+  def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
+    mod = _dense(6 * self.width, (EMBED, MLP), name="adaLN", dtype=self.dtype, zero=True)(
+        nn.silu(c))
+    shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = jnp.split(mod, 6, axis=-1)
+    norm = lambda name: nn.LayerNorm(use_bias=False, use_scale=False, epsilon=1e-6,
+                                     dtype=self.dtype, name=name)
+    h = modulate(norm("norm1")(x), shift_a, scale_a)
+    x = x + gate_a[:, None] * Attention(self.heads, self.dtype, name="attn")(h)
+    h = modulate(norm("norm2")(x), shift_m, scale_m)
+    hidden = int(self.width * self.mlp_ratio)
+    h = _dense(hidden, (EMBED, MLP), name="fc1", dtype=self.dtype)(h)
+    h = nn.gelu(h, approximate=True)
+    h = _dense(self.width, (MLP, EMBED), name="fc2", dtype=self.dtype)(h)
+    return x + gate_m[:, None] * h
+
+
+class DiT(nn.Module):
+  """x: (B, H, W, C) noisy input, t: (B,) in [0, 1], y: (B,) labels; label `num_classes` is ∅."""
+
+  image_size: int
+  channels: int
+  num_classes: int
+  depth: int
+  width: int
+  heads: int
+  patch_size: int
+  mlp_ratio: float = 4.0
+  dtype: Dtype = jnp.float32
+
+  @property
+  def num_tokens(self) -> int:
+    return (self.image_size // self.patch_size) ** 2
+
+  @nn.compact
+  def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array, *,
+               sparsity: sp.Sparsity = sp.DENSE,
+               token_key: jax.Array | None = None) -> jax.Array:
+    p, d = self.patch_size, self.width
+    b, h, w, ch = x.shape
+    grid = h // p
+    x = x.astype(self.dtype)
+    x = nn.Conv(d, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
+                param_dtype=jnp.float32, name="patch_embed",
+                kernel_init=nn.with_logical_partitioning(
+                    nn.initializers.xavier_uniform(), (NONE, NONE, PATCH, EMBED)),
+                bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (EMBED,)))(x)
+    x = x.reshape(b, grid * grid, d) + sincos_pos_embed_2d(d, grid).astype(self.dtype)
+
+    temb = timestep_embedding(t, 256).astype(self.dtype)
+    temb = _dense(d, (NONE, MLP), name="t_embed1", dtype=self.dtype)(temb)
+    temb = _dense(d, (MLP, EMBED), name="t_embed2", dtype=self.dtype)(nn.silu(temb))
+    # One extra row for the null label ∅ used by classifier-free guidance.
+    yemb = nn.Embed(self.num_classes + 1, d, dtype=self.dtype, param_dtype=jnp.float32,
+                    name="y_embed", embedding_init=nn.with_logical_partitioning(
+                        nn.initializers.normal(0.02), (VOCAB, EMBED)))(y)
+    c = temb + yemb
+
+    route_input = route_idx = None
+    for layer in range(self.depth):
+      if (route := sparsity.route_starting_at(layer)) is not None:
+        if token_key is None:
+          raise ValueError("a routed forward pass needs token_key")
+        key = jax.random.fold_in(token_key, layer)
+        route_input = x
+        route_idx = sp.select_tokens(key, b, x.shape[1], route.num_keep(x.shape[1]))
+        self.sow("intermediates", f"route_in{layer}", (x, route_idx))  # For tests/inspection.
+        x = sp.gather_tokens(x, route_idx)
+      x = DiTBlock(d, self.heads, self.mlp_ratio, self.dtype, name=f"block{layer}")(x, c)
+      if sparsity.route_ending_at(layer) is not None:
+        x = sp.scatter_tokens(route_input, x, route_idx)
+        self.sow("intermediates", f"route_out{layer}", x)
+
+    mod = _dense(2 * d, (EMBED, MLP), name="final_adaLN", dtype=self.dtype, zero=True)(
+        nn.silu(c))
+    shift, scale = jnp.split(mod, 2, axis=-1)
+    x = modulate(nn.LayerNorm(use_bias=False, use_scale=False, epsilon=1e-6, dtype=self.dtype,
+                              name="final_norm")(x), shift, scale)
+    x = _dense(p * p * ch, (EMBED, NONE), name="final_proj", dtype=self.dtype, zero=True)(x)
+    # Unpatchify: (B, N, p*p*C) -> (B, H, W, C).
+    x = x.reshape(b, grid, grid, p, p, ch).transpose(0, 1, 3, 2, 4, 5).reshape(b, h, w, ch)
+    return x.astype(jnp.float32)
+
+
+def from_config(config) -> DiT:
+  """The model a validated config describes."""
+  m, d = config.model, config.data
+  return DiT(image_size=d.image_size, channels=d.channels, num_classes=d.num_classes,
+             depth=m.depth, width=m.width, heads=m.heads, patch_size=m.patch_size,
+             mlp_ratio=m.mlp_ratio, dtype=jnp.dtype(config.dtype))

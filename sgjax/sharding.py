@@ -1,0 +1,74 @@
+"""The mesh and the logical-axis rules: the only place that knows how arrays map onto devices.
+
+The same code runs on one CPU device and on a pod: a 1-device mesh is just a mesh of shape
+(1, 1, 1). Params carry logical axis names (see sgjax.models.dit); `rules` map those names onto
+mesh axes. All axes are `Auto` (the compiler propagates shardings from the jit boundary), chosen
+on purpose: jax >= 0.10's `make_mesh` would otherwise default to Explicit axes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# logical name -> mesh axis. FSDP shards the model width; heads and MLP hidden go to `tensor`.
+LOGICAL_RULES = (
+    ("batch", BATCH_AXES),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("vocab", None),
+    ("patch", None),
+    ("kv", None),
+)
+
+
+def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> dict[str, int]:
+  """Sizes of the (data, fsdp, tensor) axes; one axis may be -1 (the rest of the devices)."""
+  sizes = {a: int(mesh_config[a]) for a in AXES}
+  free = [a for a, s in sizes.items() if s == -1]
+  if len(free) > 1:
+    raise ValueError(f"mesh: at most one axis may be -1, got {free}")
+  fixed = int(np.prod([s for s in sizes.values() if s != -1]))
+  if num_devices % fixed:
+    raise ValueError(f"mesh = {sizes}: the fixed axis sizes (product {fixed}) must divide the "
+                     f"device count {num_devices}")
+  if free:
+    sizes[free[0]] = num_devices // fixed
+  if int(np.prod(list(sizes.values()))) != num_devices:
+    raise ValueError(f"mesh = {sizes}: product must equal the device count {num_devices}")
+  return sizes
+
+
+def build_mesh(mesh_config: Mapping[str, int], devices=None) -> Mesh:
+  devices = jax.devices() if devices is None else devices
+  shape = mesh_shape(mesh_config, len(devices))
+  return jax.make_mesh(tuple(shape[a] for a in AXES), AXES,
+                       axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) dimension split over the data-parallel axes, the rest replicated."""
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def logical_shardings(abstract_tree: Any, mesh: Mesh) -> Any:
+  """NamedShardings for a tree of (possibly boxed) abstract values with logical axis names.
+
+  Leaves without names (optimizer counters, unannotated arrays) are replicated.
+  """
+  specs = nn.get_partition_spec(abstract_tree)
+  return nn.logical_to_mesh_sharding(specs, mesh, LOGICAL_RULES)

@@ -1,0 +1,114 @@
+"""Token sparsity as a call-time value: routes (TREAD) and the token gather/scatter they need.
+
+`Sparsity` is frozen and hashable so it can be a static argument of `jax.jit`: each distinct
+value compiles once, and every token count inside is a Python int (static shapes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class Route:
+  """Layers `start..end` (both inclusive) run on `N - int(N * gamma)` randomly chosen tokens."""
+
+  start: int
+  end: int
+  gamma: float
+
+  def num_keep(self, num_tokens: int) -> int:
+    return num_tokens - int(num_tokens * self.gamma)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sparsity:
+  """The sparsity of one model evaluation. `Sparsity()` is the dense model."""
+
+  routes: tuple[Route, ...] = ()
+
+  @classmethod
+  def dense(cls) -> Sparsity:
+    return cls()
+
+  @classmethod
+  def from_routes(cls, routes: Iterable[Sequence[float] | Route]) -> Sparsity:
+    """Builds from `Route`s or `(start, end, gamma)` triples (the config's spelling)."""
+    out = []
+    for r in routes:
+      if not isinstance(r, Route):
+        start, end, gamma = r
+        r = Route(int(start), int(end), float(gamma))
+      out.append(r)
+    return cls(tuple(sorted(out, key=lambda r: r.start)))
+
+  @property
+  def is_dense(self) -> bool:
+    return all(r.gamma == 0.0 for r in self.routes)
+
+  def with_gamma(self, gamma: float) -> Sparsity:
+    """The same route layout at another γ: how inference picks a branch's sparsity."""
+    return Sparsity(tuple(dataclasses.replace(r, gamma=float(gamma)) for r in self.routes))
+
+  def validate(self, depth: int, field: str = "sparsity.routes") -> None:
+    prev_end = -1
+    for i, r in enumerate(self.routes):
+      if not 0 <= r.start <= r.end < depth:
+        raise ValueError(
+            f"{field}[{i}] = ({r.start}, {r.end}): route layers must satisfy "
+            f"0 <= start <= end <= depth-1 = {depth - 1}")
+      if not 0.0 <= r.gamma < 1.0:
+        raise ValueError(f"{field}[{i}].gamma = {r.gamma}: must be in [0, 1)")
+      if r.start <= prev_end:
+        raise ValueError(f"{field}[{i}] starts at layer {r.start}, inside the previous route "
+                         f"(ends at {prev_end}); routes must not overlap")
+      prev_end = r.end
+
+  def route_starting_at(self, layer: int) -> Route | None:
+    for r in self.routes:
+      if r.start == layer and r.gamma > 0.0:
+        return r
+    return None
+
+  def route_ending_at(self, layer: int) -> Route | None:
+    for r in self.routes:
+      if r.end == layer and r.gamma > 0.0:
+        return r
+    return None
+
+  def tokens_at_layer(self, layer: int, num_tokens: int) -> int:
+    """How many tokens block `layer` processes (used by the FLOP counter)."""
+    for r in self.routes:
+      if r.start <= layer <= r.end:
+        return r.num_keep(num_tokens)
+    return num_tokens
+
+
+DENSE = Sparsity()
+
+
+def select_tokens(key: jax.Array, batch: int, num_tokens: int, num_keep: int) -> jax.Array:
+  """Per-sample random subsets of `num_keep` token indices, shape (batch, num_keep).
+
+  argsort of uniform noise gives a uniformly random permutation per sample; the indices are
+  sorted so kept tokens stay in raster order (attention is permutation-equivariant, so this
+  changes nothing numerically but makes gathers friendlier to memory).
+  """
+  noise = jax.random.uniform(key, (batch, num_tokens))
+  keep = jnp.argsort(noise, axis=1)[:, :num_keep]
+  return jnp.sort(keep, axis=1)
+
+
+def gather_tokens(x: jax.Array, idx: jax.Array) -> jax.Array:
+  """x: (B, N, D), idx: (B, K) -> (B, K, D)."""
+  return jnp.take_along_axis(x, idx[:, :, None], axis=1)
+
+
+def scatter_tokens(x_full: jax.Array, x_kept: jax.Array, idx: jax.Array) -> jax.Array:
+  """Writes the processed kept tokens back into a copy of the route-start activations."""
+  batch_idx = jnp.arange(x_full.shape[0])[:, None]
+  return x_full.at[batch_idx, idx].set(x_kept.astype(x_full.dtype))

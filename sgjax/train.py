@@ -1,0 +1,206 @@
+"""The train loop, in big_vision's shape: one function, sectioned, same code on 1 or 1,000 devices.
+
+Sections: config and mesh -> data -> model and abstract state -> shardings -> jitted init or
+restore -> jitted step (state donated) -> loop (metrics fetched every `log_every` steps, NaN
+abort, atomic checkpoints, auto-resume from the workdir).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from sgjax import checkpoint, flow, sharding
+from sgjax import config as config_lib
+from sgjax import metrics as metrics_lib
+from sgjax.models import dit
+from sgjax.sparsity import Sparsity
+
+TrainState = dict[str, Any]  # {"step", "params", "ema", "opt_state", "rng"}
+
+
+def make_optimizer(tc: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  if tc.warmup_steps:
+    lr = optax.linear_schedule(0.0, tc.lr, tc.warmup_steps)
+  else:
+    lr = tc.lr
+  parts = [optax.clip_by_global_norm(tc.grad_clip)] if tc.grad_clip > 0 else []
+  parts.append(optax.adamw(lr, b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay))
+  return optax.chain(*parts)
+
+
+def learning_rate(tc: ml_collections.ConfigDict, step: jax.Array) -> jax.Array:
+  if tc.warmup_steps:
+    return tc.lr * jnp.minimum(1.0, step / tc.warmup_steps)
+  return jnp.asarray(tc.lr, jnp.float32)
+
+
+def ema_decay(tc: ml_collections.ConfigDict, step: jax.Array) -> jax.Array:
+  """The EMA decay; with `ema_warmup` it ramps as (1+s)/(10+s) so short runs get a usable EMA."""
+  if tc.ema_warmup:
+    return jnp.minimum(tc.ema_decay, (1.0 + step) / (10.0 + step))
+  return jnp.asarray(tc.ema_decay, jnp.float32)
+
+
+def init_state(model: dit.DiT, tx: optax.GradientTransformation, seed: int) -> TrainState:
+  """Fresh train state (params boxed with logical axis names, for sharding lookup)."""
+  rng = jax.random.key(seed)
+  n, c = model.image_size, model.channels
+  variables = model.init(jax.random.fold_in(rng, 0), jnp.zeros((1, n, n, c)),
+                         jnp.zeros((1,)), jnp.zeros((1,), jnp.int32))
+  params = variables["params"]
+  return dict(step=jnp.zeros((), jnp.int32), params=params, ema=params,
+              opt_state=tx.init(params), rng=jax.random.key_data(rng))
+
+
+def abstract_state_and_shardings(model, tx, seed: int, mesh) -> tuple[Any, Any]:
+  """Shapes of the state without allocating it, and the NamedShardings it will live in."""
+  boxed = jax.eval_shape(lambda: init_state(model, tx, seed))
+  shardings = sharding.logical_shardings(boxed, mesh)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          nn.unbox(boxed), shardings)
+  return abstract, shardings
+
+
+def make_train_step(config: ml_collections.ConfigDict, model: dit.DiT,
+                    tx: optax.GradientTransformation):
+  """(state, batch) -> (state, metrics). Pure; the caller jits it with shardings."""
+  tc = config.train
+  train_sparsity = Sparsity.from_routes(config.sparsity.routes)
+  null_label = model.num_classes
+
+  def loss_fn(params, images, noise, t, labels, token_key):
+    def velocity(x_t, t, y):
+      return model.apply({"params": params}, x_t, t, y, sparsity=train_sparsity,
+                         token_key=token_key)
+    return flow.loss(velocity, images, noise, t, labels)
+
+  def step_fn(state: TrainState, batch: dict[str, jax.Array]):
+    # Per-step randomness is a pure function of (base key, step): exact on resume.
+    key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+    k_drop, k_time, k_noise, k_tokens = jax.random.split(key, 4)
+    images = batch["image"]
+    labels = flow.drop_labels(k_drop, batch["label"], tc.label_dropout, null_label)
+    t = flow.sample_time(k_time, images.shape[0])
+    noise = jax.random.normal(k_noise, images.shape, images.dtype)
+    accum = tc.grad_accum
+    grad_fn = jax.value_and_grad(loss_fn)
+    if accum == 1:
+      loss, grads = grad_fn(state["params"], images, noise, t, labels, k_tokens)
+    else:
+      # Micro-batch j takes every accum-th example, so each device's shard splits locally.
+      def split(a):
+        return jnp.moveaxis(a.reshape((a.shape[0] // accum, accum) + a.shape[1:]), 1, 0)
+
+      def body(carry, xs):
+        j, micro = xs
+        loss_j, grads_j = grad_fn(state["params"], *micro, jax.random.fold_in(k_tokens, j))
+        return jax.tree.map(jnp.add, carry, (loss_j, grads_j)), None
+
+      zeros = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, state["params"]))
+      micro = tuple(split(a) for a in (images, noise, t, labels))
+      (loss, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
+      loss, grads = jax.tree.map(lambda a: a / accum, (loss, grads))
+
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    d = ema_decay(tc, state["step"])
+    ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state["ema"], params)
+    metrics = dict(loss=loss, grad_norm=optax.tree.norm(grads),
+                   lr=learning_rate(tc, state["step"]))
+    new_state = dict(step=state["step"] + 1, params=params, ema=ema, opt_state=opt_state,
+                     rng=state["rng"])
+    return new_state, metrics
+
+  return step_fn
+
+
+def _global_batch(local_batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
+  shard = sharding.batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(shard, np.asarray(v))
+          for k, v in local_batch.items()}
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+  """Trains to `config.train.num_steps`, resuming from the latest checkpoint in `workdir`."""
+  # ---- Config and mesh.
+  config_lib.validate(config, jax.device_count())
+  tc = config.train
+  mesh = sharding.build_mesh(config.mesh)
+  os.makedirs(workdir, exist_ok=True)
+  writer = metrics_lib.MetricWriter(workdir)
+
+  # ---- Data: each process reads its own shard.
+  from sgjax.data import pipeline  # Local: keeps model-only imports light.
+  data_iter = pipeline.make_train_iterator(
+      config.data, tc.batch_size, seed=config.seed,
+      process_index=jax.process_index(), process_count=jax.process_count())
+
+  # ---- Model, optimizer, abstract state and shardings.
+  model = dit.from_config(config)
+  tx = make_optimizer(tc)
+  abstract, state_shardings = abstract_state_and_shardings(model, tx, config.seed, mesh)
+  n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(abstract["params"]))
+  logging.info("model: %d params; mesh %s", n_params, dict(mesh.shape))
+
+  # ---- Init or resume.
+  ckpt = checkpoint.manager(os.path.join(workdir, "checkpoints"),
+                            max_to_keep=tc.keep_checkpoints, async_save=tc.async_checkpoint)
+  with jax.set_mesh(mesh):
+    if ckpt.latest_step() is not None:
+      state = checkpoint.restore(ckpt, abstract, data_iter)
+      logging.info("resumed from step %d", int(state["step"]))
+    else:
+      init = jax.jit(lambda: nn.unbox(init_state(model, tx, config.seed)),
+                     out_shardings=state_shardings)
+      state = init()
+
+    # ---- The jitted step: state donated, shardings pinned on both sides.
+    step_fn = jax.jit(make_train_step(config, model, tx),
+                      in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+                      out_shardings=(state_shardings, sharding.replicated(mesh)),
+                      donate_argnums=(0,))
+
+    # ---- Loop.
+    first_step = int(state["step"])
+    progress = metrics_lib.Progress(tc.num_steps, first_step)
+    pending: list[dict[str, jax.Array]] = []
+    t_last, step_last = time.perf_counter(), first_step
+    for step in range(first_step + 1, tc.num_steps + 1):
+      state, step_metrics = step_fn(state, _global_batch(next(data_iter), mesh))
+      pending.append(step_metrics)
+      is_ckpt = step % tc.checkpoint_every == 0 or step == tc.num_steps
+      if step % tc.log_every == 0 or is_ckpt:
+        # The only host sync: fetch the metrics accumulated since the last report.
+        fetched = jax.device_get(pending)
+        pending = []
+        losses = np.array([m["loss"] for m in fetched])
+        if not np.all(np.isfinite(losses)):
+          bad = step - len(fetched) + 1 + int(np.argmax(~np.isfinite(losses)))
+          ckpt.wait_until_finished()
+          raise FloatingPointError(
+              f"non-finite loss at step {bad}; last good checkpoint: step {ckpt.latest_step()}")
+        now = time.perf_counter()
+        steps_per_s = (step - step_last) / (now - t_last)
+        t_last, step_last = now, step
+        report = dict(loss=float(losses.mean()),
+                      grad_norm=float(np.mean([m["grad_norm"] for m in fetched])),
+                      lr=float(fetched[-1]["lr"]), steps_per_s=steps_per_s,
+                      examples_per_s=steps_per_s * tc.batch_size)
+        writer.write(step, report)
+        progress.report(step, dict(loss=report["loss"], grad_norm=report["grad_norm"]))
+      if is_ckpt:
+        checkpoint.save(ckpt, step, state, data_iter)
+  ckpt.wait_until_finished()
+  ckpt.close()
+  writer.close()
+  return state

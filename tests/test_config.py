@@ -1,0 +1,73 @@
+"""Bad config values fail at start, naming the field and the allowed range."""
+
+import importlib.util
+import os
+
+import pytest
+
+from sgjax import config as config_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load(name):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", name + ".py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config()
+
+
+@pytest.mark.parametrize("name", ["fashion_mnist", "imagenet256"])
+def test_shipped_configs_validate(name):
+  config_lib.validate(_load(name), num_devices=8)
+
+
+def test_imagenet_recipe_is_the_papers():
+  c = _load("imagenet256")
+  config_lib.validate(c)
+  assert (c.model.depth, c.model.width, c.model.heads, c.model.patch_size) == (28, 1152, 16, 2)
+  assert (c.data.image_size, c.data.channels) == (32, 4)
+  assert tuple(map(tuple, c.sparsity.routes)) == ((2, 24, 0.5),)
+  assert (c.train.lr, c.train.b1, c.train.b2, c.train.batch_size) == (1e-4, 0.9, 0.999, 256)
+  assert (c.train.ema_decay, c.train.label_dropout, c.dtype) == (0.9999, 0.1, "bfloat16")
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("sparsity.routes", ((1, 4, 1.0),), r"sparsity.routes\[0\].gamma = 1.0: must be in \[0, 1\)"),
+    ("sparsity.routes", ((1, 6, 0.5),), r"sparsity.routes\[0\] = \(1, 6\).*depth-1 = 5"),
+    ("sparsity.routes", ((-1, 3, 0.5),), r"sparsity.routes\[0\]"),
+    ("model.patch_size", 3, r"model.patch_size = 3: must divide data.image_size = 28"),
+    ("model.preset", "XXL/2", r"model.preset = 'XXL/2': unknown; allowed: S/2"),
+    ("train.batch_size", 60, r"train.batch_size = 60: .*divisible by the data-parallel size"),
+    ("train.grad_accum", 3, r"train.grad_accum = 3: must divide train.batch_size = 64"),
+    ("train.ema_decay", 1.0, r"train.ema_decay = 1.0: must be in \[0, 1\)"),
+    ("sample.guidance.rule", "foo", r"sample.guidance.rule = 'foo': allowed"),
+    ("sample.guidance.gamma_weak", 0.0, r"gamma_weak = 0.0: must be > sample.guidance"),
+    ("sample.guidance.gamma_strong", -0.1, r"gamma_strong = -0.1: must be in \[0, 1\)"),
+    ("mesh.data", 0, r"mesh.data = 0: must be >= 1, or -1"),
+    ("dtype", "float16", r"dtype = 'float16': allowed"),
+])
+def test_bad_values_name_the_field(field, value, message):
+  c = _load("fashion_mnist")
+  node = c
+  *path, leaf = field.split(".")
+  for p in path:
+    node = node[p]
+  node[leaf] = value
+  with pytest.raises(ValueError, match=message):
+    config_lib.validate(c, num_devices=8)
+
+
+def test_mesh_must_fit_devices():
+  c = _load("fashion_mnist")
+  c.mesh.update(data=3, fsdp=1, tensor=1)
+  with pytest.raises(ValueError, match="must divide the device count 8"):
+    config_lib.validate(c, num_devices=8)
+
+
+def test_presets_fill_model_dims():
+  c = _load("fashion_mnist")
+  c.model.preset = "B/4"
+  c.data.image_size = 32
+  config_lib.validate(c)
+  assert (c.model.depth, c.model.width, c.model.heads, c.model.patch_size) == (12, 768, 12, 4)

@@ -1,0 +1,111 @@
+"""Train step: a 2x2x2 mesh (data, fsdp, tensor) computes the 1-device step; loss goes down."""
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from sgjax import config as config_lib
+from sgjax import sharding, train
+from sgjax.models import dit
+
+
+def tiny_config():
+  c = config_lib.base_config()
+  c.dtype = "float32"
+  c.model.update(preset="", depth=3, width=64, heads=4, patch_size=4)
+  c.data.update(name="synthetic", image_size=16, channels=1, num_classes=4)
+  c.sparsity.routes = ((1, 1, 0.5),)
+  c.train.update(batch_size=16, num_steps=4, lr=1e-3, grad_clip=1.0, ema_decay=0.9,
+                 log_every=2, checkpoint_every=2, async_checkpoint=False)
+  c.sample.update(batch_size=8, steps=3, per_class=2)
+  c.sample.guidance.update(rule="sg", omega=1.5, gamma_strong=0.0, gamma_weak=0.5)
+  return c
+
+
+def _batch(c, seed=0):
+  k1, k2 = jax.random.split(jax.random.key(seed))
+  n = c.data.image_size
+  return dict(image=jax.random.uniform(k1, (c.train.batch_size, n, n, 1), minval=-1, maxval=1),
+              label=jax.random.randint(k2, (c.train.batch_size,), 0, c.data.num_classes))
+
+
+def _run_steps(c, mesh, steps=2):
+  model = dit.from_config(c)
+  tx = train.make_optimizer(c.train)
+  _, shardings = train.abstract_state_and_shardings(model, tx, c.seed, mesh)
+  with jax.set_mesh(mesh):
+    state = jax.jit(lambda: nn.unbox(train.init_state(model, tx, c.seed)),
+                    out_shardings=shardings)()
+    step = jax.jit(train.make_train_step(c, model, tx),
+                   in_shardings=(shardings, sharding.batch_sharding(mesh)),
+                   out_shardings=(shardings, sharding.replicated(mesh)))
+    metrics = []
+    for i in range(steps):
+      batch = jax.device_put(_batch(c, i), sharding.batch_sharding(mesh))
+      state, m = step(state, batch)
+      metrics.append((float(m["loss"]), float(m["grad_norm"])))
+  return state, metrics
+
+
+def test_sharded_step_equals_single_device_step():
+  c = tiny_config()
+  config_lib.validate(c, 8)
+  mesh8 = sharding.build_mesh(dict(data=2, fsdp=2, tensor=2))
+  mesh1 = sharding.build_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
+  # One step: a second would start from params that already differ by Adam's rounding flips.
+  s8, l8 = _run_steps(c, mesh8, steps=1)
+  s1, l1 = _run_steps(c, mesh1, steps=1)
+  # The params really are split: fsdp shards the width, tensor the MLP hidden dim.
+  fc1 = s8["params"]["block0"]["fc1"]["kernel"]
+  assert fc1.sharding.shard_shape(fc1.shape) == (32, 128)
+  np.testing.assert_allclose(l8, l1, rtol=1e-5)
+  # Adam's moments hold the gradients themselves: compared tightly.
+  for a, b in zip(jax.tree.leaves(s8["opt_state"]), jax.tree.leaves(s1["opt_state"]),
+                  strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-8)
+  # Params: Adam's m/sqrt(v) turns rounding noise on exactly-zero gradients (zero-init adaLN
+  # gates) into ±lr steps, so only those may differ, by at most one step each.
+  for a, b in zip(jax.tree.leaves(s8["params"]), jax.tree.leaves(s1["params"]), strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5,
+                               atol=2.2 * c.train.lr)
+  # The step did move the params (the zero-init output layer gets gradient at once).
+  moved = np.asarray(s1["params"]["final_proj"]["kernel"])
+  assert np.abs(moved).max() > 0.5 * c.train.lr
+  assert not np.allclose(moved, np.asarray(s1["ema"]["final_proj"]["kernel"]))
+
+
+def test_loss_decreases_on_a_fixed_batch():
+  c = tiny_config()
+  c.sparsity.routes = ()
+  mesh = sharding.build_mesh(dict(data=-1, fsdp=1, tensor=1))
+  model = dit.from_config(c)
+  tx = train.make_optimizer(c.train)
+  _, shardings = train.abstract_state_and_shardings(model, tx, c.seed, mesh)
+  with jax.set_mesh(mesh):
+    state = jax.jit(lambda: nn.unbox(train.init_state(model, tx, c.seed)),
+                    out_shardings=shardings)()
+    step = jax.jit(train.make_train_step(c, model, tx))
+    batch = jax.device_put(_batch(c), sharding.batch_sharding(mesh))
+    losses = []
+    for _ in range(40):
+      state, m = step(state, batch)
+      losses.append(float(m["loss"]))
+  assert np.mean(losses[-8:]) < 0.85 * np.mean(losses[:8])
+
+
+def test_grad_accumulation_matches_full_batch_step():
+  # Noise, t and label dropout are drawn for the whole batch before the split, so with a dense
+  # model two accumulated halves give the full batch's mean gradient, hence the same update.
+  c = tiny_config()
+  c.sparsity.routes = ()
+  model = dit.from_config(c)
+  tx = train.make_optimizer(c.train)
+  state = nn.unbox(train.init_state(model, tx, c.seed))
+  batch = _batch(c)
+  s1, m1 = jax.jit(train.make_train_step(c, model, tx))(state, batch)
+  c.train.grad_accum = 4
+  s4, m4 = jax.jit(train.make_train_step(c, model, tx))(state, batch)
+  np.testing.assert_allclose(float(m4["loss"]), float(m1["loss"]), rtol=1e-5)
+  np.testing.assert_allclose(float(m4["grad_norm"]), float(m1["grad_norm"]), rtol=1e-4)
+  for a, b in zip(jax.tree.leaves(s4["params"]), jax.tree.leaves(s1["params"]), strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
