@@ -171,36 +171,39 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
                       donate_argnums=(0,))
 
     # ---- Loop.
-    first_step = int(state["step"])
-    progress = metrics_lib.Progress(tc.num_steps, first_step)
-    pending: list[dict[str, jax.Array]] = []
-    t_last, step_last = time.perf_counter(), first_step
-    for step in range(first_step + 1, tc.num_steps + 1):
-      state, step_metrics = step_fn(state, _global_batch(next(data_iter), mesh))
-      pending.append(step_metrics)
-      is_ckpt = step % tc.checkpoint_every == 0 or step == tc.num_steps
-      if step % tc.log_every == 0 or is_ckpt:
-        # The only host sync: fetch the metrics accumulated since the last report.
-        fetched = jax.device_get(pending)
-        pending = []
-        losses = np.array([m["loss"] for m in fetched])
-        if not np.all(np.isfinite(losses)):
-          bad = step - len(fetched) + 1 + int(np.argmax(~np.isfinite(losses)))
-          ckpt.wait_until_finished()
-          raise FloatingPointError(
-              f"non-finite loss at step {bad}; last good checkpoint: step {ckpt.latest_step()}")
-        now = time.perf_counter()
-        steps_per_s = (step - step_last) / (now - t_last)
-        t_last, step_last = now, step
-        report = dict(loss=float(losses.mean()),
-                      grad_norm=float(np.mean([m["grad_norm"] for m in fetched])),
-                      lr=float(fetched[-1]["lr"]), steps_per_s=steps_per_s,
-                      examples_per_s=steps_per_s * tc.batch_size)
-        writer.write(step, report)
-        progress.report(step, dict(loss=report["loss"], grad_norm=report["grad_norm"]))
-      if is_ckpt:
-        checkpoint.save(ckpt, step, state, data_iter)
-  ckpt.wait_until_finished()
-  ckpt.close()
-  writer.close()
+    try:
+      first_step = int(state["step"])
+      progress = metrics_lib.Progress(tc.num_steps, first_step)
+      pending: list[dict[str, jax.Array]] = []
+      t_last, step_last = time.perf_counter(), first_step
+      for step in range(first_step + 1, tc.num_steps + 1):
+        state, step_metrics = step_fn(state, _global_batch(next(data_iter), mesh))
+        pending.append(step_metrics)
+        is_ckpt = step % tc.checkpoint_every == 0 or step == tc.num_steps
+        if step % tc.log_every == 0 or is_ckpt:
+          # The only host sync: fetch the metrics accumulated since the last report.
+          fetched = jax.device_get(pending)
+          pending = []
+          losses = np.array([m["loss"] for m in fetched])
+          if not np.all(np.isfinite(losses)):
+            bad = step - len(fetched) + 1 + int(np.argmax(~np.isfinite(losses)))
+            ckpt.wait_until_finished()
+            raise FloatingPointError(
+                f"non-finite loss at step {bad}; last good checkpoint: step {ckpt.latest_step()}")
+          now = time.perf_counter()
+          steps_per_s = (step - step_last) / (now - t_last)
+          t_last, step_last = now, step
+          report = dict(loss=float(losses.mean()),
+                        grad_norm=float(np.mean([m["grad_norm"] for m in fetched])),
+                        lr=float(fetched[-1]["lr"]), steps_per_s=steps_per_s,
+                        examples_per_s=steps_per_s * tc.batch_size)
+          writer.write(step, report)
+          progress.report(step, dict(loss=report["loss"], grad_norm=report["grad_norm"]))
+        if is_ckpt:
+          checkpoint.save(ckpt, step, state, data_iter)
+    finally:
+      # Also on NaN abort or Ctrl-C: finish pending async saves, release files.
+      ckpt.wait_until_finished()
+      ckpt.close()
+      writer.close()
   return state

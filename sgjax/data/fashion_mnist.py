@@ -73,6 +73,8 @@ class FashionMnist(tfds.core.GeneratorBasedBuilder):
         features=tfds.features.FeaturesDict({
             "image": tfds.features.Tensor(shape=(28, 28, 1), dtype=np.uint8),
             "label": tfds.features.ClassLabel(names=CLASS_NAMES),
+            # tfds shuffles records on write; the raw index keeps them traceable.
+            "index": tfds.features.Tensor(shape=(), dtype=np.int64),
         }))
 
   def _split_generators(self, dl_manager):
@@ -82,4 +84,4 @@ class FashionMnist(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, split):
     images, labels = read_split(self._raw_dir, split)
     for i in range(len(images)):
-      yield i, {"image": images[i], "label": int(labels[i])}
+      yield i, {"image": images[i], "label": int(labels[i]), "index": i}
