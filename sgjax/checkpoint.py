@@ -9,6 +9,7 @@ and cannot be read (wrong model size, corrupt files), the error propagates.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import grain
@@ -17,6 +18,8 @@ import orbax.checkpoint as ocp
 
 def manager(directory: str, *, max_to_keep: int = 3, async_save: bool = True
             ) -> ocp.CheckpointManager:
+  if "://" not in directory:  # Orbax needs absolute local paths; gs:// and friends pass as is.
+    directory = os.path.abspath(directory)
   options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save,
       cleanup_tmp_directories=True)

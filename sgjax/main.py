@@ -6,10 +6,9 @@
 
 from __future__ import annotations
 
-import logging
 import os
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (get_config()).",
@@ -23,7 +22,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv) -> None:
   del argv
-  logging.getLogger().setLevel(logging.INFO)
+  # Orbax and grain log every save at INFO; the console shows our progress lines instead.
+  logging.set_verbosity(logging.WARNING)
   import jax  # Local: flags (e.g. XLA_FLAGS set by the caller) must be in place first.
 
   from sgjax import config as config_lib

@@ -59,13 +59,17 @@ class Progress:
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self.stream = stream or sys.stderr
     self._t0 = time.perf_counter()
+    self._last = (start, self._t0)
 
   def report(self, step: int, metrics: Mapping[str, float]) -> None:
     if not self.enabled:
       return
-    elapsed = time.perf_counter() - self._t0
-    done = step - self.start
-    rate = done / elapsed if elapsed > 0 else 0.0
+    now = time.perf_counter()
+    elapsed = now - self._t0
+    # Rate over the last interval: the first one includes compilation and would skew the ETA.
+    last_step, last_t = self._last
+    self._last = (step, now)
+    rate = (step - last_step) / (now - last_t) if now > last_t else 0.0
     eta = (self.total - step) / rate if rate > 0 else float("nan")
     shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items())
     pct = 100.0 * step / max(self.total, 1)

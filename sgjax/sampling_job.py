@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 
@@ -63,8 +62,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, name: str | None = N
     labels = class_labels(model.num_classes, config.sample.per_class)
     t0 = time.perf_counter()
     images = generate(config, model, params, labels, g, mesh, config.sample.seed)
-    logging.info("sampled %d images (%s, ω=%.2f) in %.1fs", len(images), g.rule, g.omega,
-                 time.perf_counter() - t0)
+    if jax.process_index() == 0:
+      print(f"sampled {len(images)} images ({g.rule}, ω={g.omega:g}) in "
+            f"{time.perf_counter() - t0:.1f}s", flush=True)
   name = name or f"samples_{g.rule}"
   png = os.path.join(workdir, name + ".png")
   if jax.process_index() == 0:

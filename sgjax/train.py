@@ -7,7 +7,6 @@ abort, atomic checkpoints, auto-resume from the workdir).
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from typing import Any
@@ -150,7 +149,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   tx = make_optimizer(tc)
   abstract, state_shardings = abstract_state_and_shardings(model, tx, config.seed, mesh)
   n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(abstract["params"]))
-  logging.info("model: %d params; mesh %s", n_params, dict(mesh.shape))
+  if jax.process_index() == 0:
+    print(f"model: {n_params / 1e6:.2f}M params; mesh {dict(mesh.shape)}; "
+          f"routes {tuple(map(tuple, config.sparsity.routes))}", flush=True)
 
   # ---- Init or resume.
   ckpt = checkpoint.manager(os.path.join(workdir, "checkpoints"),
@@ -158,7 +159,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   with jax.set_mesh(mesh):
     if ckpt.latest_step() is not None:
       state = checkpoint.restore(ckpt, abstract, data_iter)
-      logging.info("resumed from step %d", int(state["step"]))
+      if jax.process_index() == 0:
+        print(f"resumed from step {int(state['step'])} in {workdir}", flush=True)
     else:
       init = jax.jit(lambda: nn.unbox(init_state(model, tx, config.seed)),
                      out_shardings=state_shardings)
