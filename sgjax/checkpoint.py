@@ -16,12 +16,15 @@ import grain
 import orbax.checkpoint as ocp
 
 
-def manager(directory: str, *, max_to_keep: int = 3, async_save: bool = True
-            ) -> ocp.CheckpointManager:
+def manager(directory: str, *, max_to_keep: int = 3, async_save: bool = True,
+            keep_period: int = 0) -> ocp.CheckpointManager:
+  """`keep_period` > 0 keeps every checkpoint whose step is a multiple of it (guide checkpoints
+  for AG+SG) besides the `max_to_keep` latest."""
   if "://" not in directory:  # Orbax needs absolute local paths; gs:// and friends pass as is.
     directory = os.path.abspath(directory)
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save,
+      max_to_keep=max_to_keep, keep_period=keep_period or None, create=True,
+      enable_async_checkpointing=async_save,
       cleanup_tmp_directories=True)
   return ocp.CheckpointManager(directory, options=options, item_names=("state", "data"))
 

@@ -20,8 +20,7 @@ MODEL_SIZES = {
 PATCH_SIZES = (2, 4, 8)
 PRESETS = tuple(f"{s}/{p}" for s in MODEL_SIZES for p in PATCH_SIZES)
 DTYPES = ("float32", "bfloat16")
-GUIDANCE_RULES = ("none", "cfg", "sg", "cfg_sg")
-SAMPLERS = ("euler", "heun")
+SAMPLERS = ("euler", "heun")  # Mirrors sgjax.sampling.SAMPLERS.
 
 
 def apply_preset(model: ml_collections.ConfigDict) -> None:
@@ -75,6 +74,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
          f"must divide train.batch_size = {t.batch_size}")
   _check(0 <= t.ema_decay < 1, "train.ema_decay", t.ema_decay, "must be in [0, 1)")
   _check(0 <= t.label_dropout < 1, "train.label_dropout", t.label_dropout, "must be in [0, 1)")
+  _check(t.keep_period >= 0, "train.keep_period", t.keep_period, "must be >= 0 (0 = off)")
   for name in ("log_every", "checkpoint_every"):
     _check(t[name] >= 1, f"train.{name}", t[name], "must be >= 1")
 
@@ -96,19 +96,34 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   s = config.sample
   _check(s.steps >= 1, "sample.steps", s.steps, "must be >= 1")
   _check(s.sampler in SAMPLERS, "sample.sampler", s.sampler, f"allowed: {SAMPLERS}")
+  _check(s.time_shift > 0, "sample.time_shift", s.time_shift, "must be > 0 (1 = uniform grid)")
   _check(s.batch_size >= 1, "sample.batch_size", s.batch_size, "must be >= 1")
+  _check(s.num_samples >= 0, "sample.num_samples", s.num_samples, "must be >= 0")
+  _check(s.shard_batches >= 1, "sample.shard_batches", s.shard_batches, "must be >= 1")
   g = s.guidance
-  _check(g.rule in GUIDANCE_RULES, "sample.guidance.rule", g.rule, f"allowed: {GUIDANCE_RULES}")
   _check(g.omega >= 0, "sample.guidance.omega", g.omega, "must be >= 0")
-  _check(0 <= g.gamma_strong < 1, "sample.guidance.gamma_strong", g.gamma_strong,
-         "must be in [0, 1)")
-  _check(0 <= g.gamma_weak < 1, "sample.guidance.gamma_weak", g.gamma_weak, "must be in [0, 1)")
-  if g.rule in ("sg", "cfg_sg"):
-    _check(g.gamma_strong < g.gamma_weak, "sample.guidance.gamma_weak", g.gamma_weak,
-           f"must be > sample.guidance.gamma_strong = {g.gamma_strong} for rule {g.rule!r}")
-  if g.rule in ("sg", "cfg_sg") or g.gamma_strong > 0:
+  _check(g.gamma_quantum >= 0, "sample.guidance.gamma_quantum", g.gamma_quantum,
+         "must be >= 0 (0 = exact token counts)")
+  # The schedule check walks every step (γ ranges, γ_strong < γ_weak where required).
+  sampling_plan(config)
+  strong_ever_sparse = g.gamma_strong > 0 or (g.schedule == "cosine" and g.gamma_strong_end > 0)
+  if g.rule in ("sg", "cfg_sg", "ag_sg") or strong_ever_sparse:
     _check(len(config.sparsity.routes) > 0, "sparsity.routes", config.sparsity.routes,
            "sparse guidance needs at least one route (the layers whose tokens γ thins)")
+  if g.rule == "ag_sg":
+    _check(g.guide_step >= 0, "sample.guidance.guide_step", g.guide_step,
+           "rule 'ag_sg' needs the guide checkpoint's step (>= 0), e.g. an early checkpoint "
+           "kept with train.keep_period")
+
+
+def sampling_plan(config: ml_collections.ConfigDict):
+  """The per-step guidance plan of `config.sample` (see sgjax.guidance.plan)."""
+  # Local: these import jax, and config files import this module.
+  from sgjax import flow, guidance
+  num_tokens = (config.data.image_size // config.model.patch_size) ** 2
+  times = flow.time_grid(config.sample.steps, config.sample.time_shift)
+  return guidance.plan(config.sample.guidance, Sparsity.from_routes(config.sparsity.routes),
+                       num_tokens, times)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -134,14 +149,27 @@ def base_config() -> ml_collections.ConfigDict:
       batch_size=256, num_steps=1000, lr=1e-4, b1=0.9, b2=0.999, weight_decay=0.0,
       warmup_steps=0, grad_clip=0.0, grad_accum=1, ema_decay=0.9999, ema_warmup=False,
       label_dropout=0.1,
-      log_every=50, checkpoint_every=1000, keep_checkpoints=3, async_checkpoint=True))
+      log_every=50, checkpoint_every=1000, keep_checkpoints=3, async_checkpoint=True,
+      keep_period=0))  # > 0: also keep every checkpoint whose step is a multiple (AG guides).
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
 
   c.sample = ml_collections.ConfigDict(dict(
-      steps=40, sampler="euler", batch_size=64, per_class=8, use_ema=True, seed=0,
+      steps=40, sampler="euler", time_shift=1.0, batch_size=64, per_class=8, use_ema=True,
+      seed=0,
+      # --mode=sample with num_samples > 0 writes that many class-balanced samples as .npz
+      # shards of shard_batches batches each (resumable), then one merged ADM-style .npz.
+      num_samples=0, shard_batches=10,
       guidance=ml_collections.ConfigDict(dict(
-          rule="cfg", omega=1.5, gamma_strong=0.0, gamma_weak=0.5))))
+          rule="cfg",  # none | cfg | sg | cfg_sg | ag_sg
+          omega=1.5,
+          gamma_strong=0.0, gamma_weak=0.5,
+          # "cosine" moves γ from gamma_* (first step) to gamma_*_end (last step).
+          schedule="constant", gamma_strong_end=0.0, gamma_weak_end=0.0,
+          gamma_quantum=0.0,  # > 0 rounds γ to this grid: fewer compiled step bodies.
+          interval=(0.0, 1.0),  # Guide only at steps whose t is inside (0 = noise, 1 = data).
+          # ag_sg: the weak branch's weights, an earlier checkpoint ('' = this workdir).
+          guide_workdir="", guide_step=-1))))
   # `--mode=demo` samples CFG and SG side by side at these weights.
   c.demo = ml_collections.ConfigDict(dict(omega_cfg=1.5, omega_sg=1.5))
   return c

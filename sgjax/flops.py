@@ -14,6 +14,8 @@ Conventions that reproduce the published numbers (tested in tests/test_flops.py)
   * Sparse Guidance paper, "linear only" = linear + per_sample: SiT-XL/2 dense 114.42,
     CFG 228.84, SG(γ 0.5/0.9, route 2→24) 97.67. The token-wise modulation multiplies are what
     makes both the dense and the routed figures come out to the shown digits.
+  SG_FID (173.16): the paper's schedule is under-specified; our cosine AG+SG (guide γ 0.6 -> 0,
+  main 0 -> 0.6 over 40 steps) averages 172.89 per step (docs/flops.md).
   Left out, as the published counts leave them out: the timestep MLP (256·D + D², 1.6M for
   XL), the final layer's modulation multiply (D per token), norms, softmax and other
   elementwise work. Counting them moves XL/2 to 118.65 and SG(0.5/0.9) to 97.68.
@@ -79,17 +81,13 @@ def step_macs(config: ml_collections.ConfigDict, branches: Sequence[Sparsity]) -
   return total
 
 
-def guidance_branches(config: ml_collections.ConfigDict) -> tuple[Sparsity, ...]:
-  """The branch sparsities of `config.sample.guidance` (mirrors sgjax.guidance.from_config)."""
-  from sgjax import guidance as guidance_lib  # Local: keeps this module importable without jax.
-  g = guidance_lib.from_config(config.sample.guidance,
-                               Sparsity.from_routes(config.sparsity.routes))
-  return tuple(b.sparsity for b in g.branches)
-
-
-def sampler_evaluations(config: ml_collections.ConfigDict) -> int:
-  """Guided-step evaluations per image: Euler 1 per step, Heun 2 per step."""
-  return config.sample.steps * (2 if config.sample.sampler == "heun" else 1)
+def plan_macs(config: ml_collections.ConfigDict, plan) -> Macs:
+  """MACs of a whole sampler (one image): every step's branches, twice per step for Heun."""
+  per_eval = 2 if config.sample.sampler == "heun" else 1
+  total = Macs(0.0, 0.0, 0.0)
+  for g in plan.step_guidance():
+    total = total + step_macs(config, [b.sparsity for b in g.branches]).scale(per_eval)
+  return total
 
 
 def xla_flops(fn, *args) -> float:
@@ -102,14 +100,18 @@ def xla_flops(fn, *args) -> float:
 
 
 def report(config: ml_collections.ConfigDict) -> dict[str, dict[str, float]]:
-  """GMACs per image: dense model, each branch, the guided step and the whole sampler."""
-  branches = guidance_branches(config)
+  """GMACs per image: dense model, the first step's branches and guided step, the mean step and
+  the whole sampler (schedules and guidance intervals make steps differ)."""
+  plan = config_lib.sampling_plan(config)
+  first = plan.segments[0].guidance
   rows = {"dense model": forward_macs(config, Sparsity()),
-          "strong branch": forward_macs(config, branches[0])}
-  if len(branches) > 1:
-    rows["weak branch"] = forward_macs(config, branches[1])
-  rows["guided step"] = step_macs(config, branches)
-  rows["sampler per image"] = rows["guided step"].scale(sampler_evaluations(config))
+          "strong branch": forward_macs(config, first.strong.sparsity)}
+  if first.weak is not None:
+    rows["weak branch"] = forward_macs(config, first.weak.sparsity)
+  rows["guided step"] = step_macs(config, [b.sparsity for b in first.branches])
+  total = plan_macs(config, plan)
+  rows["mean step"] = total.scale(1.0 / plan.steps)
+  rows["sampler per image"] = total
   return {k: {"with_attention": v.with_attention / 1e9, "linear_only": v.linear_only / 1e9}
           for k, v in rows.items()}
 
@@ -124,8 +126,11 @@ def main(argv) -> None:
     print(json.dumps(table, indent=2))
     return
   g = config.sample.guidance
+  sched = "" if g.schedule == "constant" else (
+      f" -> {g.gamma_strong_end}/{g.gamma_weak_end} ({g.schedule})")
   print(f"GMACs per image (\"GFLOPs\" in the DiT literature); rule {g.rule}, ω {g.omega}, "
-        f"γ {g.gamma_strong}/{g.gamma_weak}, {config.sample.steps} {config.sample.sampler} steps")
+        f"γ {g.gamma_strong}/{g.gamma_weak}{sched}, interval {tuple(g.interval)}, "
+        f"{config.sample.steps} {config.sample.sampler} steps; first step's branches shown")
   print(f"{'':20s} {'with attention':>15s} {'linear only':>12s}")
   for name, v in table.items():
     print(f"{name:20s} {v['with_attention']:15.2f} {v['linear_only']:12.2f}")

@@ -43,3 +43,17 @@ def loss(velocity_fn, data: jax.Array, noise: jax.Array, t: jax.Array,
   """
   v = velocity_fn(interpolate(data, noise, t), t, labels)
   return jnp.mean((v - target_velocity(data, noise)) ** 2)
+
+
+def time_grid(steps: int, shift: float = 1.0) -> tuple[float, ...]:
+  """The sampler's `steps + 1` times from 0 (noise) to 1 (data).
+
+  shift = 1 is the uniform grid; shift > 1 spends more steps near the noise end (SD3's time
+  shift, applied to the noise level σ = 1 − t): σ' = s·σ / (1 + (s − 1)·σ).
+  """
+  out = []
+  for i in range(steps + 1):
+    sigma = 1.0 - i / steps
+    sigma = shift * sigma / (1.0 + (shift - 1.0) * sigma)
+    out.append(1.0 - sigma)
+  return tuple(out)

@@ -1,4 +1,4 @@
-"""Guidance rules on the velocity, and the guided velocity of one sampling step.
+"""Guidance rules on the velocity, their per-step schedule, and the guided velocity of one step.
 
 Every rule is `v = ω·v_strong + (1 − ω)·v_weak` over two model evaluations ("branches"):
 
@@ -6,18 +6,28 @@ Every rule is `v = ω·v_strong + (1 − ω)·v_weak` over two model evaluations
   none     v(c;  γ_strong)          —
   cfg      v(c)  (dense)            v(∅) (dense)
   sg       v(c;  γ_strong)          v(c; γ_weak)       both conditional, γ_strong < γ_weak
-  cfg_sg   v(c;  γ_strong)          v(∅; γ_weak)
+  cfg_sg   v(c;  γ_strong)          v(∅; γ_weak)       γ_strong < γ_weak
+  ag_sg    v(c;  γ_strong)          v(c; γ_weak) of the guide weights (an earlier checkpoint)
 
-Both branches of a step run inside one jitted function (one XLA program). Dense branches (CFG)
-are batched into a single forward over 2B samples. Routed branches (SG, CFG+SG) run as two
+Both branches of a step run inside one jitted function (one XLA program). Dense branches of the
+same weights (CFG) are batched into a single forward over 2B samples. Routed branches run as two
 forwards in the same program: their token counts differ, so static shapes forbid one batch, and
 even at equal γ each branch must draw its own token subsets.
+
+Over a sampler's steps the rule may change: outside the guidance interval [t_lo, t_hi] only the
+strong branch runs (no weak-branch FLOPs), and γ may follow a schedule (constant or cosine).
+Token counts must be static per compiled step, so `plan()` turns the schedule into segments of
+consecutive steps that share one (token count strong, token count weak) pair; the sampler runs
+one `fori_loop` per segment inside one jitted program. γ values that give the same token count
+are merged (canonicalised), and `gamma_quantum` > 0 rounds γ to a grid first, which bounds the
+number of distinct compiled step bodies when a schedule would otherwise produce one per step.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +38,11 @@ from sgjax.sparsity import Sparsity
 # (params, x_t, t, y, sparsity, token_key) -> velocity
 VelocityFn = Callable[..., jax.Array]
 
+RULES = ("none", "cfg", "sg", "cfg_sg", "ag_sg")
+SCHEDULES = ("constant", "cosine")
+# Which weights a branch evaluates: the model being sampled, or AG+SG's guide checkpoint.
+MAIN, GUIDE = "main", "guide"
+
 
 @dataclasses.dataclass(frozen=True)
 class Branch:
@@ -35,6 +50,7 @@ class Branch:
 
   conditional: bool
   sparsity: Sparsity
+  weights: str = MAIN
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,43 +67,129 @@ class Guidance:
     return (self.strong,) if self.weak is None else (self.strong, self.weak)
 
 
-def from_config(g: ml_collections.ConfigDict, routes: Sparsity) -> Guidance:
-  """Builds the rule of `config.sample.guidance`; `routes` is the model's route layout."""
+@dataclasses.dataclass(frozen=True)
+class Segment:
+  """Steps `start <= i < stop` of a sampler, all run with the same compiled guided step."""
+
+  start: int
+  stop: int
+  guidance: Guidance
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """A whole sampler: the time grid (steps + 1 values, 0 = noise) and its segments."""
+
+  times: tuple[float, ...]
+  segments: tuple[Segment, ...]
+
+  @property
+  def steps(self) -> int:
+    return len(self.times) - 1
+
+  def step_guidance(self) -> tuple[Guidance, ...]:
+    """The guidance of every step, in order (what the FLOP counter sums)."""
+    return tuple(s.guidance for s in self.segments for _ in range(s.start, s.stop))
+
+
+def gamma_at(start: float, end: float, schedule: str, step: int, steps: int) -> float:
+  """γ of sampling step `step` (0-based): constant = start; cosine = start -> end over the steps."""
+  if schedule == "constant" or steps == 1:
+    return float(start)
+  if schedule == "cosine":
+    w = 0.5 * (1.0 + math.cos(math.pi * step / (steps - 1)))  # 1 at the first step, 0 at last.
+    return float(end + (start - end) * w)
+  raise ValueError(f"sample.guidance.schedule = {schedule!r}: allowed {SCHEDULES}")
+
+
+def _sparsity(routes: Sparsity, gamma: float, num_tokens: int, quantum: float) -> Sparsity:
+  """The route layout at γ, with γ replaced by the smallest value giving the same token count.
+
+  Two γs that keep the same number of tokens then compare equal, so they share a compiled step.
+  """
+  if quantum > 0:
+    gamma = round(gamma / quantum) * quantum
+  drop = int(num_tokens * gamma)
+  if drop <= 0:
+    return Sparsity()
+  canonical = drop / num_tokens
+  while int(num_tokens * canonical) < drop:  # Guard against float rounding below the count.
+    canonical = math.nextafter(canonical, 1.0)
+  return routes.with_gamma(canonical)
+
+
+def _check(cond: bool, field: str, value, allowed: str) -> None:
+  if not cond:
+    raise ValueError(f"sample.guidance.{field} = {value!r}: {allowed}")
+
+
+def plan(g: ml_collections.ConfigDict, routes: Sparsity, num_tokens: int,
+         times: tuple[float, ...]) -> Plan:
+  """The per-step guidance of `config.sample.guidance` over the time grid `times`."""
+  _check(g.rule in RULES, "rule", g.rule, f"allowed: {RULES}")
+  _check(g.schedule in SCHEDULES, "schedule", g.schedule, f"allowed: {SCHEDULES}")
+  t_lo, t_hi = (float(v) for v in g.interval)
+  _check(0.0 <= t_lo <= t_hi <= 1.0, "interval", tuple(g.interval),
+         "must be (t_lo, t_hi) with 0 <= t_lo <= t_hi <= 1 (t = 0 is noise, 1 is data)")
+  steps = len(times) - 1
   dense = Sparsity()
-  strong_sp = routes.with_gamma(g.gamma_strong) if g.gamma_strong > 0 else dense
-  weak_sp = routes.with_gamma(g.gamma_weak) if g.gamma_weak > 0 else dense
-  if g.rule == "none":
-    return Guidance("none", 1.0, Branch(True, strong_sp), None)
-  if g.rule == "cfg":
-    return Guidance("cfg", g.omega, Branch(True, dense), Branch(False, dense))
-  if g.rule == "sg":
-    if not g.gamma_strong < g.gamma_weak:
-      raise ValueError(f"sample.guidance: sg needs gamma_strong < gamma_weak, got "
-                       f"{g.gamma_strong} >= {g.gamma_weak}")
-    return Guidance("sg", g.omega, Branch(True, strong_sp), Branch(True, weak_sp))
-  if g.rule == "cfg_sg":
-    return Guidance("cfg_sg", g.omega, Branch(True, strong_sp), Branch(False, weak_sp))
-  raise ValueError(f"sample.guidance.rule = {g.rule!r}: allowed none, cfg, sg, cfg_sg")
+  per_step = []
+  for i in range(steps):
+    gs = gamma_at(g.gamma_strong, g.gamma_strong_end, g.schedule, i, steps)
+    gw = gamma_at(g.gamma_weak, g.gamma_weak_end, g.schedule, i, steps)
+    for name, value in (("gamma_strong", gs), ("gamma_weak", gw)):
+      _check(0.0 <= value < 1.0, name, value, f"must be in [0, 1) (value at sampling step {i})")
+    strong = Branch(True, _sparsity(routes, gs, num_tokens, g.gamma_quantum))
+    guided = g.rule != "none" and t_lo <= times[i] <= t_hi
+    if not guided:
+      per_step.append(Guidance("none", 1.0, strong, None))
+      continue
+    if g.rule == "cfg":
+      per_step.append(Guidance("cfg", g.omega, Branch(True, dense), Branch(False, dense)))
+      continue
+    if g.rule in ("sg", "cfg_sg"):
+      # Same weights: the weak branch must be the sparser one, at every step.
+      _check(gs < gw, "gamma_weak", gw,
+             f"must be > gamma_strong = {gs} at step {i} for rule {g.rule!r} "
+             "(gamma_strong < gamma_weak; the weak branch is the sparser one)")
+    weak_sp = _sparsity(routes, gw, num_tokens, g.gamma_quantum)
+    weak = Branch(g.rule != "cfg_sg", weak_sp, GUIDE if g.rule == "ag_sg" else MAIN)
+    per_step.append(Guidance(g.rule, g.omega, strong, weak))
+
+  segments, start = [], 0
+  for i in range(1, steps + 1):
+    if i == steps or per_step[i] != per_step[start]:
+      segments.append(Segment(start, i, per_step[start]))
+      start = i
+  return Plan(tuple(float(t) for t in times), tuple(segments))
 
 
-def guided_velocity(velocity_fn: VelocityFn, params, x: jax.Array, t: jax.Array,
-                    y: jax.Array, null_label: int, guidance: Guidance,
+def from_config(g: ml_collections.ConfigDict, routes: Sparsity,
+                num_tokens: int = 1 << 30) -> Guidance:
+  """The guidance of the first guided step of `config.sample.guidance` (constant schedules)."""
+  p = plan(g, routes, num_tokens, (0.0, 1.0))
+  return p.segments[0].guidance
+
+
+def guided_velocity(velocity_fn: VelocityFn, params: Mapping[str, object], x: jax.Array,
+                    t: jax.Array, y: jax.Array, null_label: int, guidance: Guidance,
                     keys: tuple[jax.Array, jax.Array]) -> jax.Array:
-  """ω·v_strong + (1 − ω)·v_weak for one step. `keys` = token-selection keys of the two branches.
+  """ω·v_strong + (1 − ω)·v_weak for one step.
 
-  Dense branches (CFG) share one forward over the concatenated batch: no tokens are drawn, so
-  nothing changes but the batch size. Routed branches run as separate forwards, each drawing its
-  own subsets from its own key, as the method prescribes.
+  `params` maps a branch's `weights` name ("main", "guide") to its params; `keys` are the
+  token-selection keys of the two branches. Dense branches of the same weights (CFG) share one
+  forward over the concatenated batch: no tokens are drawn, so nothing changes but the batch
+  size. Routed branches run as separate forwards, each drawing its own subsets from its own key.
   """
   labels = lambda b: y if b.conditional else jnp.full_like(y, null_label)
   strong, weak = guidance.strong, guidance.weak
   if weak is None:
-    return velocity_fn(params, x, t, labels(strong), strong.sparsity, keys[0])
-  if strong.sparsity.is_dense and weak.sparsity.is_dense:
-    v = velocity_fn(params, jnp.concatenate([x, x]), jnp.concatenate([t, t]),
+    return velocity_fn(params[strong.weights], x, t, labels(strong), strong.sparsity, keys[0])
+  if strong.sparsity.is_dense and weak.sparsity.is_dense and strong.weights == weak.weights:
+    v = velocity_fn(params[strong.weights], jnp.concatenate([x, x]), jnp.concatenate([t, t]),
                     jnp.concatenate([labels(strong), labels(weak)]), strong.sparsity, keys[0])
     v_strong, v_weak = jnp.split(v, 2)
   else:
-    v_strong = velocity_fn(params, x, t, labels(strong), strong.sparsity, keys[0])
-    v_weak = velocity_fn(params, x, t, labels(weak), weak.sparsity, keys[1])
+    v_strong = velocity_fn(params[strong.weights], x, t, labels(strong), strong.sparsity, keys[0])
+    v_weak = velocity_fn(params[weak.weights], x, t, labels(weak), weak.sparsity, keys[1])
   return guidance.omega * v_strong + (1.0 - guidance.omega) * v_weak

@@ -1,12 +1,14 @@
 """ODE samplers (Euler, Heun) over the guided velocity, and image grids.
 
-Time runs from t = 0 (noise) to t = 1 (data) on a uniform grid (sgjax.flow owns the convention).
-The whole loop is one jitted `fori_loop`, so a 40-step sampler is one XLA program.
+Time runs from t = 0 (noise) to t = 1 (data) on the plan's grid (sgjax.flow owns the convention).
+The whole sampler is one jitted program: one `fori_loop` per segment of the guidance plan (steps
+that share a compiled guided step), so a 40-step constant-γ sampler is a single loop.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +17,10 @@ import numpy as np
 from sgjax import guidance as guidance_lib
 from sgjax.models import dit
 
+# (guidance, x, t scalar, key) -> guided velocity of one step
+StepVelocity = Callable[[guidance_lib.Guidance, jax.Array, jax.Array, jax.Array], jax.Array]
+SAMPLERS = ("euler", "heun")
+
 
 def make_velocity_fn(model: dit.DiT) -> guidance_lib.VelocityFn:
   def velocity(params, x, t, y, sparsity, token_key):
@@ -22,34 +28,55 @@ def make_velocity_fn(model: dit.DiT) -> guidance_lib.VelocityFn:
   return velocity
 
 
-@functools.partial(jax.jit, static_argnames=("model", "guidance", "steps", "sampler"))
-def sample(model: dit.DiT, params, labels: jax.Array, key: jax.Array, *,
-           guidance: guidance_lib.Guidance, steps: int, sampler: str = "euler") -> jax.Array:
-  """Draws images for `labels` (B,) from noise; returns (B, H, W, C) float32 in model units."""
+def integrate(step_velocity: StepVelocity, x0: jax.Array, plan: guidance_lib.Plan,
+              key: jax.Array, sampler: str = "euler") -> jax.Array:
+  """Integrates dx/dt = v from plan.times[0] to plan.times[-1]; traceable (call under jit).
+
+  Step i uses key fold_in(key, i) whatever segment it is in, so splitting a schedule into
+  segments never changes the random token draws.
+  """
+  if sampler not in SAMPLERS:
+    raise ValueError(f"sampler = {sampler!r}: allowed {SAMPLERS}")
+  times = jnp.asarray(plan.times, jnp.float32)
+
+  def body_for(g: guidance_lib.Guidance):
+    def body(i, x):
+      t, t_next = times[i], times[i + 1]
+      dt = t_next - t
+      k = jax.random.fold_in(key, i)
+      v = step_velocity(g, x, t, k)
+      if sampler == "euler":
+        return x + dt * v
+      # Heun: average the slopes at both ends of the step.
+      v_next = step_velocity(g, x + dt * v, t_next, jax.random.fold_in(k, 1))
+      return x + 0.5 * dt * (v + v_next)
+    return body
+
+  x = x0
+  for seg in plan.segments:
+    x = jax.lax.fori_loop(seg.start, seg.stop, body_for(seg.guidance), x)
+  return x
+
+
+@functools.partial(jax.jit, static_argnames=("model", "plan", "sampler"))
+def sample(model: dit.DiT, params: Mapping[str, object], labels: jax.Array, key: jax.Array, *,
+           plan: guidance_lib.Plan, sampler: str = "euler") -> jax.Array:
+  """Draws images for `labels` (B,) from noise; returns (B, H, W, C) float32 in model units.
+
+  `params` maps weight names to params: {"main": ...} and, for AG+SG, {"guide": ...}.
+  """
   b = labels.shape[0]
   n, c = model.image_size, model.channels
   k_noise, k_steps = jax.random.split(key)
   x0 = jax.random.normal(k_noise, (b, n, n, c), jnp.float32)
   velocity = make_velocity_fn(model)
-  dt = 1.0 / steps
 
-  def v_at(x, t_scalar, k):
+  def step_velocity(g, x, t_scalar, k):
     t = jnp.full((b,), t_scalar, jnp.float32)
-    return guidance_lib.guided_velocity(velocity, params, x, t, labels, model.num_classes,
-                                        guidance, tuple(jax.random.split(k)))
+    return guidance_lib.guided_velocity(velocity, params, x, t, labels, model.num_classes, g,
+                                        tuple(jax.random.split(k)))
 
-  def body(i, x):
-    t = i * dt
-    k = jax.random.fold_in(k_steps, i)
-    v = v_at(x, t, k)
-    if sampler == "euler":
-      return x + dt * v
-    # Heun: average the slopes at both ends (the last step ends at t = 1 exactly).
-    x_euler = x + dt * v
-    v_next = v_at(x_euler, t + dt, jax.random.fold_in(k, 1))
-    return x + 0.5 * dt * (v + v_next)
-
-  return jax.lax.fori_loop(0, steps, body, x0)
+  return integrate(step_velocity, x0, plan, k_steps, sampler)
 
 
 def to_uint8(images: jax.Array | np.ndarray) -> np.ndarray:

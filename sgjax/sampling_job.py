@@ -1,4 +1,14 @@
-"""Sampling from a trained workdir: restore EMA weights, sample every class, write grid + .npz."""
+"""Sampling from a trained workdir: restore EMA weights, sample, write a grid and .npz files.
+
+Two outputs:
+  * a per-class grid (`sample.per_class` images of every class) as PNG + .npz, always;
+  * with `sample.num_samples` > 0, that many class-balanced samples for FID-style evaluation,
+    written as shards `<name>/shard_XXXXX.npz` of `sample.shard_batches` batches each. Every
+    batch's noise and token draws depend only on (seed, batch index), so a killed run restarts
+    at the first missing shard and produces the same images it would have uninterrupted. When
+    all shards exist they are merged into `<name>.npz` with `arr_0` = uint8 NHWC (the layout
+    the ADM evaluation suite reads) and `labels`.
+"""
 
 from __future__ import annotations
 
@@ -9,16 +19,18 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
-from sgjax import checkpoint, sampling, sharding
+from sgjax import checkpoint, metrics, sampling, sharding
+from sgjax import config as config_lib
 from sgjax import guidance as guidance_lib
 from sgjax import train as train_lib
 from sgjax.models import dit
-from sgjax.sparsity import Sparsity
 
 
-def load_params(config: ml_collections.ConfigDict, workdir: str, mesh, *, ema: bool = True):
-  """The latest checkpoint's EMA (or raw) params, laid out by the logical-axis rules."""
+def load_params(config: ml_collections.ConfigDict, workdir: str, mesh, *, ema: bool = True,
+                step: int | None = None):
+  """A checkpoint's EMA (or raw) params (default: the latest), laid out by the logical rules."""
   model = dit.from_config(config)
   tx = train_lib.make_optimizer(config.train)
   abstract, _ = train_lib.abstract_state_and_shardings(model, tx, config.seed, mesh)
@@ -26,52 +38,130 @@ def load_params(config: ml_collections.ConfigDict, workdir: str, mesh, *, ema: b
   if mngr.latest_step() is None:
     raise FileNotFoundError(f"no checkpoint under {workdir}/checkpoints: train first "
                             "(--mode=train) or point --workdir at a trained run")
-  state = checkpoint.restore(mngr, abstract, None)
+  if step is not None and step not in mngr.all_steps():
+    raise FileNotFoundError(f"no checkpoint of step {step} under {workdir}/checkpoints; "
+                            f"there are {sorted(mngr.all_steps())}")
+  state = checkpoint.restore(mngr, abstract, None, step=step)
   mngr.close()
   return model, state["ema" if ema else "params"], int(state["step"])
+
+
+def load_weights(config: ml_collections.ConfigDict, workdir: str, mesh):
+  """(model, {"main": params[, "guide": params]}, step) for the configured guidance."""
+  model, params, step = load_params(config, workdir, mesh, ema=config.sample.use_ema)
+  weights = {guidance_lib.MAIN: params}
+  g = config.sample.guidance
+  if g.rule == "ag_sg":
+    guide_dir = g.guide_workdir or workdir
+    _, weights[guidance_lib.GUIDE], _ = load_params(config, guide_dir, mesh,
+                                                    ema=config.sample.use_ema,
+                                                    step=g.guide_step)
+  return model, weights, step
 
 
 def class_labels(num_classes: int, per_class: int) -> np.ndarray:
   return np.repeat(np.arange(num_classes, dtype=np.int32), per_class)
 
 
-def generate(config, model, params, labels: np.ndarray, guidance: guidance_lib.Guidance,
-             mesh, seed: int) -> np.ndarray:
+def balanced_labels(num_classes: int, count: int) -> np.ndarray:
+  """0, 1, …, K−1, 0, 1, …: every class equally often (to within one)."""
+  return (np.arange(count) % num_classes).astype(np.int32)
+
+
+def _batch(config, model, weights, labels: np.ndarray, plan: guidance_lib.Plan, mesh,
+           key: jax.Array) -> np.ndarray:
+  """One sampling batch (labels padded to sample.batch_size); returns uint8 NHWC on every host."""
+  bs = config.sample.batch_size
+  padded = np.pad(labels, (0, bs - len(labels)))  # Static shape: one compile for all batches.
+  y = jax.device_put(jnp.asarray(padded), sharding.batch_sharding(mesh))
+  x = sampling.sample(model, weights, y, key, plan=plan, sampler=config.sample.sampler)
+  x = multihost_utils.process_allgather(x, tiled=True) if jax.process_count() > 1 else x
+  return sampling.to_uint8(jax.device_get(x))[:len(labels)]
+
+
+def generate(config, model, weights, labels: np.ndarray, plan: guidance_lib.Plan, mesh,
+             seed: int) -> np.ndarray:
   """Samples for `labels` in batches of config.sample.batch_size; returns uint8 NHWC."""
   bs = config.sample.batch_size
-  shard = sharding.batch_sharding(mesh)
-  out = []
-  for i, start in enumerate(range(0, len(labels), bs)):
-    chunk = labels[start:start + bs]
-    padded = np.pad(chunk, (0, bs - len(chunk)))  # Static shape: one compile for all batches.
-    y = jax.device_put(jnp.asarray(padded), shard)
-    key = jax.random.fold_in(jax.random.key(seed), i)
-    x = sampling.sample(model, params, y, key, guidance=guidance, steps=config.sample.steps,
-                        sampler=config.sample.sampler)
-    out.append(sampling.to_uint8(jax.device_get(x))[:len(chunk)])
+  out = [_batch(config, model, weights, labels[s:s + bs], plan, mesh,
+                jax.random.fold_in(jax.random.key(seed), i))
+         for i, s in enumerate(range(0, len(labels), bs))]
   return np.concatenate(out)
 
 
+def _atomic_savez(path: str, **arrays) -> None:
+  tmp = path + ".tmp.npz"
+  np.savez(tmp, **arrays)
+  os.replace(tmp, path)  # A crash mid-write never leaves a shard that looks complete.
+
+
+def write_samples(config, model, weights, plan: guidance_lib.Plan, mesh, out_dir: str,
+                  num_samples: int, seed: int) -> str:
+  """Class-balanced samples as resumable shards, merged into `<out_dir>.npz`; returns its path."""
+  bs, per_shard = config.sample.batch_size, config.sample.shard_batches
+  labels = balanced_labels(model.num_classes, num_samples)
+  num_batches = -(-num_samples // bs)
+  num_shards = -(-num_batches // per_shard)
+  os.makedirs(out_dir, exist_ok=True)
+  shard_path = lambda s: os.path.join(out_dir, f"shard_{s:05d}.npz")
+  todo = [s for s in range(num_shards) if not os.path.exists(shard_path(s))]
+  if jax.process_index() == 0 and len(todo) < num_shards:
+    print(f"resuming: {num_shards - len(todo)} of {num_shards} shards already in {out_dir}",
+          flush=True)
+  batches_in = lambda s: min((s + 1) * per_shard, num_batches) - s * per_shard
+  done = num_batches - sum(batches_in(s) for s in todo)
+  progress = metrics.Progress(num_batches, done)  # Counts batches.
+  for s in todo:
+    images = []
+    for b in range(s * per_shard, min((s + 1) * per_shard, num_batches)):
+      chunk = labels[b * bs:(b + 1) * bs]
+      images.append(_batch(config, model, weights, chunk, plan, mesh,
+                           jax.random.fold_in(jax.random.key(seed), b)))
+      done += 1
+      if done % max(1, per_shard // 2) == 0 or done == num_batches:
+        progress.report(done, {"images": min(done * bs, num_samples)})
+    if jax.process_index() == 0:
+      lo = s * per_shard * bs
+      _atomic_savez(shard_path(s), arr_0=np.concatenate(images),
+                    labels=labels[lo:lo + sum(len(i) for i in images)])
+  merged = out_dir + ".npz"
+  if jax.process_index() == 0:
+    parts = [np.load(shard_path(s)) for s in range(num_shards)]
+    _atomic_savez(merged, arr_0=np.concatenate([p["arr_0"] for p in parts]),
+                  labels=np.concatenate([p["labels"] for p in parts]))
+  return merged
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, *, name: str | None = None) -> str:
-  """Samples `sample.per_class` images of every class; returns the PNG grid's path."""
+  """Samples `sample.per_class` images of every class; returns the PNG grid's path.
+
+  With `sample.num_samples` > 0 also writes the sharded evaluation set beside it.
+  """
   mesh = sharding.build_mesh(config.mesh)
+  plan = config_lib.sampling_plan(config)
+  g = config.sample.guidance
+  name = name or f"samples_{g.rule}"
   with jax.set_mesh(mesh):
-    model, params, step = load_params(config, workdir, mesh, ema=config.sample.use_ema)
-    g = guidance_lib.from_config(config.sample.guidance,
-                                 Sparsity.from_routes(config.sparsity.routes))
+    model, weights, step = load_weights(config, workdir, mesh)
     labels = class_labels(model.num_classes, config.sample.per_class)
     t0 = time.perf_counter()
-    images = generate(config, model, params, labels, g, mesh, config.sample.seed)
+    images = generate(config, model, weights, labels, plan, mesh, config.sample.seed)
     if jax.process_index() == 0:
-      print(f"sampled {len(images)} images ({g.rule}, ω={g.omega:g}) in "
-            f"{time.perf_counter() - t0:.1f}s", flush=True)
-  name = name or f"samples_{g.rule}"
+      print(f"sampled {len(images)} images ({g.rule}, ω={g.omega:g}, "
+            f"{len(plan.segments)} compiled segment(s)) in {time.perf_counter() - t0:.1f}s",
+            flush=True)
+    if config.sample.num_samples > 0:
+      # A seed apart from the grid's, so the evaluation set is not the grid's images again.
+      npz = write_samples(config, model, weights, plan, mesh,
+                          os.path.join(workdir, f"{name}_{config.sample.num_samples}"),
+                          config.sample.num_samples, config.sample.seed + 1)
+      if jax.process_index() == 0:
+        print(f"wrote {config.sample.num_samples} samples to {npz}", flush=True)
   png = os.path.join(workdir, name + ".png")
   if jax.process_index() == 0:
     grid = sampling.image_grid(images, rows=model.num_classes)
     sampling.save_png(png, grid, scale=2)
-    np.savez(os.path.join(workdir, name + ".npz"), arr_0=images, labels=labels,
-             step=step)
+    np.savez(os.path.join(workdir, name + ".npz"), arr_0=images, labels=labels, step=step)
   return png
 
 
@@ -83,5 +173,6 @@ def demo_comparison(config: ml_collections.ConfigDict, workdir: str) -> list[str
     with c.unlocked():
       c.sample.guidance.rule = rule
       c.sample.guidance.omega = config.demo[f"omega_{rule}"]
+      c.sample.num_samples = 0
     paths.append(run(c, workdir, name=f"samples_{rule}"))
   return paths

@@ -155,7 +155,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
 
   # ---- Init or resume.
   ckpt = checkpoint.manager(os.path.join(workdir, "checkpoints"),
-                            max_to_keep=tc.keep_checkpoints, async_save=tc.async_checkpoint)
+                            max_to_keep=tc.keep_checkpoints, async_save=tc.async_checkpoint,
+                            keep_period=tc.keep_period)
   with jax.set_mesh(mesh):
     if ckpt.latest_step() is not None:
       state = checkpoint.restore(ckpt, abstract, data_iter)

@@ -42,7 +42,11 @@ def test_imagenet_recipe_is_the_papers():
     ("train.grad_accum", 3, r"train.grad_accum = 3: must divide train.batch_size = 32"),
     ("train.ema_decay", 1.0, r"train.ema_decay = 1.0: must be in \[0, 1\)"),
     ("sample.guidance.rule", "foo", r"sample.guidance.rule = 'foo': allowed"),
-    ("sample.guidance.gamma_weak", 0.0, r"gamma_weak = 0.0: must be > sample.guidance"),
+    ("sample.guidance.gamma_weak", 0.0, r"gamma_weak = 0.0: must be > gamma_strong = 0.0"),
+    ("sample.guidance.interval", (0.5, 0.2), r"sample.guidance.interval = \(0.5, 0.2\): must be"),
+    ("sample.guidance.schedule", "linear", r"sample.guidance.schedule = 'linear': allowed"),
+    ("sample.time_shift", 0.0, r"sample.time_shift = 0.0: must be > 0"),
+    ("train.keep_period", -1, r"train.keep_period = -1: must be >= 0"),
     ("sample.guidance.gamma_strong", -0.1, r"gamma_strong = -0.1: must be in \[0, 1\)"),
     ("mesh.data", 0, r"mesh.data = 0: must be >= 1, or -1"),
     ("dtype", "float16", r"dtype = 'float16': allowed"),
@@ -56,6 +60,23 @@ def test_bad_values_name_the_field(field, value, message):
   node[leaf] = value
   with pytest.raises(ValueError, match=message):
     config_lib.validate(c, num_devices=8)
+
+
+def test_cosine_schedule_end_is_range_checked_at_its_step():
+  c = _load("fashion_mnist")
+  c.sample.guidance.update(schedule="cosine", gamma_strong_end=0.0, gamma_weak_end=1.0)
+  message = r"gamma_weak = 1.0: must be in \[0, 1\) \(value at sampling step 39\)"
+  with pytest.raises(ValueError, match=message):
+    config_lib.validate(c, num_devices=8)
+
+
+def test_ag_sg_needs_a_guide_step():
+  c = _load("fashion_mnist")
+  c.sample.guidance.rule = "ag_sg"
+  with pytest.raises(ValueError, match=r"sample.guidance.guide_step = -1: rule 'ag_sg' needs"):
+    config_lib.validate(c, num_devices=8)
+  c.sample.guidance.guide_step = 500
+  config_lib.validate(c, num_devices=8)
 
 
 def test_mesh_must_fit_devices():

@@ -68,3 +68,33 @@ def test_sampling_a_trained_workdir_writes_grid_and_npz(tmp_path):
   n = c.data.num_classes * c.sample.per_class
   assert data["arr_0"].shape == (n, 16, 16, 1) and data["arr_0"].dtype == np.uint8
   np.testing.assert_array_equal(data["labels"], np.repeat(np.arange(4), 2))
+
+
+def test_eval_set_is_sharded_resumable_and_ag_sg_reads_the_kept_guide(tmp_path):
+  c = tiny_config()
+  c.train.update(num_steps=4, checkpoint_every=1, keep_checkpoints=1, keep_period=2)
+  train.train(c, str(tmp_path))
+  c.sample.guidance.update(rule="ag_sg", omega=1.5, gamma_strong=0.0, gamma_weak=0.5,
+                           guide_step=2)  # Kept by keep_period although max_to_keep is 1.
+  c.sample.update(num_samples=20, shard_batches=1, batch_size=8)  # 3 shards, the last short.
+  sampling_job.run(c, str(tmp_path), name="eval")
+  out = tmp_path / "eval_20"
+  merged = np.load(str(tmp_path / "eval_20.npz"))
+  assert merged["arr_0"].shape == (20, 16, 16, 1) and merged["arr_0"].dtype == np.uint8
+  np.testing.assert_array_equal(merged["labels"], np.arange(20) % 4)
+  assert sorted(os.listdir(out)) == ["shard_00000.npz", "shard_00001.npz", "shard_00002.npz"]
+  first = merged["arr_0"].copy()
+
+  # A run killed after shard 0: shards 1-2 and the merge are missing; rerunning redoes only
+  # those and gives the same images.
+  os.remove(out / "shard_00001.npz")
+  os.remove(out / "shard_00002.npz")
+  os.remove(tmp_path / "eval_20.npz")
+  kept = os.path.getmtime(out / "shard_00000.npz")
+  sampling_job.run(c, str(tmp_path), name="eval")
+  assert os.path.getmtime(out / "shard_00000.npz") == kept
+  np.testing.assert_array_equal(np.load(str(tmp_path / "eval_20.npz"))["arr_0"], first)
+
+  c.sample.guidance.guide_step = 1  # Deleted by max_to_keep: a clear error, not a fallback.
+  with pytest.raises(FileNotFoundError, match=r"no checkpoint of step 1 .*\[2, 4\]"):
+    sampling_job.run(c, str(tmp_path), name="eval2")
