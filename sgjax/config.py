@@ -20,6 +20,8 @@ MODEL_SIZES = {
 PATCH_SIZES = (2, 4, 8)
 PRESETS = tuple(f"{s}/{p}" for s in MODEL_SIZES for p in PATCH_SIZES)
 DTYPES = ("float32", "bfloat16")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")  # Mirrors sgjax.models.dit.
+REMAT_POLICIES = ("none", "full", "dots")
 SAMPLERS = ("euler", "heun")  # Mirrors sgjax.sampling.SAMPLERS.
 
 
@@ -51,6 +53,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   _check(m.heads >= 1, "model.heads", m.heads, "must be >= 1")
   _check(m.mlp_ratio > 0, "model.mlp_ratio", m.mlp_ratio, "must be > 0")
   _check(m.patch_size >= 1, "model.patch_size", m.patch_size, "must be >= 1")
+  _check(m.attention in ATTENTION_IMPLS, "model.attention", m.attention,
+         f"allowed: {ATTENTION_IMPLS}")
+  _check(m.remat in REMAT_POLICIES, "model.remat", m.remat, f"allowed: {REMAT_POLICIES}")
   d = config.data
   _check(d.image_size % m.patch_size == 0, "model.patch_size", m.patch_size,
          f"must divide data.image_size = {d.image_size}")
@@ -133,7 +138,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.dtype = "bfloat16"  # Compute dtype; params and optimizer state stay float32.
 
   c.model = ml_collections.ConfigDict(dict(
-      preset="", depth=12, width=384, heads=6, patch_size=2, mlp_ratio=4.0))
+      preset="", depth=12, width=384, heads=6, patch_size=2, mlp_ratio=4.0,
+      attention="auto",  # auto | xla | cudnn (auto: cuDNN flash attention on GPU in bf16).
+      remat="none"))  # none | full | dots: activation recomputation, trades speed for memory.
 
   c.data = ml_collections.ConfigDict(dict(
       name="fashion_mnist",  # fashion_mnist | synthetic

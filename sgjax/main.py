@@ -24,7 +24,9 @@ def main(argv) -> None:
   del argv
   # Orbax and grain log every save at INFO; the console shows our progress lines instead.
   logging.set_verbosity(logging.WARNING)
-  import jax  # Local: flags (e.g. XLA_FLAGS set by the caller) must be in place first.
+  from sgjax import platform
+  platform.set_default_xla_flags(sampling=_MODE.value == "sample")
+  import jax  # Local: XLA flags must be in place first.
 
   from sgjax import config as config_lib
   from sgjax import sampling_job, train

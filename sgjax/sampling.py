@@ -70,6 +70,8 @@ def sample(model: dit.DiT, params: Mapping[str, object], labels: jax.Array, key:
   k_noise, k_steps = jax.random.split(key)
   x0 = jax.random.normal(k_noise, (b, n, n, c), jnp.float32)
   velocity = make_velocity_fn(model)
+  # Cast the (fp32 master) weights to the compute dtype once, not at every step's matmuls.
+  params = jax.tree.map(lambda a: a.astype(model.dtype), params)
 
   def step_velocity(g, x, t_scalar, k):
     t = jnp.full((b,), t_scalar, jnp.float32)

@@ -57,17 +57,35 @@ def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
   return x * (1 + scale[:, None]) + shift[:, None]
 
 
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+REMAT_POLICIES = ("none", "full", "dots")
+
+
+def attention_impl(choice: str, dtype) -> str | None:
+  """The `implementation` for jax.nn.dot_product_attention.
+
+  "auto": cuDNN's fused flash attention on GPU in bf16/fp16 (it never materialises the n×n
+  scores), XLA elsewhere (CPU, TPU, fp32 on GPU, where cuDNN's kernel does not apply).
+  """
+  if choice == "auto":
+    on_gpu = jax.default_backend() == "gpu"
+    return "cudnn" if on_gpu and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else "xla"
+  return choice
+
+
 class Attention(nn.Module):
   heads: int
   dtype: Dtype
+  impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     b, n, d = x.shape
     qkv = _dense(3 * d, (EMBED, HEADS), name="qkv", dtype=self.dtype)(x)
-    q, k, v = jnp.split(qkv.reshape(b, n, 3, self.heads, d // self.heads), 3, axis=2)
-    # XLA's fused attention on CPU/TPU; cuDNN flash attention is picked on GPU when eligible.
-    out = jax.nn.dot_product_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0])
+    qkv = qkv.reshape(b, n, 3, self.heads, d // self.heads)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    out = jax.nn.dot_product_attention(q, k, v,
+                                       implementation=attention_impl(self.impl, self.dtype))
     return _dense(d, (HEADS, EMBED), name="proj", dtype=self.dtype)(out.reshape(b, n, d))
 
 
@@ -76,6 +94,7 @@ class DiTBlock(nn.Module):
   heads: int
   mlp_ratio: float
   dtype: Dtype
+  attention: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
@@ -85,7 +104,7 @@ class DiTBlock(nn.Module):
     norm = lambda name: nn.LayerNorm(use_bias=False, use_scale=False, epsilon=1e-6,
                                      dtype=self.dtype, name=name)
     h = modulate(norm("norm1")(x), shift_a, scale_a)
-    x = x + gate_a[:, None] * Attention(self.heads, self.dtype, name="attn")(h)
+    x = x + gate_a[:, None] * Attention(self.heads, self.dtype, self.attention, name="attn")(h)
     h = modulate(norm("norm2")(x), shift_m, scale_m)
     hidden = int(self.width * self.mlp_ratio)
     h = _dense(hidden, (EMBED, MLP), name="fc1", dtype=self.dtype)(h)
@@ -106,6 +125,8 @@ class DiT(nn.Module):
   patch_size: int
   mlp_ratio: float = 4.0
   dtype: Dtype = jnp.float32
+  attention: str = "auto"  # See ATTENTION_IMPLS.
+  remat: str = "none"  # Recompute block activations in the backward pass: see REMAT_POLICIES.
 
   @property
   def num_tokens(self) -> int:
@@ -135,6 +156,12 @@ class DiT(nn.Module):
                         nn.initializers.normal(0.02), (VOCAB, EMBED)))(y)
     c = temb + yemb
 
+    block_cls = DiTBlock
+    if self.remat != "none":
+      # "full" keeps only block inputs; "dots" also keeps matmul outputs (less recompute).
+      policy = (None if self.remat == "full"
+                else jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+      block_cls = nn.remat(DiTBlock, policy=policy)
     route_input = route_idx = None
     for layer in range(self.depth):
       if (route := sparsity.route_starting_at(layer)) is not None:
@@ -145,7 +172,8 @@ class DiT(nn.Module):
         route_idx = sp.select_tokens(key, b, x.shape[1], route.num_keep(x.shape[1]))
         self.sow("intermediates", f"route_in{layer}", (x, route_idx))  # For tests/inspection.
         x = sp.gather_tokens(x, route_idx)
-      x = DiTBlock(d, self.heads, self.mlp_ratio, self.dtype, name=f"block{layer}")(x, c)
+      x = block_cls(d, self.heads, self.mlp_ratio, self.dtype, self.attention,
+                    name=f"block{layer}")(x, c)
       if sparsity.route_ending_at(layer) is not None:
         x = sp.scatter_tokens(route_input, x, route_idx)
         self.sow("intermediates", f"route_out{layer}", x)
@@ -166,4 +194,5 @@ def from_config(config) -> DiT:
   m, d = config.model, config.data
   return DiT(image_size=d.image_size, channels=d.channels, num_classes=d.num_classes,
              depth=m.depth, width=m.width, heads=m.heads, patch_size=m.patch_size,
-             mlp_ratio=m.mlp_ratio, dtype=jnp.dtype(config.dtype))
+             mlp_ratio=m.mlp_ratio, dtype=jnp.dtype(config.dtype), attention=m.attention,
+             remat=m.remat)

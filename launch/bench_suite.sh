@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The whole benchmark suite in one go (one device call): bf16 matmul peak, SiT-XL/2 train step
+# dense and routed at batch 128, batch 256 with and without remat, and the guided sampling step
+# at batch 256. Each case runs in its own process (an OOM in one does not stop the rest);
+# JSON per case goes to ${OUT:-bench_out}/, a short table is printed last.
+#
+#   bash launch/bench_suite.sh [train|sample|all]
+set -uo pipefail
+what=${1:-all}
+out=${OUT:-bench_out}
+# JAX takes 75% of GPU memory by default; the batch-256 cases need more of the card.
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}
+mkdir -p "$out"
+cfg=configs/imagenet256.py
+run() {  # name, then bench flags
+  local name=$1; shift
+  echo "=== $name: python -m sgjax.bench --config=$cfg $*"
+  if python -m sgjax.bench --config=$cfg --json "$@" > "$out/$name.json" 2> "/tmp/$name.err"; then
+    echo "ok"
+  else
+    echo "FAILED (tail of /tmp/$name.err):"; tail -5 "/tmp/$name.err"; rm -f "$out/$name.json"
+  fi
+}
+run peak --what=peak
+if [[ $what == train || $what == all ]]; then
+  run train_dense_b128 --what=train --config.train.batch_size=128 --config.sparsity.routes="()" \
+    --config.sample.guidance.rule=cfg --config.sample.guidance.gamma_strong=0
+  run train_routed_b128 --what=train --config.train.batch_size=128
+  run train_routed_b256 --what=train --config.train.batch_size=256
+  run train_routed_b256_remat --what=train --config.train.batch_size=256 --config.model.remat=dots
+fi
+if [[ $what == sample || $what == all ]]; then
+  run sample_b256 --what=sample --config.sample.batch_size=256 --steps=20
+fi
+python - "$out" <<'PY'
+import glob, json, os, sys
+from sgjax import bench
+out = sys.argv[1]
+peak = None
+if os.path.exists(f"{out}/peak.json"):
+  r = json.load(open(f"{out}/peak.json"))
+  peak = r["peak"]["tflops"]
+  print(f"\ndevice {r['device']}, jax {r['jax']}")
+for path in sorted(glob.glob(f"{out}/*.json")):
+  print(f"--- {os.path.basename(path)[:-5]}")
+  bench.print_table(json.load(open(path)), peak)
+PY

@@ -1,0 +1,241 @@
+"""Benchmarks of the jitted train step and guided sampling step, with MFU against a measured peak.
+
+  python -m sgjax.bench --config=configs/imagenet256.py --what=train [--config.…] [--json]
+  python -m sgjax.bench --config=configs/imagenet256.py --what=sample --rules=dense,cfg,sg,cfg_sg
+
+Every timing: compile (timed separately), warm-up, then `--steps` calls, each synchronised with
+`block_until_ready`; we report the median and the 10th/90th percentiles. Inputs are synthetic
+device-resident arrays of the config's shapes (random, never zeros). FLOPs come from the analytic
+counter (sgjax.flops, attention included; a train step = 3 × forward), and MFU divides the
+achieved rate by a bf16 matmul rate measured on the same device by this tool (`--what=peak`).
+Runs on CPU too (tiny configs) so CI keeps it alive; numbers that matter come from the GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from sgjax import config as config_lib
+from sgjax import flops, guidance, sampling, sharding, train
+from sgjax.models import dit
+from sgjax.sparsity import Sparsity
+
+# Sampling-step rules benchmarked by `--what=sample`: name -> guidance config overrides.
+SAMPLE_RULES = {
+    "dense": dict(rule="none", gamma_strong=0.0),
+    "cfg": dict(rule="cfg", gamma_strong=0.0, gamma_weak=0.5),
+    "sg": dict(rule="sg", gamma_strong=0.5, gamma_weak=0.9),
+    "cfg_sg": dict(rule="cfg_sg", gamma_strong=0.0, gamma_weak=0.5),
+}
+
+
+def time_calls(fn: Callable[[], object], steps: int, warmup: int) -> dict[str, float]:
+  """Median and spread (seconds) of `fn()` calls, each synchronised."""
+  for _ in range(warmup):
+    jax.block_until_ready(fn())
+  times = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t0)
+  return dict(median_s=float(np.median(times)), p10_s=float(np.percentile(times, 10)),
+              p90_s=float(np.percentile(times, 90)))
+
+
+def peak_memory_gib() -> float | None:
+  stats = jax.devices()[0].memory_stats() or {}
+  peak = stats.get("peak_bytes_in_use")
+  return None if peak is None else peak / 2**30
+
+
+def matmul_peak(size: int = 8192, dtype=jnp.bfloat16, steps: int = 50) -> dict[str, float]:
+  """Measured dense matmul rate (TFLOP/s): the denominator of MFU.
+
+  A long warm-up first: an idle GPU sits at low clocks and needs a few hundred ms of load.
+  """
+  k1, k2 = jax.random.split(jax.random.key(0))
+  a = jax.random.normal(k1, (size, size), dtype)
+  b = jax.random.normal(k2, (size, size), dtype)
+  mm = jax.jit(lambda a, b: a @ b)
+  t_end = time.perf_counter() + 2.0  # Warm up by time: clocks ramp over ~1 s of load.
+  while time.perf_counter() < t_end:
+    jax.block_until_ready(mm(a, b))
+  t = time_calls(lambda: mm(a, b), steps, 0)
+  return dict(size=size, tflops=2 * size**3 / t["median_s"] / 1e12, **t)
+
+
+def _with(config: ml_collections.ConfigDict, **guidance_overrides) -> ml_collections.ConfigDict:
+  c = config.copy_and_resolve_references()
+  with c.unlocked():
+    c.sample.guidance.update(guidance_overrides)
+  return c
+
+
+def bench_train(config: ml_collections.ConfigDict, steps: int, warmup: int) -> dict:
+  """One optimizer step (forward, backward, AdamW, EMA) at config.train.batch_size."""
+  mesh = sharding.build_mesh(config.mesh)
+  model = dit.from_config(config)
+  tx = train.make_optimizer(config.train)
+  _, shardings = train.abstract_state_and_shardings(model, tx, config.seed, mesh)
+  bs, n, ch = config.train.batch_size, config.data.image_size, config.data.channels
+  with jax.set_mesh(mesh):
+    state = jax.jit(lambda: nn.unbox(train.init_state(model, tx, config.seed)),
+                    out_shardings=shardings)()
+    k1, k2 = jax.random.split(jax.random.key(1))
+    batch = jax.device_put(dict(
+        image=jax.random.normal(k1, (bs, n, n, ch)),
+        label=jax.random.randint(k2, (bs,), 0, config.data.num_classes)),
+        sharding.batch_sharding(mesh))
+    step = jax.jit(train.make_train_step(config, model, tx),
+                   in_shardings=(shardings, sharding.batch_sharding(mesh)),
+                   out_shardings=(shardings, None), donate_argnums=0)
+    t0 = time.perf_counter()
+    compiled = step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - t0
+    holder = [state]
+
+    def one():
+      holder[0], m = compiled(holder[0], batch)
+      return m["loss"]
+
+    t = time_calls(one, steps, warmup)
+  routed = Sparsity.from_routes(config.sparsity.routes)
+  macs = flops.forward_macs(config, routed).with_attention * 3 * bs
+  return dict(batch=bs, images_per_s=bs / t["median_s"], compile_s=compile_s,
+              tflops=2 * macs / t["median_s"] / 1e12, peak_mem_gib=peak_memory_gib(),
+              routes=[list(r) for r in config.sparsity.routes], remat=config.model.remat, **t)
+
+
+def bench_sample(config: ml_collections.ConfigDict, rules: list[str], steps: int,
+                 warmup: int, full_sampler: bool) -> dict:
+  """Per rule: one guided step (image-steps/s) and, optionally, the whole sampler (images/s)."""
+  mesh = sharding.build_mesh(config.mesh)
+  model = dit.from_config(config)
+  bs, n, ch = config.sample.batch_size, config.data.image_size, config.data.channels
+  out = {}
+  with jax.set_mesh(mesh):
+    params = jax.jit(lambda: nn.unbox(model.init(
+        jax.random.key(0), jnp.zeros((1, n, n, ch)), jnp.zeros((1,)),
+        jnp.zeros((1,), jnp.int32))["params"]))()
+    # Non-zero adaLN/final weights, so the step computes what a trained model would; cast to
+    # the compute dtype once, as `sampling.sample` does before its loop.
+    params = jax.tree.map(lambda a: (a + 0.01).astype(model.dtype), params)
+    weights = {guidance.MAIN: params, guidance.GUIDE: params}
+    k1, k2 = jax.random.split(jax.random.key(1))
+    shard = sharding.batch_sharding(mesh)
+    x = jax.device_put(jax.random.normal(k1, (bs, n, n, ch)), shard)
+    y = jax.device_put(jax.random.randint(k2, (bs,), 0, config.data.num_classes), shard)
+    velocity = sampling.make_velocity_fn(model)
+    key = jax.random.key(2)
+    for name in rules:
+      c = _with(config, **SAMPLE_RULES[name])
+      plan = config_lib.sampling_plan(c)
+      g = plan.segments[0].guidance
+
+      step = jax.jit(_guided_step(velocity, model.num_classes, g))
+      t0 = time.perf_counter()
+      compiled = step.lower(weights, x, y, key).compile()
+      compile_s = time.perf_counter() - t0
+      t = time_calls(lambda compiled=compiled: compiled(weights, x, y, key), steps, warmup)
+      macs = flops.step_macs(c, [b.sparsity for b in g.branches])
+      row = dict(image_steps_per_s=bs / t["median_s"], compile_s=compile_s,
+                 gmacs_linear=macs.linear_only / 1e9, gmacs_attention=macs.with_attention / 1e9,
+                 tflops=2 * macs.with_attention * bs / t["median_s"] / 1e12, **t)
+      if full_sampler:
+        sampler = c.sample.sampler
+        ts = time_calls(lambda plan=plan, sampler=sampler: sampling.sample(
+            model, weights, y, key, plan=plan, sampler=sampler), max(3, steps // 10), 1)
+        row.update(sampler_steps=plan.steps, sampler_images_per_s=bs / ts["median_s"],
+                   sampler_median_s=ts["median_s"])
+      out[name] = row
+  base = out.get("cfg") or next(iter(out.values()))
+  for row in out.values():
+    row["flop_ratio_vs_" + ("cfg" if "cfg" in out else "first")] = (
+        row["gmacs_attention"] / base["gmacs_attention"])
+    row["time_ratio_vs_" + ("cfg" if "cfg" in out else "first")] = (
+        row["median_s"] / base["median_s"])
+  return dict(batch=bs, peak_mem_gib=peak_memory_gib(), rules=out)
+
+
+def _guided_step(velocity, null_label: int, g: guidance.Guidance):
+  """(weights, x, y, key) -> guided velocity at t = 0.5: one sampling step's model work."""
+  def step(weights, x, y, key):
+    t = jnp.full((x.shape[0],), 0.5)
+    return guidance.guided_velocity(velocity, weights, x, t, y, null_label, g,
+                                    tuple(jax.random.split(key)))
+  return step
+
+
+def print_table(result: dict, peak_tflops: float | None = None) -> None:
+  """A short human-readable table; `peak_tflops` (else the result's own peak) gives MFU."""
+  if "peak" in result:
+    p = result["peak"]
+    print(f"bf16 matmul {p['size']}³: {p['tflops']:.0f} TFLOP/s (MFU denominator)")
+  peak = peak_tflops or result.get("peak", {}).get("tflops")
+  if "train" in result:
+    r = result["train"]
+    mfu = f"{100 * r['tflops'] / peak:.1f}%" if peak else "n/a"
+    print(f"train  batch {r['batch']} routes {r['routes']} remat {r['remat']}: "
+          f"{r['images_per_s']:.1f} img/s (median {1e3 * r['median_s']:.1f} ms, "
+          f"p10–p90 {1e3 * r['p10_s']:.1f}–{1e3 * r['p90_s']:.1f}), {r['tflops']:.3g} TFLOP/s, "
+          f"MFU {mfu}, peak mem {r['peak_mem_gib']} GiB, compile {r['compile_s']:.1f}s")
+  if "sample" in result:
+    s = result["sample"]
+    print(f"sample step, batch {s['batch']}:")
+    print(f"  {'rule':8s} {'img·steps/s':>12s} {'ms':>8s} {'GMACs lin':>10s} {'FLOP ratio':>10s} "
+          f"{'time ratio':>10s} {'sampler img/s':>14s}")
+    for name, r in s["rules"].items():
+      fr = next(v for k, v in r.items() if k.startswith("flop_ratio"))
+      tr = next(v for k, v in r.items() if k.startswith("time_ratio"))
+      full = f"{r['sampler_images_per_s']:.1f}" if "sampler_images_per_s" in r else "-"
+      print(f"  {name:8s} {r['image_steps_per_s']:12.1f} {1e3 * r['median_s']:8.2f} "
+            f"{r['gmacs_linear']:10.2f} {fr:10.3f} {tr:10.3f} {full:>14s}")
+
+
+def main(argv) -> None:
+  del argv
+  from absl import flags  # Local: the CLI only.
+  f = flags.FLAGS
+  from sgjax import platform
+  platform.set_default_xla_flags(sampling=f.what == "sample")
+  config = f.config
+  config_lib.validate(config, jax.device_count())
+  what = f.what.split(",")
+  result = dict(device=str(jax.devices()[0].device_kind), backend=jax.default_backend(),
+                jax=jax.__version__, dtype=config.dtype)
+  if "peak" in what or "all" in what:
+    result["peak"] = matmul_peak(f.matmul_size)
+  if "train" in what or "all" in what:
+    result["train"] = bench_train(config, f.steps, f.warmup)
+  if "sample" in what or "all" in what:
+    result["sample"] = bench_sample(config, f.rules.split(","), f.steps, f.warmup,
+                                    f.full_sampler)
+  if f.json:
+    print(json.dumps(result, indent=2))
+  else:
+    print(f"device {result['device']} ({result['backend']}), jax {result['jax']}, "
+          f"dtype {result['dtype']}")
+    print_table(result)
+
+
+if __name__ == "__main__":
+  from absl import app, flags
+  from ml_collections import config_flags
+  config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=False)
+  flags.DEFINE_string("what", "peak,train", "Comma list of peak, train, sample, all.")
+  flags.DEFINE_string("rules", ",".join(SAMPLE_RULES), "Sampling rules to time.")
+  flags.DEFINE_integer("steps", 20, "Timed calls per measurement.")
+  flags.DEFINE_integer("warmup", 3, "Untimed calls after compilation.")
+  flags.DEFINE_integer("matmul_size", 8192, "Side of the square bf16 matmul for the peak.")
+  flags.DEFINE_bool("full_sampler", True, "Also time the whole sampler per rule.")
+  flags.DEFINE_bool("json", False, "Print JSON.")
+  flags.mark_flag_as_required("config")
+  app.run(main)
