@@ -98,6 +98,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
            config.sample.batch_size,
            f"must be divisible by the data-parallel size mesh.data*mesh.fsdp = {batch_shards}")
 
+  _check(config.demo.eval_per_class >= 1, "demo.eval_per_class", config.demo.eval_per_class,
+         "must be >= 1")
   s = config.sample
   _check(s.steps >= 1, "sample.steps", s.steps, "must be >= 1")
   _check(s.sampler in SAMPLERS, "sample.sampler", s.sampler, f"allowed: {SAMPLERS}")
@@ -177,6 +179,7 @@ def base_config() -> ml_collections.ConfigDict:
           interval=(0.0, 1.0),  # Guide only at steps whose t is inside (0 = noise, 1 = data).
           # ag_sg: the weak branch's weights, an earlier checkpoint ('' = this workdir).
           guide_workdir="", guide_step=-1))))
-  # `--mode=demo` samples CFG and SG side by side at these weights.
-  c.demo = ml_collections.ConfigDict(dict(omega_cfg=1.5, omega_sg=1.5))
+  # `--mode=demo` samples CFG and SG side by side at these weights, eval_per_class images per
+  # class each, and scores them with the FD-FMNIST classifier (Fashion-MNIST only).
+  c.demo = ml_collections.ConfigDict(dict(omega_cfg=1.5, omega_sg=1.5, eval_per_class=30))
   return c

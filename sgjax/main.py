@@ -16,7 +16,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (get_conf
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and samples go here.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "demo"],
                           "train: train (resuming from workdir); sample: write grids and .npz "
-                          "with config.sample.guidance; demo: train, then sample CFG and SG.")
+                          "with config.sample.guidance; demo: train, then sample and score CFG "
+                          "and SG.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -39,7 +40,7 @@ def main(argv) -> None:
   if _MODE.value == "sample":
     sampling_job.run(config, workdir)
   if _MODE.value == "demo":
-    paths = sampling_job.demo_comparison(config, workdir)
+    paths, _ = sampling_job.demo(config, workdir)
     print("\nDemo samples (rows = classes):")
     for p in paths:
       print("  " + os.path.abspath(p))

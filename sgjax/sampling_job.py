@@ -165,14 +165,72 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, name: str | None = N
   return png
 
 
-def demo_comparison(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
-  """CFG and SG from the same checkpoint, same seed: samples_cfg.png and samples_sg.png."""
-  paths = []
+def _rule_config(config: ml_collections.ConfigDict, rule: str) -> ml_collections.ConfigDict:
+  c = config.copy_and_resolve_references()
+  with c.unlocked():
+    c.sample.guidance.rule = rule
+    c.sample.guidance.omega = config.demo[f"omega_{rule}"]
+    c.sample.num_samples = 0
+  return c
+
+
+def demo(config: ml_collections.ConfigDict, workdir: str) -> tuple[list[str], dict]:
+  """CFG and SG from the same checkpoint and seed: grids samples_cfg.png / samples_sg.png and,
+  on Fashion-MNIST, FD-FMNIST and class accuracy beside their FLOPs (demo_metrics.json).
+
+  Each rule samples `demo.eval_per_class` images per class once; the grid shows the first
+  `sample.per_class` of each class and the metrics use all of them.
+  """
+  import json  # Local: only the demo needs these.
+
+  from sgjax import flops
+  from sgjax.data import pipeline
+  from sgjax.eval import fmnist
+  log = (lambda m: print(m, flush=True)) if jax.process_index() == 0 else (lambda m: None)
+  per_class = max(config.demo.eval_per_class, config.sample.per_class)
+  mesh = sharding.build_mesh(config.mesh)
+  samples, paths = {}, []
   for rule in ("cfg", "sg"):
-    c = config.copy_and_resolve_references()
-    with c.unlocked():
-      c.sample.guidance.rule = rule
-      c.sample.guidance.omega = config.demo[f"omega_{rule}"]
-      c.sample.num_samples = 0
-    paths.append(run(c, workdir, name=f"samples_{rule}"))
-  return paths
+    c = _rule_config(config, rule)
+    plan = config_lib.sampling_plan(c)
+    with jax.set_mesh(mesh):
+      model, weights, step = load_weights(c, workdir, mesh)
+      labels = class_labels(model.num_classes, per_class)
+      t0 = time.perf_counter()
+      images = generate(c, model, weights, labels, plan, mesh, config.sample.seed)
+    log(f"sampled {len(images)} images ({rule}, ω={c.sample.guidance.omega:g}) in "
+        f"{time.perf_counter() - t0:.1f}s")
+    samples[rule] = (images, labels, flops.plan_macs(c, plan), c.sample.guidance)
+    grid_idx = np.concatenate([np.arange(k * per_class, k * per_class + config.sample.per_class)
+                               for k in range(model.num_classes)])
+    png = os.path.join(workdir, f"samples_{rule}.png")
+    if jax.process_index() == 0:
+      sampling.save_png(png, sampling.image_grid(images[grid_idx], rows=model.num_classes),
+                        scale=2)
+      np.savez(os.path.join(workdir, f"samples_{rule}.npz"), arr_0=images, labels=labels,
+               step=step)
+    paths.append(png)
+  if config.data.name != "fashion_mnist":
+    return paths, {}
+
+  train_split = pipeline.load_split_arrays(config.data, "train")
+  test_split = pipeline.load_split_arrays(config.data, "test")
+  clf = fmnist.train_or_load(os.path.join(workdir, "fmnist_classifier.msgpack"), train_split,
+                             test_split, log=log)
+  ref = fmnist.reference_statistics(clf, test_split[0])
+  results = {}
+  for rule, (images, labels, macs, g) in samples.items():
+    results[rule] = dict(fmnist.sample_metrics(clf, ref, images, labels), omega=g.omega,
+                         gamma_strong=g.gamma_strong, gamma_weak=g.gamma_weak,
+                         gmacs_per_image=macs.with_attention / 1e9)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "demo_metrics.json"), "w") as f:
+      json.dump(results, f, indent=2)
+    n = len(next(iter(samples.values()))[1])
+    log(f"\n{'rule':5s} {'ω':>4s} {'γ s/w':>9s} {'FD-FMNIST':>10s} {'class acc':>10s} "
+        f"{'GMACs/image':>12s}   ({n} samples per rule; FD-FMNIST is not FID)")
+    for rule, r in results.items():
+      gam = "-" if rule == "cfg" else f"{r['gamma_strong']:g}/{r['gamma_weak']:g}"
+      log(f"{rule:5s} {r['omega']:4g} {gam:>9s} {r['fd_fmnist']:10.2f} "
+          f"{100 * r['class_accuracy']:9.1f}% {r['gmacs_per_image']:12.3f}")
+  return paths, results

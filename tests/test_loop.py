@@ -98,3 +98,20 @@ def test_eval_set_is_sharded_resumable_and_ag_sg_reads_the_kept_guide(tmp_path):
   c.sample.guidance.guide_step = 1  # Deleted by max_to_keep: a clear error, not a fallback.
   with pytest.raises(FileNotFoundError, match=r"no checkpoint of step 1 .*\[2, 4\]"):
     sampling_job.run(c, str(tmp_path), name="eval2")
+
+
+def test_demo_writes_cfg_and_sg_grids_from_one_sampling_pass(tmp_path):
+  c = tiny_config()
+  c.train.num_steps = 2
+  c.demo.update(omega_cfg=2.0, omega_sg=2.0, eval_per_class=3)
+  train.train(c, str(tmp_path))
+  paths, metrics = sampling_job.demo(c, str(tmp_path))
+  assert [os.path.basename(p) for p in paths] == ["samples_cfg.png", "samples_sg.png"]
+  assert metrics == {}  # Synthetic data: no FD-FMNIST classifier to judge it.
+  cfg, sg = (np.load(str(tmp_path / f"samples_{r}.npz")) for r in ("cfg", "sg"))
+  np.testing.assert_array_equal(cfg["labels"], np.repeat(np.arange(4), 3))
+  assert cfg["arr_0"].shape == sg["arr_0"].shape == (12, 16, 16, 1)
+  # The grid shows sample.per_class (2) of the 3 images per class: 4 rows x 2 columns.
+  from PIL import Image
+  width, height = Image.open(paths[0]).size
+  assert (width, height) == (2 * (2 * 18 + 2), 2 * (4 * 18 + 2))

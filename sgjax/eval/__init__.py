@@ -1,0 +1,1 @@
+"""Evaluation: feature statistics, Fréchet distance, and the offline Fashion-MNIST metric."""
