@@ -98,6 +98,16 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
            config.sample.batch_size,
            f"must be divisible by the data-parallel size mesh.data*mesh.fsdp = {batch_shards}")
 
+  w = config.sweep
+  from sgjax.guidance import RULES  # Local: guidance imports jax.
+  for name, ok, allowed in (
+      ("rules", all(r in RULES for r in w.rules), f"each in {RULES}"),
+      ("omegas", all(o >= 0 for o in w.omegas), "each >= 0"),
+      ("gammas_strong", all(0 <= g < 1 for g in w.gammas_strong), "each in [0, 1)"),
+      ("gammas_weak", all(0 <= g < 1 for g in w.gammas_weak), "each in [0, 1)"),
+      ("steps", all(int(k) >= 1 for k in w.steps), "each >= 1"),
+      ("per_class", w.per_class >= 1, ">= 1")):
+    _check(ok, f"sweep.{name}", w[name], f"must be {allowed}")
   _check(config.demo.eval_per_class >= 1, "demo.eval_per_class", config.demo.eval_per_class,
          "must be >= 1")
   s = config.sample
@@ -182,4 +192,9 @@ def base_config() -> ml_collections.ConfigDict:
   # `--mode=demo` samples CFG and SG side by side at these weights, eval_per_class images per
   # class each, and scores them with the FD-FMNIST classifier (Fashion-MNIST only).
   c.demo = ml_collections.ConfigDict(dict(omega_cfg=1.5, omega_sg=1.5, eval_per_class=30))
+  # `python -m sgjax.sweep`: the grid rule × ω × γ_strong × γ_weak × steps, per_class samples
+  # per class for every point.
+  c.sweep = ml_collections.ConfigDict(dict(
+      rules=("cfg", "sg"), omegas=(1.5, 2.0, 3.0), gammas_strong=(0.0,),
+      gammas_weak=(0.3, 0.5, 0.7), steps=(40,), per_class=16, seed=1))
   return c

@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from sgjax import checkpoint, flow, sharding
+from sgjax import checkpoint, flow, preemption, sharding
 from sgjax import config as config_lib
 from sgjax import metrics as metrics_lib
 from sgjax.models import dit
@@ -174,6 +174,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
                       donate_argnums=(0,))
 
     # ---- Loop.
+    watch = preemption.PreemptionWatch().start()
     try:
       first_step = int(state["step"])
       progress = metrics_lib.Progress(tc.num_steps, first_step)
@@ -182,7 +183,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
       for step in range(first_step + 1, tc.num_steps + 1):
         state, step_metrics = step_fn(state, _global_batch(next(data_iter), mesh))
         pending.append(step_metrics)
-        is_ckpt = step % tc.checkpoint_every == 0 or step == tc.num_steps
+        preempted = watch.reached(step)
+        is_ckpt = step % tc.checkpoint_every == 0 or step == tc.num_steps or preempted
         if step % tc.log_every == 0 or is_ckpt:
           # The only host sync: fetch the metrics accumulated since the last report.
           fetched = jax.device_get(pending)
@@ -204,8 +206,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
           progress.report(step, dict(loss=report["loss"], grad_norm=report["grad_norm"]))
         if is_ckpt:
           checkpoint.save(ckpt, step, state, data_iter)
+        if preempted:
+          ckpt.wait_until_finished()
+          if jax.process_index() == 0:
+            print(f"SIGTERM: stopped at step {step} with a checkpoint; rerun the same command "
+                  "to resume", flush=True)
+          break
     finally:
       # Also on NaN abort or Ctrl-C: finish pending async saves, release files.
+      watch.stop()
       ckpt.wait_until_finished()
       ckpt.close()
       writer.close()

@@ -115,3 +115,37 @@ def test_demo_writes_cfg_and_sg_grids_from_one_sampling_pass(tmp_path):
   from PIL import Image
   width, height = Image.open(paths[0]).size
   assert (width, height) == (2 * (2 * 18 + 2), 2 * (4 * 18 + 2))
+
+
+def test_sweep_grid_skips_done_points_and_plots(tmp_path):
+  from sgjax import sweep
+  c = tiny_config()
+  c.sweep.update(rules=("cfg", "sg", "cfg_sg"), omegas=(1.0, 2.0), gammas_strong=(0.0, 0.5),
+                 gammas_weak=(0.5, 0.7), steps=(3,))
+  points = sweep.grid_points(c.sweep)
+  keys = [sweep.point_key(p) for p in points]
+  assert len(keys) == len(set(keys))
+  # CFG ignores γ: 2 ω; SG and CFG+SG need γ_s < γ_w: (0,.5), (0,.7), (.5,.7) x 2 ω each.
+  assert sum(p["rule"] == "cfg" for p in points) == 2
+  assert sum(p["rule"] == "sg" for p in points) == 6 == sum(p["rule"] == "cfg_sg" for p in points)
+  assert all(p["gamma_strong"] < p["gamma_weak"] for p in points if p["rule"] != "cfg")
+
+  xs = np.array([1.0, 2.0, 3.0, 4.0])
+  ys = np.array([5.0, 6.0, 2.0, 1.0])  # Point 1 is dominated by point 0 (cheaper and better).
+  np.testing.assert_array_equal(sweep.pareto_front(xs, ys, lower_is_better=True), [0, 2, 3])
+
+  rows = [dict(p, fd_fmnist=float(i), class_accuracy=0.5, gmacs_per_image=1.0 + i)
+          for i, p in enumerate(points)]
+  paths = sweep.plot(rows, str(tmp_path))
+  names = sorted(os.path.basename(p) for p in paths)
+  assert "fd_fmnist_vs_gmacs.png" in names and "heatmap_sg_gs0.png" in names
+  assert all(os.path.getsize(p) > 1000 for p in paths)
+
+  results = tmp_path / "sweep"
+  results.mkdir()
+  with open(results / "results.jsonl", "w") as f:
+    f.write(json.dumps(rows[0]) + "\n")
+  done = {sweep.point_key(r) for r in sweep.load_results(str(results / "results.jsonl"))}
+  assert done == {sweep.point_key(points[0])}
+  with pytest.raises(NotImplementedError, match="data.name = 'synthetic'"):
+    sweep.run(c, str(tmp_path))

@@ -1,0 +1,207 @@
+"""Quality vs compute: evaluate a grid of guidance settings from one checkpoint, then plot it.
+
+  python -m sgjax.sweep --config=configs/fashion_mnist.py --workdir=DIR [--config.sweep.…]
+
+The grid is `config.sweep` (rule × ω × γ_strong × γ_weak × steps); settings a rule does not use
+(γ for CFG) collapse, and SG/CFG+SG points with γ_strong ≥ γ_weak are left out. Every point
+samples `sweep.per_class` images per class with the same seed, is scored (FD-FMNIST and class
+accuracy on Fashion-MNIST), and is appended as one JSON line to `<workdir>/sweep/results.jsonl`
+together with its GMACs per image and sampling images/s. Points already in the file are skipped,
+so a killed sweep resumes. Plots (PNG, in `<workdir>/sweep/`): metric vs GMACs per image with
+each rule's Pareto front, and ω × γ_weak heat-maps per rule.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import time
+
+import jax
+import ml_collections
+import numpy as np
+
+from sgjax import config as config_lib
+from sgjax import flops, sampling_job, sharding
+
+METRICS = (("fd_fmnist", "FD-FMNIST (lower is better)"),
+           ("class_accuracy", "class accuracy (higher is better)"))
+
+
+def grid_points(sweep: ml_collections.ConfigDict) -> list[dict]:
+  """The distinct, valid settings of the grid, in a stable order."""
+  points, seen = [], set()
+  for rule, omega, gs, gw, steps in itertools.product(
+      sweep.rules, sweep.omegas, sweep.gammas_strong, sweep.gammas_weak, sweep.steps):
+    if rule == "cfg":
+      gs, gw = 0.0, 0.0
+    elif rule in ("sg", "cfg_sg") and not gs < gw:
+      continue
+    elif rule == "none":
+      omega, gw = 1.0, 0.0
+    p = dict(rule=rule, omega=float(omega), gamma_strong=float(gs), gamma_weak=float(gw),
+             steps=int(steps))
+    key = point_key(p)
+    if key not in seen:
+      seen.add(key)
+      points.append(p)
+  return points
+
+
+def point_key(p: dict) -> tuple:
+  return (p["rule"], round(p["omega"], 6), round(p["gamma_strong"], 6),
+          round(p["gamma_weak"], 6), int(p["steps"]))
+
+
+def load_results(path: str) -> list[dict]:
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def point_config(config: ml_collections.ConfigDict, p: dict) -> ml_collections.ConfigDict:
+  c = config.copy_and_resolve_references()
+  with c.unlocked():
+    c.sample.steps = p["steps"]
+    c.sample.num_samples = 0
+    c.sample.guidance.update(rule=p["rule"], omega=p["omega"], gamma_strong=p["gamma_strong"],
+                             gamma_weak=p["gamma_weak"], schedule="constant")
+  config_lib.validate(c, jax.device_count())
+  return c
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """Evaluates every missing grid point and redraws the plots; returns the results path."""
+  from sgjax.data import pipeline  # Local: only the sweep's scoring needs them.
+  from sgjax.eval import fmnist
+  if config.data.name != "fashion_mnist":
+    raise NotImplementedError(
+        f"data.name = {config.data.name!r}: the sweep scores with FD-FMNIST, which needs "
+        "Fashion-MNIST; FID on ImageNet latents comes with the Inception port (issue 4)")
+  out_dir = os.path.join(workdir, "sweep")
+  os.makedirs(out_dir, exist_ok=True)
+  results_path = os.path.join(out_dir, "results.jsonl")
+  done = {point_key(r) for r in load_results(results_path)}
+  todo = [p for p in grid_points(config.sweep) if point_key(p) not in done]
+  log = (lambda m: print(m, flush=True)) if jax.process_index() == 0 else (lambda m: None)
+  log(f"sweep: {len(done)} points done, {len(todo)} to go -> {results_path}")
+  if todo:
+    train_split = pipeline.load_split_arrays(config.data, "train")
+    test_split = pipeline.load_split_arrays(config.data, "test")
+    clf = fmnist.train_or_load(os.path.join(workdir, "fmnist_classifier.msgpack"), train_split,
+                               test_split, log=log)
+    ref = fmnist.reference_statistics(clf, test_split[0])
+    mesh = sharding.build_mesh(config.mesh)
+  for i, p in enumerate(todo):
+    c = point_config(config, p)
+    plan = config_lib.sampling_plan(c)
+    with jax.set_mesh(mesh):
+      model, weights, step = sampling_job.load_weights(c, workdir, mesh)
+      labels = sampling_job.class_labels(model.num_classes, config.sweep.per_class)
+      t0 = time.perf_counter()
+      images = sampling_job.generate(c, model, weights, labels, plan, mesh, config.sweep.seed)
+      seconds = time.perf_counter() - t0
+    macs = flops.plan_macs(c, plan)
+    row = dict(p, **fmnist.sample_metrics(clf, ref, images, labels),
+               gmacs_per_image=macs.with_attention / 1e9,
+               gmacs_per_image_linear=macs.linear_only / 1e9,
+               images_per_s=len(labels) / seconds, checkpoint_step=step)
+    if jax.process_index() == 0:
+      with open(results_path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    log(f"[{i + 1}/{len(todo)}] {p['rule']} ω={p['omega']:g} γ={p['gamma_strong']:g}/"
+        f"{p['gamma_weak']:g} steps={p['steps']}: FD-FMNIST {row['fd_fmnist']:.2f}, "
+        f"acc {100 * row['class_accuracy']:.1f}%, {row['gmacs_per_image']:.2f} GMACs/image")
+  if jax.process_index() == 0:
+    for path in plot(load_results(results_path), out_dir):
+      log(f"plot: {path}")
+  return results_path
+
+
+def pareto_front(xs: np.ndarray, ys: np.ndarray, lower_is_better: bool) -> np.ndarray:
+  """Indices of the points no other point beats on both cost (x, lower) and metric (y)."""
+  order = np.argsort(xs, kind="stable")
+  front, best = [], None
+  for i in order:
+    y = ys[i] if lower_is_better else -ys[i]
+    if best is None or y < best:
+      front.append(i)
+      best = y
+  return np.asarray(front, int)
+
+
+def plot(results: list[dict], out_dir: str) -> list[str]:
+  """Metric vs GMACs per image (Pareto front per rule) and ω × γ_weak heat-maps."""
+  import matplotlib  # Local: plotting only.
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  if not results:
+    return []
+  paths = []
+  rules = sorted({r["rule"] for r in results})
+  for metric, label in METRICS:
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for rule in rules:
+      rows = [r for r in results if r["rule"] == rule]
+      xs = np.array([r["gmacs_per_image"] for r in rows])
+      ys = np.array([r[metric] for r in rows])
+      points = ax.scatter(xs, ys, s=18, alpha=0.5, label=f"{rule} (all)")
+      front = pareto_front(xs, ys, lower_is_better=metric == "fd_fmnist")
+      ax.plot(xs[front], ys[front], "-o", color=points.get_facecolor()[0][:3], ms=4,
+              label=f"{rule} Pareto front")
+    ax.set_xlabel("GMACs per image (whole sampler, attention included)")
+    ax.set_ylabel(label)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(os.path.join(out_dir, f"{metric}_vs_gmacs.png"))
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+  for rule in [r for r in rules if r in ("sg", "cfg_sg")]:
+    rows = [r for r in results if r["rule"] == rule]
+    for gs in sorted({r["gamma_strong"] for r in rows}):
+      sub = [r for r in rows if r["gamma_strong"] == gs]
+      omegas = sorted({r["omega"] for r in sub})
+      gws = sorted({r["gamma_weak"] for r in sub})
+      grid = np.full((len(omegas), len(gws)), np.nan)
+      for r in sub:
+        grid[omegas.index(r["omega"]), gws.index(r["gamma_weak"])] = r["fd_fmnist"]
+      fig, ax = plt.subplots(figsize=(1.2 * len(gws) + 2, 0.8 * len(omegas) + 1.5))
+      im = ax.imshow(grid, cmap="viridis_r", aspect="auto", origin="lower")
+      ax.set_xticks(range(len(gws)), [f"{g:g}" for g in gws])
+      ax.set_yticks(range(len(omegas)), [f"{o:g}" for o in omegas])
+      ax.set_xlabel("γ_weak")
+      ax.set_ylabel("ω")
+      for (a, b), v in np.ndenumerate(grid):
+        if np.isfinite(v):
+          ax.text(b, a, f"{v:.1f}", ha="center", va="center", fontsize=7, color="w")
+      ax.set_title(f"{rule}, γ_strong = {gs:g}: FD-FMNIST")
+      fig.colorbar(im, ax=ax)
+      fig.tight_layout()
+      paths.append(os.path.join(out_dir, f"heatmap_{rule}_gs{gs:g}.png"))
+      fig.savefig(paths[-1], dpi=120)
+      plt.close(fig)
+  return paths
+
+
+def main(argv) -> None:
+  del argv
+  from absl import flags  # Local: the CLI only.
+
+  from sgjax import platform
+  platform.set_default_xla_flags(sampling=True)
+  config = flags.FLAGS.config
+  config_lib.validate(config, jax.device_count())
+  run(config, flags.FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  from absl import app, flags
+  from ml_collections import config_flags
+  config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=False)
+  flags.DEFINE_string("workdir", None, "A trained workdir; results go to <workdir>/sweep/.")
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)

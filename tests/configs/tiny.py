@@ -1,0 +1,7 @@
+"""The tiny synthetic-data config of the tests, as a config file for subprocess runs."""
+
+from tests.test_train import tiny_config
+
+
+def get_config():
+  return tiny_config()
