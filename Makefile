@@ -27,7 +27,7 @@ demo: setup data
 # 2. The test suite (8 fake CPU devices; see tests/conftest.py).
 test: setup data
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/python -m pytest -q tests $(ARGS)
+	$(VENV)/bin/python -m pytest -q -n 2 tests $(ARGS)
 
 clean:
 	rm -rf $(VENV) workdirs

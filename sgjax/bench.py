@@ -165,6 +165,38 @@ def bench_sample(config: ml_collections.ConfigDict, rules: list[str], steps: int
   return dict(batch=bs, peak_mem_gib=peak_memory_gib(), rules=out)
 
 
+def bench_route_cost(config: ml_collections.ConfigDict, steps: int, warmup: int) -> dict:
+  """The token selection, gather and scatter of the train routes, forward and backward, alone.
+
+  At the train step's shapes (batch, tokens, width, compute dtype); the blocks in between are
+  replaced by a multiply so nothing but the routing's own data movement is timed. Divided by
+  the train step's time, it bounds the routing overhead.
+  """
+  from sgjax import sparsity as sp  # Local: only this measurement needs it.
+  routes = Sparsity.from_routes(config.sparsity.routes)
+  bs, width = config.train.batch_size, config.model.width
+  n = (config.data.image_size // config.model.patch_size) ** 2
+  dtype = jnp.dtype(config.dtype)
+
+  def routed(x, key):
+    for r in routes.routes:
+      idx = sp.select_tokens(jax.random.fold_in(key, r.start), bs, n, r.num_keep(n))
+      x = sp.scatter_tokens(x, 2.0 * sp.gather_tokens(x, idx), idx)
+    return x
+
+  @jax.jit
+  def fwd_bwd(x, ct, key):
+    out, vjp = jax.vjp(lambda x: routed(x, key), x)
+    return out, vjp(ct)[0]
+
+  k1, k2 = jax.random.split(jax.random.key(0))
+  x = jax.random.normal(k1, (bs, n, width), dtype)
+  ct = jax.random.normal(k2, (bs, n, width), dtype)
+  t = time_calls(lambda: fwd_bwd(x, ct, jax.random.key(3)), steps, warmup)
+  return dict(batch=bs, tokens=n, width=width, routes=[list(r) for r in config.sparsity.routes],
+              **t)
+
+
 def _guided_step(velocity, null_label: int, g: guidance.Guidance):
   """(weights, x, y, key) -> guided velocity at t = 0.5: one sampling step's model work."""
   def step(weights, x, y, key):
@@ -187,6 +219,11 @@ def print_table(result: dict, peak_tflops: float | None = None) -> None:
           f"{r['images_per_s']:.1f} img/s (median {1e3 * r['median_s']:.1f} ms, "
           f"p10–p90 {1e3 * r['p10_s']:.1f}–{1e3 * r['p90_s']:.1f}), {r['tflops']:.3g} TFLOP/s, "
           f"MFU {mfu}, peak mem {r['peak_mem_gib']} GiB, compile {r['compile_s']:.1f}s")
+  if "route_cost" in result:
+    r = result["route_cost"]
+    print(f"route gather/scatter alone, fwd+bwd, batch {r['batch']}, {r['tokens']} tokens, "
+          f"width {r['width']}: {1e3 * r['median_s']:.3f} ms (p10–p90 "
+          f"{1e3 * r['p10_s']:.3f}–{1e3 * r['p90_s']:.3f})")
   if "sample" in result:
     s = result["sample"]
     print(f"sample step, batch {s['batch']}:")
@@ -215,6 +252,8 @@ def main(argv) -> None:
     result["peak"] = matmul_peak(f.matmul_size)
   if "train" in what or "all" in what:
     result["train"] = bench_train(config, f.steps, f.warmup)
+  if "route_cost" in what or "all" in what:
+    result["route_cost"] = bench_route_cost(config, f.steps, f.warmup)
   if "sample" in what or "all" in what:
     result["sample"] = bench_sample(config, f.rules.split(","), f.steps, f.warmup,
                                     f.full_sampler)
@@ -230,7 +269,8 @@ if __name__ == "__main__":
   from absl import app, flags
   from ml_collections import config_flags
   config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=False)
-  flags.DEFINE_string("what", "peak,train", "Comma list of peak, train, sample, all.")
+  flags.DEFINE_string("what", "peak,train",
+                      "Comma list of peak, train, route_cost, sample, all.")
   flags.DEFINE_string("rules", ",".join(SAMPLE_RULES), "Sampling rules to time.")
   flags.DEFINE_integer("steps", 20, "Timed calls per measurement.")
   flags.DEFINE_integer("warmup", 3, "Untimed calls after compilation.")

@@ -164,9 +164,9 @@ def plan(g: ml_collections.ConfigDict, routes: Sparsity, num_tokens: int,
   return Plan(tuple(float(t) for t in times), tuple(segments))
 
 
-def from_config(g: ml_collections.ConfigDict, routes: Sparsity,
-                num_tokens: int = 1 << 30) -> Guidance:
-  """The guidance of the first guided step of `config.sample.guidance` (constant schedules)."""
+def from_config(g: ml_collections.ConfigDict, routes: Sparsity, num_tokens: int) -> Guidance:
+  """The guidance of the first step of `config.sample.guidance` (what a constant schedule runs
+  at every step inside its interval)."""
   p = plan(g, routes, num_tokens, (0.0, 1.0))
   return p.segments[0].guidance
 

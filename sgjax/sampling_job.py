@@ -103,6 +103,8 @@ def write_samples(config, model, weights, plan: guidance_lib.Plan, mesh, out_dir
   num_batches = -(-num_samples // bs)
   num_shards = -(-num_batches // per_shard)
   os.makedirs(out_dir, exist_ok=True)
+  # Every host decides what is left from the same files, so multi-host runs need `out_dir` on a
+  # shared filesystem (GCS, NFS); all hosts sample every batch (it is sharded), host 0 writes.
   shard_path = lambda s: os.path.join(out_dir, f"shard_{s:05d}.npz")
   todo = [s for s in range(num_shards) if not os.path.exists(shard_path(s))]
   if jax.process_index() == 0 and len(todo) < num_shards:
