@@ -124,7 +124,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   # The schedule check walks every step (γ ranges, γ_strong < γ_weak where required).
   sampling_plan(config)
   strong_ever_sparse = g.gamma_strong > 0 or (g.schedule == "cosine" and g.gamma_strong_end > 0)
-  if g.rule in ("sg", "cfg_sg", "ag_sg") or strong_ever_sparse:
+  # CFG's branches are dense whatever γ says; every other rule runs γ_strong.
+  if g.rule in ("sg", "cfg_sg", "ag_sg") or (g.rule == "none" and strong_ever_sparse):
     _check(len(config.sparsity.routes) > 0, "sparsity.routes", config.sparsity.routes,
            "sparse guidance needs at least one route (the layers whose tokens γ thins)")
   if g.rule == "ag_sg":

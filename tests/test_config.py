@@ -71,6 +71,16 @@ def test_cosine_schedule_end_is_range_checked_at_its_step():
     config_lib.validate(c, num_devices=8)
 
 
+def test_routes_are_required_only_where_a_branch_is_sparse():
+  c = _load("fashion_mnist")
+  c.sparsity.routes = ()
+  c.sample.guidance.update(rule="cfg", gamma_strong=0.5)  # CFG ignores γ: a dense model is fine.
+  config_lib.validate(c, num_devices=8)
+  c.sample.guidance.rule = "none"
+  with pytest.raises(ValueError, match=r"sparsity.routes = \(\): sparse guidance needs"):
+    config_lib.validate(c, num_devices=8)
+
+
 def test_ag_sg_needs_a_guide_step():
   c = _load("fashion_mnist")
   c.sample.guidance.rule = "ag_sg"
