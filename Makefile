@@ -4,7 +4,7 @@ VENV ?= .venv
 WORKDIR ?= workdirs/fashion_mnist_demo
 ARGS ?=
 
-.PHONY: setup setup-dev data demo test lint clean
+.PHONY: setup setup-dev data shellcheck demo test lint clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PY) -m venv $(VENV)
@@ -19,13 +19,18 @@ data:
 	@test -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz || \
 	  { (apt-get update -qq || true) && apt-get install -y -qq dataset-fashion-mnist; }
 
+# shellcheck for tests/test_launch.py, from Debian (needs root; skipped when already there).
+shellcheck:
+	@command -v shellcheck >/dev/null || \
+	  { (apt-get update -qq || true) && apt-get install -y -qq shellcheck; }
+
 # 1. Train the demo, then sample CFG and SG side by side.
 demo: setup data
 	$(VENV)/bin/python -m sgjax.main --config=configs/fashion_mnist.py --workdir=$(WORKDIR) \
 	  --mode=demo $(ARGS)
 
 # 2. The test suite (8 fake CPU devices; see tests/conftest.py).
-test: setup data
+test: setup data shellcheck
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/python -m pytest -q -n 2 tests $(ARGS)
 

@@ -24,4 +24,6 @@ def get_config():
   c.demo.update(omega_cfg=2.0, omega_sg=2.0, eval_per_class=16)
   c.sweep.update(rules=("cfg", "sg"), omegas=(1.5, 2.0, 3.0), gammas_strong=(0.0,),
                  gammas_weak=(0.3, 0.5, 0.7), steps=(30,), per_class=16)
+  # --mode=eval scores with the demo classifier (no Inception weights on these machines).
+  c.eval.update(feature_net="fmnist", num_samples=1000)
   return c

@@ -23,9 +23,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from sgjax import condition, flops, guidance, models, sampling, sharding, train
 from sgjax import config as config_lib
-from sgjax import flops, guidance, sampling, sharding, train
-from sgjax.models import dit
 from sgjax.sparsity import Sparsity
 
 # Sampling-step rules benchmarked by `--what=sample`: name -> guidance config overrides.
@@ -82,7 +81,7 @@ def _with(config: ml_collections.ConfigDict, **guidance_overrides) -> ml_collect
 def bench_train(config: ml_collections.ConfigDict, steps: int, warmup: int) -> dict:
   """One optimizer step (forward, backward, AdamW, EMA) at config.train.batch_size."""
   mesh = sharding.build_mesh(config.mesh)
-  model = dit.from_config(config)
+  model = models.from_config(config)
   tx = train.make_optimizer(config.train)
   _, shardings = train.abstract_state_and_shardings(model, tx, config.seed, mesh)
   bs, n, ch = config.train.batch_size, config.data.image_size, config.data.channels
@@ -90,11 +89,11 @@ def bench_train(config: ml_collections.ConfigDict, steps: int, warmup: int) -> d
     state = jax.jit(lambda: nn.unbox(train.init_state(model, tx, config.seed)),
                     out_shardings=shardings)()
     k1, k2 = jax.random.split(jax.random.key(1))
-    batch = jax.device_put(dict(
-        image=jax.random.normal(k1, (bs, n, n, ch)),
-        label=jax.random.randint(k2, (bs,), 0, config.data.num_classes)),
-        sharding.batch_sharding(mesh))
-    step = jax.jit(train.make_train_step(config, model, tx),
+    cond = condition.synthetic(model, bs, k2, config.data.num_classes)
+    batch = dict(image=jax.random.normal(k1, (bs, n, n, ch)),
+                 **({"label": cond} if isinstance(cond, jax.Array) else cond))
+    batch = jax.device_put(batch, sharding.batch_sharding(mesh))
+    step = jax.jit(train.make_train_step(config, model, tx, condition.synthetic_null(model)),
                    in_shardings=(shardings, sharding.batch_sharding(mesh)),
                    out_shardings=(shardings, None), donate_argnums=0)
     t0 = time.perf_counter()
@@ -107,7 +106,7 @@ def bench_train(config: ml_collections.ConfigDict, steps: int, warmup: int) -> d
       return m["loss"]
 
     t = time_calls(one, steps, warmup)
-  routed = Sparsity.from_routes(config.sparsity.routes)
+  routed = Sparsity.from_config(config.sparsity)  # Routes or masking, as the train step runs.
   macs = flops.forward_macs(config, routed).with_attention * 3 * bs
   return dict(batch=bs, images_per_s=bs / t["median_s"], compile_s=compile_s,
               tflops=2 * macs / t["median_s"] / 1e12, peak_mem_gib=peak_memory_gib(),
@@ -118,13 +117,13 @@ def bench_sample(config: ml_collections.ConfigDict, rules: list[str], steps: int
                  warmup: int, full_sampler: bool) -> dict:
   """Per rule: one guided step (image-steps/s) and, optionally, the whole sampler (images/s)."""
   mesh = sharding.build_mesh(config.mesh)
-  model = dit.from_config(config)
+  model = models.from_config(config)
   bs, n, ch = config.sample.batch_size, config.data.image_size, config.data.channels
   out = {}
   with jax.set_mesh(mesh):
     params = jax.jit(lambda: nn.unbox(model.init(
         jax.random.key(0), jnp.zeros((1, n, n, ch)), jnp.zeros((1,)),
-        jnp.zeros((1,), jnp.int32))["params"]))()
+        condition.example(model, 1))["params"]))()
     # Non-zero adaLN/final weights, so the step computes what a trained model would; cast to
     # the compute dtype once, as `sampling.sample` does before its loop.
     params = jax.tree.map(lambda a: (a + 0.01).astype(model.dtype), params)
@@ -132,7 +131,8 @@ def bench_sample(config: ml_collections.ConfigDict, rules: list[str], steps: int
     k1, k2 = jax.random.split(jax.random.key(1))
     shard = sharding.batch_sharding(mesh)
     x = jax.device_put(jax.random.normal(k1, (bs, n, n, ch)), shard)
-    y = jax.device_put(jax.random.randint(k2, (bs,), 0, config.data.num_classes), shard)
+    y = jax.device_put(condition.synthetic(model, bs, k2, config.data.num_classes), shard)
+    null = condition.synthetic_null(model)
     velocity = sampling.make_velocity_fn(model)
     key = jax.random.key(2)
     for name in rules:
@@ -140,7 +140,7 @@ def bench_sample(config: ml_collections.ConfigDict, rules: list[str], steps: int
       plan = config_lib.sampling_plan(c)
       g = plan.segments[0].guidance
 
-      step = jax.jit(_guided_step(velocity, model.num_classes, g))
+      step = jax.jit(_guided_step(velocity, null, g))
       t0 = time.perf_counter()
       compiled = step.lower(weights, x, y, key).compile()
       compile_s = time.perf_counter() - t0
@@ -152,7 +152,8 @@ def bench_sample(config: ml_collections.ConfigDict, rules: list[str], steps: int
       if full_sampler:
         sampler = c.sample.sampler
         ts = time_calls(lambda plan=plan, sampler=sampler: sampling.sample(
-            model, weights, y, key, plan=plan, sampler=sampler), max(3, steps // 10), 1)
+            model, weights, y, key, plan=plan, sampler=sampler, null=null),
+            max(3, steps // 10), 1)
         row.update(sampler_steps=plan.steps, sampler_images_per_s=bs / ts["median_s"],
                    sampler_median_s=ts["median_s"])
       out[name] = row
@@ -197,7 +198,7 @@ def bench_route_cost(config: ml_collections.ConfigDict, steps: int, warmup: int)
               **t)
 
 
-def _guided_step(velocity, null_label: int, g: guidance.Guidance):
+def _guided_step(velocity, null_label: condition.Null, g: guidance.Guidance):
   """(weights, x, y, key) -> guided velocity at t = 0.5: one sampling step's model work."""
   def step(weights, x, y, key):
     t = jnp.full((x.shape[0],), 0.5)

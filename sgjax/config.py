@@ -6,6 +6,9 @@ second instead of after compilation.
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import ml_collections
 
 from sgjax.sparsity import Sparsity
@@ -22,7 +25,28 @@ PRESETS = tuple(f"{s}/{p}" for s in MODEL_SIZES for p in PATCH_SIZES)
 DTYPES = ("float32", "bfloat16")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")  # Mirrors sgjax.models.dit.
 REMAT_POLICIES = ("none", "full", "dots")
+PREDICTIONS = ("velocity", "eps_vp")  # Mirrors sgjax.models.dit.PREDICTIONS.
+MODEL_KINDS = ("dit", "trdit")  # Mirrors sgjax.models.KINDS.
 SAMPLERS = ("euler", "heun")  # Mirrors sgjax.sampling.SAMPLERS.
+EVAL_FEATURE_NETS = ("inception", "fmnist")
+ENCODE_SOURCES = ("folder", "tfds")
+LATENT_DTYPES = ("float16", "float32")
+
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+  """`get_config()` of a config file: a path, or a name under configs/ ("imagenet256").
+
+  What `--config=` does, for code and config files that build on another config.
+  """
+  if os.sep not in path and not path.endswith(".py"):
+    path = os.path.join(CONFIG_DIR, path + ".py")
+  spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
 
 
 def apply_preset(model: ml_collections.ConfigDict) -> None:
@@ -56,14 +80,45 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   _check(m.attention in ATTENTION_IMPLS, "model.attention", m.attention,
          f"allowed: {ATTENTION_IMPLS}")
   _check(m.remat in REMAT_POLICIES, "model.remat", m.remat, f"allowed: {REMAT_POLICIES}")
+  _check(m.time_scale > 0, "model.time_scale", m.time_scale, "must be > 0")
+  _check(m.prediction in PREDICTIONS, "model.prediction", m.prediction,
+         f"allowed: {PREDICTIONS}")
+  _check(m.decoder_depth >= 0, "model.decoder_depth", m.decoder_depth,
+         "must be >= 0 (0 = no decoder, not a masked model)")
+  if m.decoder_depth > 0:
+    _check(m.decoder_heads >= 1, "model.decoder_heads", m.decoder_heads, "must be >= 1")
+    _check(m.decoder_width >= 4 and m.decoder_width % m.decoder_heads == 0
+           and m.decoder_width % 4 == 0, "model.decoder_width", m.decoder_width,
+           f"must be a positive multiple of 4 (sin-cos embedding) and of model.decoder_heads "
+           f"= {m.decoder_heads}")
+  _check(m.kind in MODEL_KINDS, "model.kind", m.kind, f"allowed: {MODEL_KINDS}")
+  if m.kind == "trdit":
+    _check((m.width // m.heads) % 4 == 0, "model.heads", m.heads,
+           f"model.width / model.heads must be divisible by 4 (2-D RoPE), width = {m.width}")
+    tx = config.text
+    _check(tx.width >= 1, "text.width", tx.width, "must be >= 1 (the encoder's feature width)")
+    _check(tx.max_tokens >= 2, "text.max_tokens", tx.max_tokens, "must be >= 2")
+    _check(tx.layers >= 0, "text.layers", tx.layers, "must be >= 0")
+    if config.data.name == "fashion_mnist_captions":
+      for name in ("templates", "eval_templates"):
+        _check(len(tx[name]) > 0 and all("{}" in t for t in tx[name]), f"text.{name}",
+               tx[name], "must be a non-empty tuple of strings, each with one {} for the class")
   d = config.data
   _check(d.image_size % m.patch_size == 0, "model.patch_size", m.patch_size,
          f"must divide data.image_size = {d.image_size}")
   _check(d.channels >= 1, "data.channels", d.channels, "must be >= 1")
   _check(d.num_classes >= 1, "data.num_classes", d.num_classes, "must be >= 1")
   _check(config.dtype in DTYPES, "dtype", config.dtype, f"allowed: {DTYPES}")
+  _validate_vae(config)
 
-  Sparsity.from_routes(config.sparsity.routes).validate(m.depth, "sparsity.routes")
+  Sparsity.from_config(config.sparsity).validate(m.depth, "sparsity.routes")
+  if m.decoder_depth > 0:
+    _check(not config.sparsity.routes, "sparsity.routes", config.sparsity.routes,
+           "a masked model (model.decoder_depth > 0) thins tokens by masking "
+           "(sparsity.mask_gamma); routes and masking together are not supported")
+  else:
+    _check(config.sparsity.mask_gamma == 0, "sparsity.mask_gamma", config.sparsity.mask_gamma,
+           "masking needs a decoder: set model.decoder_depth > 0, or mask_gamma = 0")
 
   t = config.train
   _check(t.batch_size >= 1, "train.batch_size", t.batch_size, "must be >= 1")
@@ -80,6 +135,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   _check(0 <= t.ema_decay < 1, "train.ema_decay", t.ema_decay, "must be in [0, 1)")
   _check(0 <= t.label_dropout < 1, "train.label_dropout", t.label_dropout, "must be in [0, 1)")
   _check(t.keep_period >= 0, "train.keep_period", t.keep_period, "must be >= 0 (0 = off)")
+  _check(t.mask_loss_weight >= 0, "train.mask_loss_weight", t.mask_loss_weight, "must be >= 0")
   for name in ("log_every", "checkpoint_every"):
     _check(t[name] >= 1, f"train.{name}", t[name], "must be >= 1")
 
@@ -110,6 +166,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     _check(ok, f"sweep.{name}", w[name], f"must be {allowed}")
   _check(config.demo.eval_per_class >= 1, "demo.eval_per_class", config.demo.eval_per_class,
          "must be >= 1")
+  _validate_eval(config, num_devices)
   s = config.sample
   _check(s.steps >= 1, "sample.steps", s.steps, "must be >= 1")
   _check(s.sampler in SAMPLERS, "sample.sampler", s.sampler, f"allowed: {SAMPLERS}")
@@ -126,12 +183,71 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   strong_ever_sparse = g.gamma_strong > 0 or (g.schedule == "cosine" and g.gamma_strong_end > 0)
   # CFG's branches are dense whatever γ says; every other rule runs γ_strong.
   if g.rule in ("sg", "cfg_sg", "ag_sg") or (g.rule == "none" and strong_ever_sparse):
-    _check(len(config.sparsity.routes) > 0, "sparsity.routes", config.sparsity.routes,
-           "sparse guidance needs at least one route (the layers whose tokens γ thins)")
+    _check(len(config.sparsity.routes) > 0 or m.decoder_depth > 0, "sparsity.routes",
+           config.sparsity.routes,
+           "sparse guidance needs at least one route (the layers whose tokens γ thins) "
+           "or a masked model (model.decoder_depth > 0)")
   if g.rule == "ag_sg":
     _check(g.guide_step >= 0, "sample.guidance.guide_step", g.guide_step,
            "rule 'ag_sg' needs the guide checkpoint's step (>= 0), e.g. an early checkpoint "
            "kept with train.keep_period")
+
+
+def _validate_eval(config: ml_collections.ConfigDict, num_devices: int | None) -> None:
+  from sgjax.eval.inception import PREPROCESS  # Local: imports jax.
+  from sgjax.eval.metrics import METRICS
+  e = config.eval
+  _check(e.num_samples >= 2, "eval.num_samples", e.num_samples, "must be >= 2 (a covariance)")
+  _check(e.feature_net in EVAL_FEATURE_NETS, "eval.feature_net", e.feature_net,
+         f"allowed: {EVAL_FEATURE_NETS}")
+  if e.feature_net == "fmnist":
+    _check(config.data.name == "fashion_mnist", "eval.feature_net", e.feature_net,
+           f"'fmnist' scores Fashion-MNIST samples; data.name = {config.data.name!r} needs "
+           "'inception'")
+  _check(e.preprocess in PREPROCESS, "eval.preprocess", e.preprocess, f"allowed: {PREPROCESS}")
+  _check(len(e.metrics) > 0 and all(k in METRICS for k in e.metrics), "eval.metrics",
+         e.metrics, f"must be a non-empty tuple, each in {METRICS}")
+  _check(e.nearest_k >= 1, "eval.nearest_k", e.nearest_k, "must be >= 1")
+  if any(k in e.metrics for k in ("precision", "recall")):
+    _check(e.num_samples > e.nearest_k, "eval.num_samples", e.num_samples,
+           f"must be > eval.nearest_k = {e.nearest_k} for precision/recall")
+  _check(e.is_split_size >= 1, "eval.is_split_size", e.is_split_size, "must be >= 1")
+  _check(e.pr_block_size >= 1, "eval.pr_block_size", e.pr_block_size, "must be >= 1")
+  _check(e.batch_size >= 1, "eval.batch_size", e.batch_size, "must be >= 1")
+  if num_devices is not None and e.feature_net == "inception":  # Only Inception shards it.
+    from sgjax import sharding  # Local: sharding imports jax device state.
+    shape = sharding.mesh_shape(config.mesh, num_devices)
+    shards = shape["data"] * shape["fsdp"]
+    _check(e.batch_size % shards == 0, "eval.batch_size", e.batch_size,
+           f"must be divisible by the data-parallel size mesh.data*mesh.fsdp = {shards}")
+
+
+def _validate_vae(config: ml_collections.ConfigDict) -> None:
+  v, e = config.vae, config.encode
+  chans = tuple(v.block_out_channels)
+  _check(len(chans) >= 1 and all(c >= 1 and c % v.norm_groups == 0 for c in chans),
+         "vae.block_out_channels", chans,
+         f"must be >= 1 entries, each a positive multiple of vae.norm_groups = {v.norm_groups}")
+  _check(v.norm_groups >= 1, "vae.norm_groups", v.norm_groups, "must be >= 1")
+  _check(v.layers_per_block >= 1, "vae.layers_per_block", v.layers_per_block, "must be >= 1")
+  _check(v.latent_channels >= 1, "vae.latent_channels", v.latent_channels, "must be >= 1")
+  _check(v.in_channels >= 1, "vae.in_channels", v.in_channels, "must be >= 1")
+  _check(v.scale > 0, "vae.scale", v.scale, "must be > 0")
+  _check(v.chunk >= 1, "vae.chunk", v.chunk, "must be >= 1")
+  _check(e.source in ENCODE_SOURCES, "encode.source", e.source, f"allowed: {ENCODE_SOURCES}")
+  factor = 2 ** (len(chans) - 1)
+  _check(e.image_size >= factor and e.image_size % factor == 0, "encode.image_size",
+         e.image_size, f"must be a positive multiple of the VAE's downsampling factor {factor}")
+  _check(e.batch_size >= 1, "encode.batch_size", e.batch_size, "must be >= 1")
+  _check(e.shard_size >= 1, "encode.shard_size", e.shard_size, "must be >= 1")
+  _check(e.dtype in LATENT_DTYPES, "encode.dtype", e.dtype, f"allowed: {LATENT_DTYPES}")
+  _check(e.max_shards >= 0, "encode.max_shards", e.max_shards, "must be >= 0 (0 = all)")
+  if config.data.name == "latents":
+    _check(config.data.channels == v.latent_channels, "data.channels", config.data.channels,
+           f"latents have vae.latent_channels = {v.latent_channels} channels")
+    _check(config.data.image_size * factor == e.image_size, "data.image_size",
+           config.data.image_size, f"latents of encode.image_size = {e.image_size} images are "
+           f"{e.image_size // factor} (VAE downsampling x{factor})")
 
 
 def sampling_plan(config: ml_collections.ConfigDict):
@@ -140,7 +256,7 @@ def sampling_plan(config: ml_collections.ConfigDict):
   from sgjax import flow, guidance
   num_tokens = (config.data.image_size // config.model.patch_size) ** 2
   times = flow.time_grid(config.sample.steps, config.sample.time_shift)
-  return guidance.plan(config.sample.guidance, Sparsity.from_routes(config.sparsity.routes),
+  return guidance.plan(config.sample.guidance, Sparsity.from_config(config.sparsity),
                        num_tokens, times)
 
 
@@ -151,26 +267,59 @@ def base_config() -> ml_collections.ConfigDict:
   c.dtype = "bfloat16"  # Compute dtype; params and optimizer state stay float32.
 
   c.model = ml_collections.ConfigDict(dict(
+      kind="dit",  # dit (class labels) | trdit (text; reads `text`, see docs/t2i.md).
       preset="", depth=12, width=384, heads=6, patch_size=2, mlp_ratio=4.0,
       attention="auto",  # auto | xla | cudnn (auto: cuDNN flash attention on GPU in bf16).
-      remat="none"))  # none | full | dots: activation recomputation, trades speed for memory.
+      remat="none",  # none | full | dots: activation recomputation, trades speed for memory.
+      # The network's time input is time_scale·t (DiT-style 1000; imported SiT: 1). prediction:
+      # velocity | eps_vp (a DDPM ε-network, e.g. an imported DiT; see docs/checkpoints.md).
+      time_scale=1000.0, prediction="velocity",
+      # MaskDiT decoder after the depth-layer encoder (docs/masking.md); 0 layers = no decoder.
+      decoder_depth=0, decoder_width=512, decoder_heads=16))
 
   c.data = ml_collections.ConfigDict(dict(
-      name="fashion_mnist",  # fashion_mnist | synthetic
-      dir="",  # Raw-data folder ('' = the dataset's default location).
+      name="fashion_mnist",  # fashion_mnist | synthetic | latents
+      dir="",  # Raw-data folder ('' = the dataset's default location); latents: the encoded set.
       cache_dir="",  # Where packed ArrayRecord datasets go ('' = <workdir>/../data cache default).
       image_size=28, channels=1, num_classes=10,
       shuffle_buffer_seed=0, worker_count=0, prefetch=2))
 
-  # (start, end, gamma) triples; end inclusive.
-  c.sparsity = ml_collections.ConfigDict(dict(routes=()))
+  # The SD-VAE (diffusers AutoencoderKL; defaults = sd-vae-ft-ema/-mse). `weights` is the
+  # diffusers safetensors file ('' = pixel-space model): sampling decodes latents with it, and
+  # `python -m sgjax.tools.encode_latents` encodes images with it. `chunk`: images per device
+  # per VAE call (bounds activation memory at 256²).
+  c.vae = ml_collections.ConfigDict(dict(
+      weights="", scale=0.18215, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+      latent_channels=4, in_channels=3, norm_groups=32, chunk=16))
+  # `python -m sgjax.tools.encode_latents`: images -> SD-VAE latents in `data.dir`.
+  c.encode = ml_collections.ConfigDict(dict(
+      source="folder",  # folder (<source_dir>/<class>/*.JPEG) | tfds (imagenet2012)
+      source_dir="",  # The image folder, or tfds' manual_dir holding ILSVRC2012_img_*.tar.
+      tfds_data_dir="",  # tfds: where it prepares imagenet2012 ('' = tfds' default).
+      split="train", image_size=256,  # ADM center crop to this size.
+      flip=True,  # Also encode the horizontally flipped image (a second record).
+      batch_size=64, shard_size=4096,  # Source images per shard file (the unit of resume).
+      dtype="float16",  # Storage dtype of the latent mean and std.
+      max_shards=0))  # > 0: stop after writing this many shards in this run.
+
+  # Text conditioning (model.kind = "trdit"): the frozen encoder's features, written into the
+  # dataset once by `python -m sgjax.tools.encode_text`; `layers` trainable layers refine them.
+  # train.label_dropout is the probability of the empty prompt then (CFG's ∅).
+  c.text = ml_collections.ConfigDict(dict(
+      encoder="minilm", width=384, max_tokens=16, layers=2,
+      templates=(), eval_templates=()))  # Caption templates, "{}" = the class (data.captions).
+
+  # routes: (start, end, gamma) triples, end inclusive. mask_gamma: the share of tokens a
+  # masked model's encoder drops in training (needs model.decoder_depth > 0; not with routes).
+  c.sparsity = ml_collections.ConfigDict(dict(routes=(), mask_gamma=0.0))
 
   c.train = ml_collections.ConfigDict(dict(
       batch_size=256, num_steps=1000, lr=1e-4, b1=0.9, b2=0.999, weight_decay=0.0,
       warmup_steps=0, grad_clip=0.0, grad_accum=1, ema_decay=0.9999, ema_warmup=False,
       label_dropout=0.1,
       log_every=50, checkpoint_every=1000, keep_checkpoints=3, async_checkpoint=True,
-      keep_period=0))  # > 0: also keep every checkpoint whose step is a multiple (AG guides).
+      keep_period=0,  # > 0: also keep every checkpoint whose step is a multiple (AG guides).
+      mask_loss_weight=0.1))  # λ of a masked model's reconstruction term (docs/masking.md).
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
 
@@ -198,4 +347,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.sweep = ml_collections.ConfigDict(dict(
       rules=("cfg", "sg"), omegas=(1.5, 2.0, 3.0), gammas_strong=(0.0,),
       gammas_weak=(0.3, 0.5, 0.7), steps=(40,), per_class=16, seed=1))
+  # `--mode=eval`: num_samples class-balanced samples with config.sample's guidance (resumable
+  # shards under <workdir>/eval/), scored against `reference` (docs/eval.md). feature_net
+  # "inception": FID, sFID, IS, precision/recall (k = nearest_k) in the FID Inception, weights
+  # from `inception_weights` (converted .npz or pytorch-fid's .pth), reference an ADM batch .npz,
+  # an .npz of uint8 images (arr_0) or an image folder; "fmnist": FD-FMNIST, class accuracy and
+  # precision/recall in the demo classifier's features, reference = the test split.
+  c.eval = ml_collections.ConfigDict(dict(
+      num_samples=50000, feature_net="inception", inception_weights="", reference="",
+      preprocess="adm",  # adm (TF graph's resize and scaling) | pytorch_fid
+      batch_size=64,  # Images per feature-net call, over all devices (ADM: 64).
+      metrics=("fid", "sfid", "is", "precision", "recall"), nearest_k=3,
+      is_split_size=5000,  # ADM: IS averaged over splits of 5000 samples.
+      pr_block_size=10000,  # Rows per pairwise-distance block (memory: block x N floats).
+      seed=1))
   return c

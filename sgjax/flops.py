@@ -19,6 +19,11 @@ Conventions that reproduce the published numbers (tested in tests/test_flops.py)
   Left out, as the published counts leave them out: the timestep MLP (256·D + D², 1.6M for
   XL), the final layer's modulation multiply (D per token), norms, softmax and other
   elementwise work. Counting them moves XL/2 to 118.65 and SG(0.5/0.9) to 97.68.
+
+Masked models (model.decoder_depth > 0, docs/masking.md): the encoder blocks run on the
+N − int(N·mask_gamma) kept tokens, `decoder_embed` (D·D_dec) on those, the decoder blocks
+(width D_dec, their adaLN reading the D-wide condition: 6·D·D_dec per block) and the final
+layer (2·D·D_dec adaLN, D_dec·p²·C projection) on all N tokens; patch embedding on all N.
 """
 
 from __future__ import annotations
@@ -59,17 +64,56 @@ def forward_macs(config: ml_collections.ConfigDict, sparsity: Sparsity = DENSE) 
   """MACs of one forward pass of one image at `sparsity`."""
   m, d = config.model, config.data
   config_lib.apply_preset(m)
+  if m.get("kind", "dit") == "trdit":
+    return trdit_forward_macs(config, sparsity)
   width, p, ch = m.width, m.patch_size, d.channels
   n = (d.image_size // p) ** 2
-  hidden = int(width * m.mlp_ratio)
-  per_token_block = 4 * width * width + 2 * width * hidden + 4 * width
+
+  def per_token_block(w):
+    return 4 * w * w + 2 * w * int(w * m.mlp_ratio) + 4 * w
+
+  decoder = m.get("decoder_depth", 0)
+  out_width = m.decoder_width if decoder else width  # What the final layer reads.
+  linear = n * ch * p * p * (width + out_width)  # Patch embed and final projection.
+  attention = 0.0
+  for layer in range(m.depth):
+    tokens = sparsity.tokens_at_layer(layer, n)
+    linear += tokens * per_token_block(width)
+    attention += 2 * tokens * tokens * width
+  per_sample = 6 * width * width * m.depth + 2 * width * out_width
+  if decoder:
+    dd = m.decoder_width
+    linear += sparsity.mask_keep(n) * width * dd + decoder * n * per_token_block(dd)
+    attention += decoder * 2 * n * n * dd
+    per_sample += 6 * width * dd * decoder
+  return Macs(float(linear), float(per_sample), float(attention))
+
+
+def trdit_forward_macs(config: ml_collections.ConfigDict, sparsity: Sparsity = DENSE) -> Macs:
+  """MACs of one TR-DiT forward pass (sgjax.models.trdit) of one image at `sparsity`.
+
+  Per image token and block (n_l tokens at layer l): self-attention qkv + proj 4D², cross-attention
+  query + output 2D², SwiGLU 3·D·H (H = swiglu_hidden), modulation multiplies 4D; attention:
+  self 2·n_l²·D, cross 2·n_l·L·D. Once per forward (per_sample), whatever the routing: the text
+  path on its L (= text.max_tokens, padding included: it is computed) tokens: projection
+  L·D_text·D, each text layer L·(4D² + 3·D·H) + attention 2·L²·D, every block's cross-attention
+  keys/values 2·L·D²; and adaLN-single's t -> 6D and final 2D² (timestep MLP left out, as for DiT).
+  """
+  from sgjax.models.trdit import swiglu_hidden  # Local: the analytic part needs no jax.
+  m, d, tx = config.model, config.data, config.text
+  width, p, ch, L = m.width, m.patch_size, d.channels, tx.max_tokens
+  n = (d.image_size // p) ** 2
+  hidden = swiglu_hidden(width, m.mlp_ratio)
+  per_token_block = 6 * width * width + 3 * width * hidden + 4 * width
   linear = 2 * n * ch * p * p * width  # Patch embed and final projection.
   attention = 0.0
   for layer in range(m.depth):
     tokens = sparsity.tokens_at_layer(layer, n)
     linear += tokens * per_token_block
-    attention += 2 * tokens * tokens * width
-  per_sample = 6 * width * width * m.depth + 2 * width * width
+    attention += 2 * tokens * tokens * width + 2 * tokens * L * width
+  text = L * tx.width * width + tx.layers * L * (4 * width * width + 3 * width * hidden)
+  attention += tx.layers * 2 * L * L * width
+  per_sample = text + m.depth * 2 * L * width * width + 6 * width * width + 2 * width * width
   return Macs(float(linear), float(per_sample), float(attention))
 
 

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from sgjax import condition
 from sgjax.sparsity import Sparsity
 
 # (params, x_t, t, y, sparsity, token_key) -> velocity
@@ -103,7 +104,8 @@ def gamma_at(start: float, end: float, schedule: str, step: int, steps: int) -> 
 
 
 def _sparsity(routes: Sparsity, gamma: float, num_tokens: int, quantum: float) -> Sparsity:
-  """The route layout at γ, with γ replaced by the smallest value giving the same token count.
+  """The training mechanism (routes, or masking: `Sparsity.with_gamma`) at γ, with γ replaced
+  by the smallest value giving the same token count.
 
   Two γs that keep the same number of tokens then compare equal, so they share a compiled step.
   """
@@ -139,7 +141,9 @@ def plan(g: ml_collections.ConfigDict, routes: Sparsity, num_tokens: int,
     gw = gamma_at(g.gamma_weak, g.gamma_weak_end, g.schedule, i, steps)
     for name, value in (("gamma_strong", gs), ("gamma_weak", gw)):
       _check(0.0 <= value < 1.0, name, value, f"must be in [0, 1) (value at sampling step {i})")
-    strong = Branch(True, _sparsity(routes, gs, num_tokens, g.gamma_quantum))
+    # CFG is dense-vs-dense: its γ fields do not apply, also at steps outside its interval.
+    strong = Branch(True, Sparsity() if g.rule == "cfg"
+                    else _sparsity(routes, gs, num_tokens, g.gamma_quantum))
     guided = g.rule != "none" and t_lo <= times[i] <= t_hi
     if not guided:
       per_step.append(Guidance("none", 1.0, strong, None))
@@ -172,7 +176,8 @@ def from_config(g: ml_collections.ConfigDict, routes: Sparsity, num_tokens: int)
 
 
 def guided_velocity(velocity_fn: VelocityFn, params: Mapping[str, object], x: jax.Array,
-                    t: jax.Array, y: jax.Array, null_label: int, guidance: Guidance,
+                    t: jax.Array, y: condition.Condition, null_label: condition.Null,
+                    guidance: Guidance,
                     keys: tuple[jax.Array, jax.Array]) -> jax.Array:
   """ω·v_strong + (1 − ω)·v_weak for one step.
 
@@ -180,14 +185,16 @@ def guided_velocity(velocity_fn: VelocityFn, params: Mapping[str, object], x: ja
   token-selection keys of the two branches. Dense branches of the same weights (CFG) share one
   forward over the concatenated batch: no tokens are drawn, so nothing changes but the batch
   size. Routed branches run as separate forwards, each drawing its own subsets from its own key.
+  `y` is any condition pytree (labels, text features + mask) and `null_label` its null (the
+  null class, or the empty prompt's features): see sgjax.condition.
   """
-  labels = lambda b: y if b.conditional else jnp.full_like(y, null_label)
+  labels = lambda b: y if b.conditional else condition.null_like(y, null_label)
   strong, weak = guidance.strong, guidance.weak
   if weak is None:
     return velocity_fn(params[strong.weights], x, t, labels(strong), strong.sparsity, keys[0])
   if strong.sparsity.is_dense and weak.sparsity.is_dense and strong.weights == weak.weights:
     v = velocity_fn(params[strong.weights], jnp.concatenate([x, x]), jnp.concatenate([t, t]),
-                    jnp.concatenate([labels(strong), labels(weak)]), strong.sparsity, keys[0])
+                    condition.concat(labels(strong), labels(weak)), strong.sparsity, keys[0])
     v_strong, v_weak = jnp.split(v, 2)
   else:
     v_strong = velocity_fn(params[strong.weights], x, t, labels(strong), strong.sparsity, keys[0])

@@ -1,6 +1,7 @@
 """Entry point: flags -> config -> mode. Nothing else lives here.
 
-  python -m sgjax.main --config=configs/fashion_mnist.py --workdir=DIR [--mode=train|sample|demo]
+  python -m sgjax.main --config=configs/fashion_mnist.py --workdir=DIR \
+      [--mode=train|sample|demo|eval]
       [--config.train.num_steps=...]
 """
 
@@ -14,10 +15,23 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (get_config()).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and samples go here.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "demo"],
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "demo", "eval"],
                           "train: train (resuming from workdir); sample: write grids and .npz "
                           "with config.sample.guidance; demo: train, then sample and score CFG "
-                          "and SG.")
+                          "and SG; eval: sample config.eval.num_samples with the configured "
+                          "guidance and write metrics.json (FID, sFID, IS, precision/recall).")
+# Multi-process runs (sgjax/distributed.py); a single process needs none of these.
+_DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "cluster", "off"],
+                                 "auto: join when coordinator flags/SGJAX_* env vars or a "
+                                 "SLURM/Open MPI/GKE multi-process launch are present; cluster: "
+                                 "jax.distributed.initialize() with no arguments (Cloud TPU VM "
+                                 "pods); off: never.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0 (env SGJAX_COORDINATOR).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
+                                      "Number of processes (env SGJAX_NUM_PROCESSES).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None,
+                                   "This process's id, 0..num_processes-1 (env SGJAX_PROCESS_ID).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -26,7 +40,11 @@ def main(argv) -> None:
   # Orbax and grain log every save at INFO; the console shows our progress lines instead.
   logging.set_verbosity(logging.WARNING)
   from sgjax import platform
-  platform.set_default_xla_flags(sampling=_MODE.value == "sample")
+  platform.set_default_xla_flags(sampling=_MODE.value in ("sample", "eval"))
+  from sgjax import distributed
+  # Before any other JAX call: the backend must start knowing every process.
+  distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
+                         _PROCESS_ID.value)
   import jax  # Local: XLA flags must be in place first.
 
   from sgjax import config as config_lib
@@ -39,6 +57,9 @@ def main(argv) -> None:
     train.train(config, workdir)
   if _MODE.value == "sample":
     sampling_job.run(config, workdir)
+  if _MODE.value == "eval":
+    from sgjax import eval_job  # Local: only this mode needs the feature nets.
+    eval_job.run(config, workdir)
   if _MODE.value == "demo":
     paths, _ = sampling_job.demo(config, workdir)
     print("\nDemo samples (rows = classes):")

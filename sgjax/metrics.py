@@ -13,6 +13,7 @@ import time
 from collections.abc import Mapping
 
 import jax
+from etils import epath
 
 
 def _fmt_duration(seconds: float) -> str:
@@ -22,32 +23,62 @@ def _fmt_duration(seconds: float) -> str:
   return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
+def _summary_writer_class():
+  """tensorboardX's SummaryWriter, imported without torch.
+
+  tensorboardX imports torch whenever it is installed (only to accept torch tensors); with the
+  torch dev dependency that cost every training process ~5 s. Unless torch is already loaded,
+  its import is made to fail for that one import and torch stays importable afterwards.
+  """
+  if "torch" in sys.modules:
+    from tensorboardX import SummaryWriter
+    return SummaryWriter
+  sys.modules["torch"] = None  # `import torch` raises ImportError while this is set.
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    del sys.modules["torch"]
+  return SummaryWriter
+
+
 class MetricWriter:
-  """Appends `{"step": s, **metrics}` lines to metrics.jsonl and scalars to TensorBoard."""
+  """Appends `{"step": s, **metrics}` lines to metrics.jsonl and scalars to TensorBoard.
+
+  `workdir` may be a gs:// path (etils.epath with gcsfs; tensorboardX's own GCS writer).
+  """
 
   def __init__(self, workdir: str, *, enabled: bool | None = None):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self._tb = None
     self._jsonl = None
     if self.enabled:
-      os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-      from tensorboardX import SummaryWriter  # Local: only process 0 writes events.
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      path = epath.Path(workdir) / "metrics.jsonl"
+      path.parent.mkdir(parents=True, exist_ok=True)
+      if "://" in workdir:  # Object stores cannot append: the file is rewritten at each write.
+        self._remote = (path, path.read_text() if path.exists() else "")
+      else:
+        self._jsonl = open(path, "a")
+      self._tb = _summary_writer_class()(os.path.join(workdir, "tensorboard"))
 
   def write(self, step: int, metrics: Mapping[str, float]) -> None:
     if not self.enabled:
       return
-    self._jsonl.write(json.dumps({"step": step, **{k: float(v) for k, v in metrics.items()}})
-                      + "\n")
-    self._jsonl.flush()
+    line = json.dumps({"step": step, **{k: float(v) for k, v in metrics.items()}}) + "\n"
+    if self._jsonl is None:
+      path, text = self._remote
+      self._remote = (path, text + line)
+      path.write_text(text + line)
+    else:
+      self._jsonl.write(line)
+      self._jsonl.flush()
     for k, v in metrics.items():
       self._tb.add_scalar(k, float(v), step)
     self._tb.flush()
 
   def close(self) -> None:
     if self.enabled:
-      self._jsonl.close()
+      if self._jsonl is not None:
+        self._jsonl.close()
       self._tb.close()
 
 

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sgjax import condition
 from sgjax import guidance as guidance_lib
 from sgjax.models import dit
 
@@ -59,13 +60,17 @@ def integrate(step_velocity: StepVelocity, x0: jax.Array, plan: guidance_lib.Pla
 
 
 @functools.partial(jax.jit, static_argnames=("model", "plan", "sampler"))
-def sample(model: dit.DiT, params: Mapping[str, object], labels: jax.Array, key: jax.Array, *,
-           plan: guidance_lib.Plan, sampler: str = "euler") -> jax.Array:
+def sample(model: dit.DiT, params: Mapping[str, object], labels: condition.Condition,
+           key: jax.Array, *, plan: guidance_lib.Plan, sampler: str = "euler",
+           null: condition.Null = None) -> jax.Array:
   """Draws images for `labels` (B,) from noise; returns (B, H, W, C) float32 in model units.
 
-  `params` maps weight names to params: {"main": ...} and, for AG+SG, {"guide": ...}.
+  `params` maps weight names to params: {"main": ...} and, for AG+SG, {"guide": ...}. `labels`
+  may be any condition pytree (text: {"text", "text_mask"}); `null` is its null condition
+  (default: the model's own, DiT's null label; text: the empty prompt's features).
   """
-  b = labels.shape[0]
+  b = condition.batch_size(labels)
+  null = condition.default_null(model) if null is None else null
   n, c = model.image_size, model.channels
   k_noise, k_steps = jax.random.split(key)
   x0 = jax.random.normal(k_noise, (b, n, n, c), jnp.float32)
@@ -75,7 +80,7 @@ def sample(model: dit.DiT, params: Mapping[str, object], labels: jax.Array, key:
 
   def step_velocity(g, x, t_scalar, k):
     t = jnp.full((b,), t_scalar, jnp.float32)
-    return guidance_lib.guided_velocity(velocity, params, x, t, labels, model.num_classes, g,
+    return guidance_lib.guided_velocity(velocity, params, x, t, labels, null, g,
                                         tuple(jax.random.split(k)))
 
   return integrate(step_velocity, x0, plan, k_steps, sampler)

@@ -21,17 +21,17 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from sgjax import checkpoint, metrics, sampling, sharding
+from sgjax import checkpoint, metrics, models, sampling, sharding
 from sgjax import config as config_lib
 from sgjax import guidance as guidance_lib
 from sgjax import train as train_lib
-from sgjax.models import dit
+from sgjax.models import vae
 
 
 def load_params(config: ml_collections.ConfigDict, workdir: str, mesh, *, ema: bool = True,
                 step: int | None = None):
   """A checkpoint's EMA (or raw) params (default: the latest), laid out by the logical rules."""
-  model = dit.from_config(config)
+  model = models.from_config(config)
   tx = train_lib.make_optimizer(config.train)
   abstract, _ = train_lib.abstract_state_and_shardings(model, tx, config.seed, mesh)
   mngr = checkpoint.manager(os.path.join(workdir, "checkpoints"), async_save=False)
@@ -75,6 +75,7 @@ def _batch(config, model, weights, labels: np.ndarray, plan: guidance_lib.Plan, 
   padded = np.pad(labels, (0, bs - len(labels)))  # Static shape: one compile for all batches.
   y = jax.device_put(jnp.asarray(padded), sharding.batch_sharding(mesh))
   x = sampling.sample(model, weights, y, key, plan=plan, sampler=config.sample.sampler)
+  x = vae.to_pixels(config, mesh, x)  # SD-VAE decode when vae.weights is set; else identity.
   x = multihost_utils.process_allgather(x, tiled=True) if jax.process_count() > 1 else x
   return sampling.to_uint8(jax.device_get(x))[:len(labels)]
 
@@ -139,6 +140,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, name: str | None = N
 
   With `sample.num_samples` > 0 also writes the sharded evaluation set beside it.
   """
+  if config.model.get("kind", "dit") == "trdit":
+    raise ValueError("model.kind = 'trdit': --mode=sample draws class labels; sample text "
+                     "prompts with --mode=demo or `python -m sgjax.text.demo` (docs/t2i.md)")
   mesh = sharding.build_mesh(config.mesh)
   plan = config_lib.sampling_plan(config)
   g = config.sample.guidance
@@ -181,8 +185,13 @@ def demo(config: ml_collections.ConfigDict, workdir: str) -> tuple[list[str], di
   on Fashion-MNIST, FD-FMNIST and class accuracy beside their FLOPs (demo_metrics.json).
 
   Each rule samples `demo.eval_per_class` images per class once; the grid shows the first
-  `sample.per_class` of each class and the metrics use all of them.
+  `sample.per_class` of each class and the metrics use all of them. A text model
+  (model.kind = "trdit") runs sgjax.text.demo instead: held-out prompts, CFG / SG / CFG+SG.
   """
+  if config.model.get("kind", "dit") == "trdit":
+    from sgjax.text import demo as t2i_demo
+    results = t2i_demo.run(config, workdir)
+    return [os.path.join(workdir, f"t2i_{rule}.png") for rule in results], results
   import json  # Local: only the demo needs these.
 
   from sgjax import flops

@@ -61,6 +61,19 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 
 
+def process_batch_rows(mesh: Mesh, global_batch: int) -> np.ndarray:
+  """Rows of every global batch that this process's devices hold, ascending.
+
+  `jax.make_array_from_process_local_data` places a process's local rows onto these global
+  rows in this order, so the data pipeline reads exactly them. With JAX's usual device order
+  they form one block (process p of P: rows [p*B/P, (p+1)*B/P)); a pod mesh laid out along the
+  physical topology may interleave hosts, which this handles the same way.
+  """
+  index_map = batch_sharding(mesh).addressable_devices_indices_map((global_batch,))
+  rows = {r for index in index_map.values() for r in range(*index[0].indices(global_batch))}
+  return np.array(sorted(rows), np.int64)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 

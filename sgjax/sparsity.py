@@ -1,7 +1,10 @@
-"""Token sparsity as a call-time value: routes (TREAD) and the token gather/scatter they need.
+"""Token sparsity as a call-time value: routes (TREAD) or masking (MaskDiT), and the token
+gather/scatter they need.
 
 `Sparsity` is frozen and hashable so it can be a static argument of `jax.jit`: each distinct
-value compiles once, and every token count inside is a Python int (static shapes).
+value compiles once, and every token count inside is a Python int (static shapes). A model is
+trained with one mechanism (routes, or masking when it has a decoder: docs/masking.md) and
+`with_gamma` moves that mechanism's γ, so guidance, FLOPs and sweeps speak one vocabulary.
 """
 
 from __future__ import annotations
@@ -27,9 +30,14 @@ class Route:
 
 @dataclasses.dataclass(frozen=True)
 class Sparsity:
-  """The sparsity of one model evaluation. `Sparsity()` is the dense model."""
+  """The sparsity of one model evaluation. `Sparsity()` is the dense model.
+
+  `mask_gamma` > 0 (masked models only): the encoder sees `N - int(N * mask_gamma)` random tokens
+  and the decoder fills the rest with its mask token. Routes and masking never combine.
+  """
 
   routes: tuple[Route, ...] = ()
+  mask_gamma: float = 0.0
 
   @classmethod
   def dense(cls) -> Sparsity:
@@ -46,15 +54,37 @@ class Sparsity:
       out.append(r)
     return cls(tuple(sorted(out, key=lambda r: r.start)))
 
+  @classmethod
+  def from_config(cls, sc) -> Sparsity:
+    """From `config.sparsity`: its routes and mask_gamma (the training sparsity)."""
+    return dataclasses.replace(cls.from_routes(sc.routes),
+                               mask_gamma=float(sc.get("mask_gamma", 0.0)))
+
   @property
   def is_dense(self) -> bool:
-    return all(r.gamma == 0.0 for r in self.routes)
+    return all(r.gamma == 0.0 for r in self.routes) and self.mask_gamma == 0.0
 
   def with_gamma(self, gamma: float) -> Sparsity:
-    """The same route layout at another γ: how inference picks a branch's sparsity."""
-    return Sparsity(tuple(dataclasses.replace(r, gamma=float(gamma)) for r in self.routes))
+    """The same mechanism at another γ: how inference picks a branch's sparsity.
+
+    With routes, every route takes γ (same layout); without routes the mechanism is masking, so
+    γ becomes `mask_gamma` (a model without a decoder rejects that at call time).
+    """
+    if self.routes:
+      return Sparsity(tuple(dataclasses.replace(r, gamma=float(gamma)) for r in self.routes))
+    return Sparsity(mask_gamma=float(gamma))
+
+  def mask_keep(self, num_tokens: int) -> int:
+    """How many tokens a masked model's encoder sees."""
+    return num_tokens - int(num_tokens * self.mask_gamma)
 
   def validate(self, depth: int, field: str = "sparsity.routes") -> None:
+    if not 0.0 <= self.mask_gamma < 1.0:
+      raise ValueError(f"sparsity.mask_gamma = {self.mask_gamma}: must be in [0, 1)")
+    if self.routes and self.mask_gamma > 0.0:
+      raise ValueError(f"{field} = {tuple(self.routes)} with sparsity.mask_gamma = "
+                       f"{self.mask_gamma}: routes and masking together are not supported; "
+                       "use one mechanism (routes=() for a masked model)")
     prev_end = -1
     for i, r in enumerate(self.routes):
       if not 0 <= r.start <= r.end < depth:
@@ -81,7 +111,9 @@ class Sparsity:
     return None
 
   def tokens_at_layer(self, layer: int, num_tokens: int) -> int:
-    """How many tokens block `layer` processes (used by the FLOP counter)."""
+    """How many tokens (encoder) block `layer` processes (used by the FLOP counter)."""
+    if self.mask_gamma > 0.0:
+      return self.mask_keep(num_tokens)
     for r in self.routes:
       if r.start <= layer <= r.end:
         return r.num_keep(num_tokens)

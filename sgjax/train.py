@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from sgjax import checkpoint, flow, preemption, sharding
+from sgjax import checkpoint, condition, flow, models, preemption, sharding
 from sgjax import config as config_lib
 from sgjax import metrics as metrics_lib
 from sgjax.models import dit
@@ -55,7 +55,7 @@ def init_state(model: dit.DiT, tx: optax.GradientTransformation, seed: int) -> T
   rng = jax.random.key(seed)
   n, c = model.image_size, model.channels
   variables = model.init(jax.random.fold_in(rng, 0), jnp.zeros((1, n, n, c)),
-                         jnp.zeros((1,)), jnp.zeros((1,), jnp.int32))
+                         jnp.zeros((1,)), condition.example(model, 1))
   params = variables["params"]
   return dict(step=jnp.zeros((), jnp.int32), params=params, ema=params,
               opt_state=tx.init(params), rng=jax.random.key_data(rng))
@@ -71,13 +71,25 @@ def abstract_state_and_shardings(model, tx, seed: int, mesh) -> tuple[Any, Any]:
 
 
 def make_train_step(config: ml_collections.ConfigDict, model: dit.DiT,
-                    tx: optax.GradientTransformation):
-  """(state, batch) -> (state, metrics). Pure; the caller jits it with shardings."""
+                    tx: optax.GradientTransformation, null: condition.Null = None):
+  """(state, batch) -> (state, metrics). Pure; the caller jits it with shardings.
+
+  `null` is CFG's ∅ for condition dropout: default the model's own (DiT's null label); a text
+  model needs the empty prompt's features (sgjax.data.captions.null_condition).
+  """
   tc = config.train
-  train_sparsity = Sparsity.from_routes(config.sparsity.routes)
-  null_label = model.num_classes
+  train_sparsity = Sparsity.from_config(config.sparsity)
+  null = condition.default_null(model) if null is None else null
 
   def loss_fn(params, images, noise, t, labels, token_key):
+    if getattr(model, "masked", False):
+      # MaskDiT: the model reports which pixels its encoder saw; the loss weights by that.
+      def velocity_visible(x_t, t, y):
+        v, inter = model.apply({"params": params}, x_t, t, y, sparsity=train_sparsity,
+                               token_key=token_key, mutable=["intermediates"])
+        return v, inter["intermediates"]["visible"][0]
+      return flow.masked_loss(velocity_visible, images, noise, t, labels, tc.mask_loss_weight)
+
     def velocity(x_t, t, y):
       return model.apply({"params": params}, x_t, t, y, sparsity=train_sparsity,
                          token_key=token_key)
@@ -88,7 +100,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: dit.DiT,
     key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
     k_drop, k_time, k_noise, k_tokens = jax.random.split(key, 4)
     images = batch["image"]
-    labels = flow.drop_labels(k_drop, batch["label"], tc.label_dropout, null_label)
+    labels = flow.drop_condition(k_drop, condition.from_batch(batch), tc.label_dropout, null)
     t = flow.sample_time(k_time, images.shape[0])
     noise = jax.random.normal(k_noise, images.shape, images.dtype)
     accum = tc.grad_accum
@@ -106,7 +118,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: dit.DiT,
         return jax.tree.map(jnp.add, carry, (loss_j, grads_j)), None
 
       zeros = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, state["params"]))
-      micro = tuple(split(a) for a in (images, noise, t, labels))
+      micro = jax.tree.map(split, (images, noise, t, labels))
       (loss, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
       loss, grads = jax.tree.map(lambda a: a / accum, (loss, grads))
 
@@ -135,23 +147,26 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   config_lib.validate(config, jax.device_count())
   tc = config.train
   mesh = sharding.build_mesh(config.mesh)
-  os.makedirs(workdir, exist_ok=True)
+  if "://" not in workdir:  # gs:// and friends: orbax and the metric writer create their own.
+    os.makedirs(workdir, exist_ok=True)
   writer = metrics_lib.MetricWriter(workdir)
 
-  # ---- Data: each process reads its own shard.
+  # ---- Data: each process reads only the rows of every global batch its devices hold.
   from sgjax.data import pipeline  # Local: keeps model-only imports light.
   data_iter = pipeline.make_train_iterator(
       config.data, tc.batch_size, seed=config.seed,
-      process_index=jax.process_index(), process_count=jax.process_count())
+      rows=sharding.process_batch_rows(mesh, tc.batch_size))
 
   # ---- Model, optimizer, abstract state and shardings.
-  model = dit.from_config(config)
+  model = models.from_config(config)
   tx = make_optimizer(tc)
   abstract, state_shardings = abstract_state_and_shardings(model, tx, config.seed, mesh)
   n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(abstract["params"]))
   if jax.process_index() == 0:
     print(f"model: {n_params / 1e6:.2f}M params; mesh {dict(mesh.shape)}; "
-          f"routes {tuple(map(tuple, config.sparsity.routes))}", flush=True)
+          f"routes {tuple(map(tuple, config.sparsity.routes))}"
+          + (f"; mask γ {config.sparsity.mask_gamma}" if config.sparsity.mask_gamma else ""),
+          flush=True)
 
   # ---- Init or resume.
   ckpt = checkpoint.manager(os.path.join(workdir, "checkpoints"),
@@ -168,7 +183,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
       state = init()
 
     # ---- The jitted step: state donated, shardings pinned on both sides.
-    step_fn = jax.jit(make_train_step(config, model, tx),
+    step_fn = jax.jit(make_train_step(config, model, tx, condition.null_from_data(config)),
                       in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
                       out_shardings=(state_shardings, sharding.replicated(mesh)),
                       donate_argnums=(0,))

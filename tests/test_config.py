@@ -1,23 +1,18 @@
 """Bad config values fail at start, naming the field and the allowed range."""
 
-import importlib.util
 import os
 
 import pytest
 
 from sgjax import config as config_lib
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def _load(name):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", name + ".py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config()
+  return config_lib.load_config_file(name)
 
 
-@pytest.mark.parametrize("name", ["fashion_mnist", "imagenet256"])
+@pytest.mark.parametrize("name", sorted(f[:-3] for f in os.listdir(config_lib.CONFIG_DIR)
+                                         if f.endswith(".py")))
 def test_shipped_configs_validate(name):
   config_lib.validate(_load(name), num_devices=8)
 

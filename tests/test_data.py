@@ -108,17 +108,20 @@ def test_iterator_state_resumes_exactly(tmp_path):
   mngr.close()
 
 
-def test_processes_read_disjoint_shards_covering_an_epoch():
+def test_processes_read_their_rows_of_the_same_global_batches():
   cfg = _cfg(name="synthetic", image_size=4, channels=1, num_classes=7)
-  src = pipeline.data_source(cfg)
-  n = len(src)
-  ids = {tuple(np.asarray(src[i]["image"]).ravel()) for i in range(n)}
-  assert len(ids) == n  # Synthetic images are unique, so they identify their record.
-  seen = []
-  for p in range(2):
-    it = pipeline.make_train_iterator(cfg, 2 * 64, seed=0, process_index=p, process_count=2)
-    batches = _take(it, n // 2 // 64)
-    seen.append({tuple(np.round((im + 1) * 127.5).astype(np.uint8).ravel())
-                 for b in batches for im in b["image"]})
-  assert not seen[0] & seen[1]
-  assert seen[0] | seen[1] == ids
+  n_batches = len(pipeline.data_source(cfg)) // 16 + 2  # Crosses an epoch boundary.
+  whole = _take(pipeline.make_train_iterator(cfg, 16, seed=0), n_batches)
+  # Two processes holding one block each (JAX's usual layout), and four interleaved ones (a pod
+  # mesh along the physical topology): their rows put together are the one-process batches.
+  for layouts in ([range(0, 8), range(8, 16)], [(r, r + 4, r + 8, r + 12) for r in range(4)]):
+    parts = [_take(pipeline.make_train_iterator(cfg, 16, seed=0, rows=rows), n_batches)
+             for rows in layouts]
+    for k in range(n_batches):
+      for key in ("image", "label"):
+        together = np.empty_like(whole[k][key])
+        for rows, part in zip(layouts, parts, strict=True):
+          together[list(rows)] = part[k][key]
+        np.testing.assert_array_equal(together, whole[k][key])
+  with pytest.raises(ValueError, match=r"rows = .*train.batch_size = 16"):
+    pipeline.make_train_iterator(cfg, 16, seed=0, rows=(3, 2))

@@ -136,6 +136,13 @@ def test_interval_guides_only_inside_and_spends_no_weak_flops_outside():
   assert flops.plan_macs(c, p).with_attention == pytest.approx(8 * strong + 3 * weak)
 
 
+def test_cfg_is_dense_at_every_step_whatever_gamma_says():
+  # Outside the interval CFG runs its strong branch alone: still the dense v(c).
+  p = _plan(_cfg("cfg", gs=0.25, gw=0.75, interval=(0.25, 0.5)))
+  assert {g.rule for g in p.step_guidance()} == {"cfg", "none"}
+  assert all(b.sparsity.is_dense for g in p.step_guidance() for b in g.branches)
+
+
 def test_cosine_schedule_runs_end_to_end_and_merges_equal_token_counts():
   g = _cfg("ag_sg", gs=0.0, gw=0.6, schedule="cosine", gamma_strong_end=0.6, gamma_weak_end=0.0)
   p = _plan(g, steps=40, tokens=16)

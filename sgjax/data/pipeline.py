@@ -1,25 +1,27 @@
 """grain pipelines over random-access sources: deterministic, per-process, checkpointable.
 
-Every process reads only its own slice of the source (`process_index::process_count`), shuffled
-with a fresh permutation each epoch from the config seed. The iterator's position is a small
-state (`get_state()` / `set_state()`), saved in every checkpoint through
-`grain.checkpoint.CheckpointSave(iterator)` (see sgjax.checkpoint), so a resumed run sees
-exactly the batches an uninterrupted run would.
+Every process shuffles the whole source with the same seed (a fresh permutation each epoch), so
+all processes agree on one sequence of global batches, and reads only its own rows of each: the
+global batch is the same for any number of processes (tests/test_multiprocess.py). The
+iterator's position is a small state (`get_state()` / `set_state()`), saved in every
+checkpoint through `grain.checkpoint.CheckpointSave(iterator)` (see sgjax.checkpoint), so a
+resumed run sees exactly the batches an uninterrupted run would.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import grain
 import ml_collections
 import numpy as np
 
-from sgjax.data import fashion_mnist
+from sgjax.data import captions, fashion_mnist, latents
 
-DATASETS = ("fashion_mnist", "synthetic")
+DATASETS = ("fashion_mnist", "synthetic", "latents", "fashion_mnist_captions")
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "sgjax", "tfds")
 
 
@@ -64,25 +66,82 @@ def data_source(dc: ml_collections.ConfigDict, split: str = "train"):
     # Idempotent: tfds writes into an `incomplete.*` folder and renames it when done.
     builder.download_and_prepare()
     return builder.as_data_source()[split]
+  if dc.name == "latents":
+    return _latent_source(dc, split)
+  if dc.name == captions.NAME:  # Text features written by sgjax.tools.encode_text.
+    _check_fashion_mnist(dc)
+    return captions.source(dc.cache_dir or DEFAULT_CACHE, split)
   raise ValueError(f"data.name = {dc.name!r}: allowed: {', '.join(DATASETS)}")
 
 
+def _latent_source(dc: ml_collections.ConfigDict, split: str) -> latents.LatentSource:
+  """The encoded SD-VAE latents in `data.dir` (sgjax.tools.encode_latents), checked against the
+  data fields. Records: {"mean", "std": (H, W, C), "label"}; see `latents.sample_latent`."""
+  if not dc.dir:
+    raise ValueError("data.dir = '': data.name = 'latents' reads the folder that "
+                     "`python -m sgjax.tools.encode_latents` wrote")
+  src = latents.LatentSource(dc.dir)
+  meta = src.metadata
+  if split != meta["split"]:
+    raise ValueError(f"data.dir = {dc.dir!r} holds the {meta['split']!r} split, not {split!r}")
+  h, w, c = meta["shape"]
+  for field, want, have in (("image_size", h, dc.image_size), ("channels", c, dc.channels),
+                            ("num_classes", meta["num_classes"], dc.num_classes)):
+    if want != have:
+      raise ValueError(f"data.{field} = {have}: the latents in {dc.dir} have {want}")
+  return src
+
+
 def _to_model_units(record: dict[str, Any]) -> dict[str, np.ndarray]:
-  image = np.asarray(record["image"], np.float32) / 127.5 - 1.0
-  return {"image": image, "label": np.int32(record["label"])}
+  image = np.asarray(record["image"])
+  if image.dtype == np.uint8:  # Pixels -> [-1, 1]; latents (float) are model units already.
+    image = image.astype(np.float32) / 127.5 - 1.0
+  out = {"image": image.astype(np.float32), "label": np.int32(record["label"])}
+  if "text" in record:  # Text-conditioned data (sgjax.data.captions).
+    out.update(text=np.asarray(record["text"], np.float32),
+               text_mask=np.asarray(record["text_mask"], bool))
+  return out
+
+
+class _RowsOfEveryBlock(grain.MapDataset):
+  """The parent's records at `rows` of every block of `period` consecutive records, in order."""
+
+  def __init__(self, parent: grain.MapDataset, period: int, rows: tuple[int, ...]):
+    super().__init__(parent)
+    self._period, self._rows = period, rows
+
+  def __len__(self) -> int:
+    return len(self._parent) // self._period * len(self._rows)
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    block, i = divmod(index, len(self._rows))
+    return self._parent[block * self._period + self._rows[i]]
 
 
 def make_train_iterator(dc: ml_collections.ConfigDict, global_batch_size: int, seed: int,
-                        process_index: int = 0, process_count: int = 1):
-  """An endless iterator of this process's batches: image float32 NHWC in [-1, 1], label int32."""
-  if global_batch_size % process_count:
-    raise ValueError(f"train.batch_size = {global_batch_size}: must be divisible by the number "
-                     f"of processes ({process_count})")
-  local_batch = global_batch_size // process_count
+                        rows: Sequence[int] | None = None):
+  """An endless iterator of this process's batches: image float32 NHWC in [-1, 1], label int32.
+
+  `rows`: which rows of every global batch this process feeds, ascending (the order in which
+  `jax.make_array_from_process_local_data` places them; `sharding.process_batch_rows`);
+  default: all of them (one process).
+  """
+  rows = tuple(range(global_batch_size)) if rows is None else tuple(int(r) for r in rows)
+  if (not rows or list(rows) != sorted(set(rows))
+      or not 0 <= rows[0] <= rows[-1] < global_batch_size):
+    raise ValueError(f"rows = {rows}: must be distinct, ascending and in [0, train.batch_size = "
+                     f"{global_batch_size})")
   ds = grain.MapDataset.source(data_source(dc, "train"))
-  ds = ds[process_index::process_count]
-  ds = ds.shuffle(seed=seed).repeat().map(_to_model_units)
-  ds = ds.batch(local_batch, drop_remainder=True).to_iter_dataset()
+  ds = ds.shuffle(seed=seed).repeat()
+  if dc.name == "latents":
+    # A fresh posterior sample mean + std·ε per visit, seeded by the global position: resumable
+    # and the same for any number of processes.
+    ds = ds.random_map(latents.sample_latent, seed=seed)
+  if len(rows) < global_batch_size:
+    ds = _RowsOfEveryBlock(ds, global_batch_size, rows)
+  ds = ds.map(_to_model_units).batch(len(rows), drop_remainder=True).to_iter_dataset()
   if dc.worker_count > 0:
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=dc.worker_count))
   return iter(ds)

@@ -1,8 +1,11 @@
-"""DiT/SiT with adaLN-Zero (Peebles & Xie 2023), with token routing as a call-time argument.
+"""DiT/SiT with adaLN-Zero (Peebles & Xie 2023), with token sparsity as a call-time argument.
 
-One module serves training (routing at the config's γ), every guidance branch (its own γ) and
-the dense model (`Sparsity()`): sparsity never changes the parameters, only which tokens run
-which blocks. Params carry logical axis names; `sgjax.sharding` maps them onto the mesh.
+One module serves training (routing or masking at the config's γ), every guidance branch (its
+own γ) and the dense model (`Sparsity()`): sparsity never changes the parameters, only which
+tokens run which blocks. With `decoder_depth` > 0 the model is MaskDiT-shaped (docs/masking.md):
+the blocks are an encoder that sees the kept tokens, followed by a narrower decoder that sees
+all tokens, the dropped ones replaced by a learned mask token. Params carry logical axis names;
+`sgjax.sharding` maps them onto the mesh.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sgjax import flow
 from sgjax import sparsity as sp
 
 Dtype = Any
@@ -45,11 +49,13 @@ def sincos_pos_embed_2d(width: int, grid: int) -> np.ndarray:
   return np.concatenate([emb_1d(gx), emb_1d(gy)], axis=1).astype(np.float32)
 
 
-def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
-  """Sinusoidal embedding of t in [0, 1]; scaled by 1000 so the frequencies match DiT's."""
+def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0,
+                       scale: float = 1000.0) -> jax.Array:
+  """Sinusoidal embedding of `scale`·t. Ours: t in [0, 1] times 1000, so the frequencies match
+  DiT's (which feeds DDPM step numbers 0..999); imported SiT checkpoints use scale 1."""
   half = dim // 2
   freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
-  args = (t.astype(jnp.float32) * 1000.0)[:, None] * freqs[None]
+  args = (t.astype(jnp.float32) * scale)[:, None] * freqs[None]
   return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
 
 
@@ -59,6 +65,9 @@ def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
 
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 REMAT_POLICIES = ("none", "full", "dots")
+# What the network outputs: our velocity (t = 0 noise, 1 data), or a DDPM ε (official DiT
+# checkpoints), which `flow` turns into that velocity (the model then takes t on our axis).
+PREDICTIONS = ("velocity", "eps_vp")
 
 
 def attention_impl(choice: str, dtype) -> str | None:
@@ -127,15 +136,35 @@ class DiT(nn.Module):
   dtype: Dtype = jnp.float32
   attention: str = "auto"  # See ATTENTION_IMPLS.
   remat: str = "none"  # Recompute block activations in the backward pass: see REMAT_POLICIES.
+  time_scale: float = 1000.0  # Multiplies the network's time before the sinusoid.
+  prediction: str = "velocity"  # See PREDICTIONS.
+  # MaskDiT decoder (0 layers: no decoder, not a masked model).
+  decoder_depth: int = 0
+  decoder_width: int = 512
+  decoder_heads: int = 16
 
   @property
   def num_tokens(self) -> int:
     return (self.image_size // self.patch_size) ** 2
 
+  @property
+  def masked(self) -> bool:
+    return self.decoder_depth > 0
+
   @nn.compact
   def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array, *,
                sparsity: sp.Sparsity = sp.DENSE,
                token_key: jax.Array | None = None) -> jax.Array:
+    """The velocity at (x, t, y). A masked model also sows `("intermediates", "visible")`:
+    (B, H, W, 1), 1 where the pixel's token was seen by the encoder (the loss weights)."""
+    if sparsity.mask_gamma > 0 and not self.masked:
+      raise ValueError(f"mask_gamma = {sparsity.mask_gamma} needs a masked model "
+                       "(model.decoder_depth > 0); this model thins tokens with routes only")
+    if self.masked and sparsity.routes:
+      raise ValueError("a masked model (model.decoder_depth > 0) takes no routes")
+    x_in, t_in = x, t
+    if self.prediction == "eps_vp":
+      x, t = flow.vp_eps_inputs(x_in, t_in)  # DDPM input scale and step of our t.
     p, d = self.patch_size, self.width
     b, h, w, ch = x.shape
     grid = h // p
@@ -147,7 +176,7 @@ class DiT(nn.Module):
                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (EMBED,)))(x)
     x = x.reshape(b, grid * grid, d) + sincos_pos_embed_2d(d, grid).astype(self.dtype)
 
-    temb = timestep_embedding(t, 256).astype(self.dtype)
+    temb = timestep_embedding(t, 256, scale=self.time_scale).astype(self.dtype)
     temb = _dense(d, (NONE, MLP), name="t_embed1", dtype=self.dtype)(temb)
     temb = _dense(d, (MLP, EMBED), name="t_embed2", dtype=self.dtype)(nn.silu(temb))
     # One extra row for the null label ∅ used by classifier-free guidance.
@@ -162,6 +191,13 @@ class DiT(nn.Module):
       policy = (None if self.remat == "full"
                 else jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
       block_cls = nn.remat(DiTBlock, policy=policy)
+    keep_idx = None
+    if self.masked and sparsity.mask_gamma > 0:
+      # MaskDiT: dropped tokens never enter the encoder (static count, per-sample subsets).
+      if token_key is None:
+        raise ValueError("a masked forward pass needs token_key")
+      keep_idx = sp.select_tokens(token_key, b, x.shape[1], sparsity.mask_keep(x.shape[1]))
+      x = sp.gather_tokens(x, keep_idx)
     route_input = route_idx = None
     for layer in range(self.depth):
       if (route := sparsity.route_starting_at(layer)) is not None:
@@ -177,6 +213,9 @@ class DiT(nn.Module):
       if sparsity.route_ending_at(layer) is not None:
         x = sp.scatter_tokens(route_input, x, route_idx)
         self.sow("intermediates", f"route_out{layer}", x)
+    if self.masked:
+      x = self._decode(x, c, keep_idx, grid, block_cls)
+      d = self.decoder_width
 
     mod = _dense(2 * d, (EMBED, MLP), name="final_adaLN", dtype=self.dtype, zero=True)(
         nn.silu(c))
@@ -186,7 +225,34 @@ class DiT(nn.Module):
     x = _dense(p * p * ch, (EMBED, NONE), name="final_proj", dtype=self.dtype, zero=True)(x)
     # Unpatchify: (B, N, p*p*C) -> (B, H, W, C).
     x = x.reshape(b, grid, grid, p, p, ch).transpose(0, 1, 3, 2, 4, 5).reshape(b, h, w, ch)
-    return x.astype(jnp.float32)
+    x = x.astype(jnp.float32)
+    if self.prediction == "eps_vp":
+      x = flow.velocity_from_vp_eps(x_in, x, t_in)
+    return x
+
+  def _decode(self, x: jax.Array, c: jax.Array, keep_idx: jax.Array | None, grid: int,
+              block_cls) -> jax.Array:
+    """Encoder tokens (B, K, D) -> decoder tokens (B, N, D_dec): project, put mask tokens at the
+    dropped positions (unshuffle), add the decoder position embedding, run the decoder blocks."""
+    self.sow("intermediates", "encoder_out", x)  # For tests: kept tokens after the encoder.
+    dd, b, n = self.decoder_width, x.shape[0], grid * grid
+    x = _dense(dd, (EMBED, MLP), name="decoder_embed", dtype=self.dtype)(x)
+    # Declared at γ = 0 too, so init and every γ share one parameter tree.
+    mask_token = self.param("mask_token", nn.with_logical_partitioning(
+        nn.initializers.normal(0.02), (NONE, NONE, EMBED)), (1, 1, dd), jnp.float32)
+    visible = jnp.ones((b, n), jnp.float32)
+    if keep_idx is not None:
+      full = jnp.broadcast_to(mask_token.astype(self.dtype), (b, n, dd))
+      x = sp.scatter_tokens(full, x, keep_idx)
+      visible = sp.scatter_tokens(jnp.zeros((b, n)), jnp.ones(keep_idx.shape), keep_idx)
+    p = self.patch_size
+    pixels = jnp.repeat(jnp.repeat(visible.reshape(b, grid, grid), p, 1), p, 2)
+    self.sow("intermediates", "visible", pixels[..., None])
+    x = x + sincos_pos_embed_2d(dd, grid).astype(self.dtype)
+    for layer in range(self.decoder_depth):
+      x = block_cls(dd, self.decoder_heads, self.mlp_ratio, self.dtype, self.attention,
+                    name=f"decoder_block{layer}")(x, c)
+    return x
 
 
 def from_config(config) -> DiT:
@@ -195,4 +261,6 @@ def from_config(config) -> DiT:
   return DiT(image_size=d.image_size, channels=d.channels, num_classes=d.num_classes,
              depth=m.depth, width=m.width, heads=m.heads, patch_size=m.patch_size,
              mlp_ratio=m.mlp_ratio, dtype=jnp.dtype(config.dtype), attention=m.attention,
-             remat=m.remat)
+             remat=m.remat, time_scale=m.time_scale, prediction=m.prediction,
+             decoder_depth=m.decoder_depth, decoder_width=m.decoder_width,
+             decoder_heads=m.decoder_heads)

@@ -1,0 +1,128 @@
+"""The encoded-latent dataset: ArrayRecord shards that grain reads with random access.
+
+Layout of a dataset folder (written by `python -m sgjax.tools.encode_latents`):
+  metadata.json                      what was encoded, how, and the record layout
+  latents-00000-of-00042.array_record  ...one file per shard, renamed into place when complete
+
+A record is the bytes of: label (int32) | mean (H, W, C) | std (H, W, C), mean and std in the
+metadata's dtype, both already multiplied by the VAE scale (0.18215). Training draws a fresh
+posterior sample `mean + std·ε` every time it visits a record, as encoding on the fly would
+(`.latent_dist.sample()`), rather than freezing one sample per image; the std is stored for that.
+With `flip`, record 2i is image i and record 2i+1 its mirror image.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+FORMAT = "sgjax-latents-v1"
+METADATA = "metadata.json"
+
+
+def shard_name(index: int, count: int) -> str:
+  return f"latents-{index:05d}-of-{count:05d}.array_record"
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """How records are laid out; stored in metadata.json."""
+
+  shape: tuple[int, int, int]  # (H, W, C) of one latent.
+  dtype: str  # float16 | float32
+
+  @property
+  def _count(self) -> int:
+    return int(np.prod(self.shape))
+
+  def pack(self, label: int, mean: np.ndarray, std: np.ndarray) -> bytes:
+    dt = np.dtype(self.dtype)
+    return (np.int32(label).tobytes() + np.asarray(mean, dt).tobytes()
+            + np.asarray(std, dt).tobytes())
+
+  def unpack(self, record: bytes) -> dict[str, Any]:
+    dt, n = np.dtype(self.dtype), self._count
+    label = int(np.frombuffer(record, np.int32, 1)[0])
+    mean = np.frombuffer(record, dt, n, 4).reshape(self.shape)
+    std = np.frombuffer(record, dt, n, 4 + n * dt.itemsize).reshape(self.shape)
+    return {"mean": mean, "std": std, "label": label}
+
+
+def read_metadata(directory: str) -> dict[str, Any]:
+  path = os.path.join(directory, METADATA)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"data.dir = {directory!r}: no {METADATA}; encode the images first "
+                            "(python -m sgjax.tools.encode_latents --config=...)")
+  with open(path) as f:
+    meta = json.load(f)
+  if meta.get("format") != FORMAT:
+    raise ValueError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+  return meta
+
+
+def write_metadata(directory: str, meta: dict[str, Any]) -> None:
+  """Writes metadata.json, or checks that the one there describes the same encoding."""
+  path = os.path.join(directory, METADATA)
+  if os.path.exists(path):
+    old = read_metadata(directory)
+    diff = sorted(k for k in set(old) | set(meta) if old.get(k) != meta.get(k))
+    if diff:
+      raise ValueError(f"{path} was written with other settings ({', '.join(diff)} differ: "
+                       f"{[(k, old.get(k), meta.get(k)) for k in diff]}); resume with the same "
+                       "config, or point data.dir at a new folder")
+    return
+  os.makedirs(directory, exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(meta, f, indent=1)
+  os.replace(tmp, path)
+
+
+def write_shard(path: str, records: list[bytes]) -> None:
+  """Writes one shard under a temporary name and renames it: a killed run leaves no partial
+  file that looks finished."""
+  from array_record.python.array_record_module import ArrayRecordWriter
+  tmp = path + ".tmp"
+  writer = ArrayRecordWriter(tmp, "group_size:1")  # One record per chunk: fast random reads.
+  for r in records:
+    writer.write(r)
+  writer.close()
+  os.replace(tmp, path)
+
+
+class LatentSource:
+  """Random access to {"mean", "std": (H, W, C) float, "label": int} over all shards."""
+
+  def __init__(self, directory: str):
+    self.metadata = meta = read_metadata(directory)
+    count = meta["num_shards"]
+    paths = [os.path.join(directory, shard_name(i, count)) for i in range(count)]
+    missing = [os.path.basename(p) for p in paths if not os.path.exists(p)]
+    if missing:
+      raise FileNotFoundError(f"data.dir = {directory!r}: {len(missing)} of {count} shards not "
+                              f"written yet ({', '.join(missing[:3])}...); rerun the encoder to "
+                              "finish them")
+    self.layout = Layout(tuple(meta["shape"]), meta["dtype"])
+    import grain  # Local: the encoder imports this module and needs no grain (or orbax).
+    self._source = grain.sources.ArrayRecordDataSource(paths)
+    if len(self._source) != meta["num_records"]:
+      raise ValueError(f"{directory}: {len(self._source)} records, metadata says "
+                       f"{meta['num_records']}")
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    return self.layout.unpack(self._source[index])
+
+
+def sample_latent(record: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
+  """A posterior sample mean + std·ε in model units (float32), for grain's random_map."""
+  mean = np.asarray(record["mean"], np.float32)
+  eps = rng.standard_normal(mean.shape, dtype=np.float32)
+  return {"image": mean + np.asarray(record["std"], np.float32) * eps,
+          "label": np.int32(record["label"])}

@@ -1,0 +1,230 @@
+"""`--mode=eval`: sample `eval.num_samples` images with the configured guidance, score them.
+
+  1. samples: class-balanced, through sampling_job.write_samples (sharded over the mesh,
+     resumable .npz shards) into <workdir>/eval/<set>/, where <set> names the rule, the
+     checkpoint step, N and a hash of config.sample: a changed setting never reuses old shards.
+  2. features: Inception (or the FD-FMNIST classifier) over the shards, cached beside them per
+     weights file and preprocessing; the reference's features/statistics are cached in
+     <workdir>/eval/ per reference file, weights and preprocessing.
+  3. metrics (sgjax.eval.metrics) -> <workdir>/metrics.json (and <set>/metrics.json), printed.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+
+from sgjax import config as config_lib
+from sgjax import flops, sampling_job, sharding
+from sgjax.eval import frechet, inception
+from sgjax.eval import metrics as metrics_lib
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".JPEG", ".PNG", ".JPG")
+
+
+def _log(msg: str) -> None:
+  if jax.process_index() == 0:
+    print(msg, flush=True)
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:  # Host 0 wrote files the others read next (shared filesystem).
+    multihost_utils.sync_global_devices(name)
+
+
+def _digest(*parts) -> str:
+  return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def _file_id(path: str) -> list:
+  """What identifies a file's content cheaply: absolute path, size, mtime (folders: each file)."""
+  path = os.path.abspath(path)
+  if os.path.isdir(path):
+    return [path] + [(n, os.path.getsize(os.path.join(path, n)),
+                      os.path.getmtime(os.path.join(path, n))) for n in sorted(os.listdir(path))]
+  return [path, os.path.getsize(path), os.path.getmtime(path)]
+
+
+def _atomic_savez(path: str, **arrays) -> None:
+  if jax.process_index() == 0:
+    np.savez(path + ".tmp.npz", **arrays)
+    os.replace(path + ".tmp.npz", path)
+
+
+def read_images(path: str) -> np.ndarray:
+  """uint8 NHWC images from an .npz (`arr_0`) or a folder of same-sized PNG/JPEG files."""
+  if path.endswith(".npz"):
+    with np.load(path) as z:
+      if "arr_0" not in z.files:
+        raise ValueError(f"eval.reference = {path!r}: no 'arr_0' images in it (keys {z.files})")
+      return z["arr_0"]
+  from PIL import Image  # Local: only folders need it.
+  names = sorted(n for n in os.listdir(path) if n.endswith(IMAGE_SUFFIXES))
+  if not names:
+    raise ValueError(f"eval.reference = {path!r}: no {IMAGE_SUFFIXES} files in the folder")
+  images = [np.asarray(Image.open(os.path.join(path, n)).convert("RGB")) for n in names]
+  sizes = sorted({im.shape for im in images})
+  if len(sizes) > 1:
+    raise ValueError(f"eval.reference = {path!r}: images must share one size (ADM reference "
+                     f"batches are center-cropped), found {sizes[:4]}")
+  return np.stack(images)
+
+
+def _needs_reference(e: ml_collections.ConfigDict) -> bool:
+  return any(m in e.metrics for m in ("fid", "sfid", "precision", "recall"))  # Not IS.
+
+
+def _check_inputs(e: ml_collections.ConfigDict) -> None:
+  """Fail before sampling, naming the field, when the Inception run cannot finish."""
+  if e.feature_net != "inception":
+    return
+  for field, what in (("inception_weights", "weights file (.npz or .pth)"),
+                      ("reference", "reference batch .npz or image folder")):
+    if field == "reference" and not _needs_reference(e):
+      continue
+    if not e[field] or not os.path.exists(e[field]):
+      raise FileNotFoundError(f"eval.{field} = {e[field]!r}: must name an existing {what} "
+                              "for eval.feature_net = 'inception' (see docs/eval.md)")
+
+
+def reference_statistics(e: ml_collections.ConfigDict, variables, mesh, cache_dir: str
+                         ) -> dict[str, np.ndarray]:
+  """{"mu", "sigma", "mu_s", "sigma_s"} and, for precision/recall, reference "pool" features.
+
+  An ADM reference batch carries mu/sigma (pool) and mu_s/sigma_s (spatial) computed by the
+  suite over a large set: those are used as they are, and its `arr_0` images (10k) give the
+  features for precision/recall, as in the ADM evaluator. Anything missing is computed from the
+  images. Cached per (reference, weights, preprocess).
+  """
+  need_pool = any(m in e.metrics for m in ("precision", "recall"))
+  os.makedirs(cache_dir, exist_ok=True)
+  cache = os.path.join(cache_dir, "reference_" + _digest(
+      _file_id(e.reference), _file_id(e.inception_weights), e.preprocess) + ".npz")
+  if os.path.exists(cache):
+    with np.load(cache) as z:
+      _log(f"reference statistics from the cache {cache}")
+      return {k: z[k] for k in z.files}
+  stats, has_images = {}, True
+  if e.reference.endswith(".npz"):
+    with np.load(e.reference) as z:
+      stats = {k: z[k] for k in ("mu", "sigma", "mu_s", "sigma_s") if k in z.files}
+      has_images = "arr_0" in z.files
+  if need_pool or len(stats) < 4:
+    if not has_images:
+      raise ValueError(f"eval.reference = {e.reference!r} has statistics {sorted(stats)} but "
+                       "no 'arr_0' images: precision/recall and missing statistics need them")
+    images = read_images(e.reference)
+    feats = inception.features_of_array(variables, images, mesh, batch_size=e.batch_size,
+                                        preprocess_mode=e.preprocess, what="reference images")
+    for name, key in (("", "pool"), ("_s", "spatial")):
+      if f"mu{name}" not in stats:
+        stats[f"mu{name}"], stats[f"sigma{name}"] = frechet.statistics(feats[key])
+    stats["pool"] = feats["pool"]
+  _atomic_savez(cache, **stats)
+  return stats
+
+
+def _shards(sample_dir: str) -> list[str]:
+  return sorted(glob.glob(os.path.join(sample_dir, "shard_*.npz")))
+
+
+def sample_features(e: ml_collections.ConfigDict, variables, mesh, sample_dir: str
+                    ) -> dict[str, np.ndarray]:
+  """Inception features of the sample set, streamed shard by shard; cached beside the shards."""
+  cache = os.path.join(sample_dir, "features_" + _digest(
+      _file_id(e.inception_weights), e.preprocess) + ".npz")
+  if os.path.exists(cache):
+    with np.load(cache) as z:
+      _log(f"sample features from the cache {cache}")
+      return {k: z[k] for k in z.files}
+
+  def batches():
+    for path in _shards(sample_dir):
+      with np.load(path) as z:
+        yield z["arr_0"]
+
+  feats = inception.extract_features(variables, batches(), mesh, batch_size=e.batch_size,
+                                     num_images=e.num_samples, preprocess_mode=e.preprocess,
+                                     what="samples")
+  _atomic_savez(cache, **feats)
+  return feats
+
+
+def _inception_metrics(config, workdir: str, sample_dir: str, mesh) -> dict[str, float]:
+  e = config.eval
+  variables = inception.load_variables(e.inception_weights)
+  feats = sample_features(e, variables, mesh, sample_dir)
+  ref = (reference_statistics(e, variables, mesh, os.path.join(workdir, "eval"))
+         if _needs_reference(e) else {})
+  return metrics_lib.fid_metrics(feats, ref, e.metrics, k=e.nearest_k,
+                                 split_size=e.is_split_size, block=e.pr_block_size)
+
+
+def _fmnist_metrics(config, workdir: str, sample_dir: str) -> dict[str, float]:
+  """FD-FMNIST and class accuracy (sgjax.eval.fmnist) against the test split; precision and
+  recall in the classifier's 64-d features when eval.metrics asks for them."""
+  from sgjax.data import pipeline
+  from sgjax.eval import fmnist
+  e = config.eval
+  train = pipeline.load_split_arrays(config.data, "train")
+  test = pipeline.load_split_arrays(config.data, "test")
+  clf = fmnist.train_or_load(os.path.join(workdir, "fmnist_classifier.msgpack"), train, test,
+                             log=_log)
+  parts = [np.load(p) for p in _shards(sample_dir)]
+  images = np.concatenate([p["arr_0"] for p in parts])
+  labels = np.concatenate([p["labels"] for p in parts])
+  out = fmnist.sample_metrics(clf, fmnist.reference_statistics(clf, test[0]), images, labels)
+  if any(m in e.metrics for m in ("precision", "recall")):
+    p, r = metrics_lib.precision_recall(fmnist.apply_in_batches(clf, test[0])[0],
+                                        fmnist.apply_in_batches(clf, images)[0],
+                                        e.nearest_k, e.pr_block_size)
+    out.update({m: v for m, v in (("precision", p), ("recall", r)) if m in e.metrics})
+  return out
+
+
+def sample_set_name(config: ml_collections.ConfigDict, step: int) -> str:
+  g = config.sample.guidance
+  return (f"{g.rule}_step{step}_n{config.eval.num_samples}_"
+          f"{_digest(config.sample.to_dict(), config.eval.seed)}")
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Samples, features, metrics; returns the metrics (also in <workdir>/metrics.json)."""
+  e = config.eval
+  _check_inputs(e)
+  mesh = sharding.build_mesh(config.mesh)
+  plan = config_lib.sampling_plan(config)
+  g = config.sample.guidance
+  with jax.set_mesh(mesh):
+    model, weights, step = sampling_job.load_weights(config, workdir, mesh)
+    sample_dir = os.path.join(workdir, "eval", sample_set_name(config, step))
+    _log(f"eval: {e.num_samples} samples ({g.rule}, ω={g.omega:g}) of step {step} -> "
+         f"{sample_dir}")
+    sampling_job.write_samples(config, model, weights, plan, mesh, sample_dir, e.num_samples,
+                               e.seed)
+    del weights
+    _sync("eval_samples_written")
+    if e.feature_net == "fmnist":
+      scores = _fmnist_metrics(config, workdir, sample_dir)
+    else:
+      scores = _inception_metrics(config, workdir, sample_dir, mesh)
+  macs = flops.plan_macs(config, plan)
+  results = dict(scores, num_samples=int(e.num_samples), step=int(step), rule=g.rule,
+                 omega=float(g.omega), gamma_strong=float(g.gamma_strong),
+                 gamma_weak=float(g.gamma_weak), steps=int(config.sample.steps),
+                 sampler=config.sample.sampler, feature_net=e.feature_net,
+                 gmacs_per_image=macs.with_attention / 1e9, samples=sample_dir)
+  if jax.process_index() == 0:
+    for path in (os.path.join(workdir, "metrics.json"), os.path.join(sample_dir, "metrics.json")):
+      with open(path, "w") as f:
+        json.dump(results, f, indent=2)
+    _log("\n".join(f"  {k:16s} {v:.4f}" if isinstance(v, float) else f"  {k:16s} {v}"
+                   for k, v in results.items()))
+  return results

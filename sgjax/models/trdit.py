@@ -1,0 +1,245 @@
+"""TR-DiT: the text-to-image routed DiT, with routing (and so SG) as a call-time argument.
+
+Llama-style blocks: pre-RMSNorm, no biases, SwiGLU MLP, 2-D axial RoPE on image tokens, and
+cross-attention to text features that a few trainable transformer layers refine on top of a frozen
+encoder's outputs. Timestep modulation is PixArt-α's adaLN-single: one MLP maps t to six
+(shift, scale, gate) vectors shared by all blocks, and each block adds its own learned (6, D)
+table. Per-block adaLN MLPs (DiT's) would add 6·D² per block, 0.86B params at width 2048 × 34
+layers, which the published 2.5B does not leave room for.
+
+Routing is DiT's (sgjax.sparsity): at a route's start the kept tokens are gathered *together with
+their RoPE positions*, so a routed token is rotated by its true (row, column) inside the route.
+
+The condition is the pytree {"text": (B, L, D_text) float, "text_mask": (B, L) bool}; the null
+condition (CFG's ∅) is the empty prompt's features, which the dataset records (sgjax.data.captions).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sgjax import sparsity as sp
+from sgjax.models.dit import EMBED, HEADS, MLP, NONE, PATCH, attention_impl, timestep_embedding
+
+Dtype = Any
+Condition = dict[str, jax.Array]  # {"text": (B, L, D_text), "text_mask": (B, L) bool}
+
+
+def _dense(features, axes, *, name, dtype, zero=False):
+  init = nn.initializers.zeros_init() if zero else nn.initializers.xavier_uniform()
+  return nn.Dense(features, use_bias=False, dtype=dtype, param_dtype=jnp.float32, name=name,
+                  kernel_init=nn.with_logical_partitioning(init, axes))
+
+
+def _rms_norm(name, dtype, scale=True):
+  return nn.RMSNorm(epsilon=1e-6, dtype=dtype, param_dtype=jnp.float32, use_scale=scale,
+                    name=name, scale_init=nn.with_logical_partitioning(
+                        nn.initializers.ones_init(), (EMBED,)))
+
+
+def swiglu_hidden(width: int, ratio: float) -> int:
+  """SwiGLU hidden size: ratio·width (8/3 keeps a 4× GELU MLP's params), rounded up to 256."""
+  return -(-int(width * ratio) // 256) * 256
+
+
+def grid_positions(grid: int) -> np.ndarray:
+  """(grid², 2) int32 (row, column) of every patch token, raster order."""
+  rows, cols = np.meshgrid(np.arange(grid), np.arange(grid), indexing="ij")
+  return np.stack([rows.reshape(-1), cols.reshape(-1)], axis=1).astype(np.int32)
+
+
+def rope_2d(x: jax.Array, positions: jax.Array, theta: float = 10000.0) -> jax.Array:
+  """Axial RoPE: x (B, n, heads, hd), positions (B, n, 2); half the pairs rotate by row, half by
+  column (rotate-half layout). hd must be divisible by 4."""
+  hd = x.shape[-1]
+  quarter = hd // 4
+  freqs = 1.0 / theta ** (jnp.arange(quarter, dtype=jnp.float32) / quarter)
+  angles = positions.astype(jnp.float32)[..., None] * freqs  # (B, n, 2, hd/4)
+  angles = angles.reshape(angles.shape[:2] + (hd // 2,))[:, :, None]  # (B, n, 1, hd/2)
+  cos, sin = jnp.cos(angles), jnp.sin(angles)
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).astype(x.dtype)
+
+
+class Attention(nn.Module):
+  """Self-attention (RoPE'd when `positions` is given) or cross-attention (`context` given)."""
+
+  heads: int
+  dtype: Dtype
+  impl: str = "auto"
+
+  @nn.compact
+  def __call__(self, x, *, positions=None, context=None, context_mask=None):
+    b, n, d = x.shape
+    hd = d // self.heads
+    if context is None:
+      qkv = _dense(3 * d, (EMBED, HEADS), name="qkv", dtype=self.dtype)(x)
+      q, k, v = jnp.split(qkv.reshape(b, n, 3, self.heads, hd), 3, axis=2)
+      q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]
+    else:
+      q = _dense(d, (EMBED, HEADS), name="q", dtype=self.dtype)(x).reshape(b, n, self.heads, hd)
+      kv = _dense(2 * d, (EMBED, HEADS), name="kv", dtype=self.dtype)(context)
+      k, v = jnp.split(kv.reshape(b, context.shape[1], 2, self.heads, hd), 2, axis=2)
+      k, v = k[:, :, 0], v[:, :, 0]
+    if positions is not None:
+      self.sow("intermediates", "positions", positions)  # Tests compare these with the tokens'.
+      q, k = rope_2d(q, positions), rope_2d(k, positions)
+    mask = None if context_mask is None else context_mask[:, None, None, :]
+    # cuDNN's fused kernel is for unmasked attention here; masked attention runs on XLA.
+    impl = attention_impl(self.impl, self.dtype) if mask is None else "xla"
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
+    return _dense(d, (HEADS, EMBED), name="proj", dtype=self.dtype)(out.reshape(b, n, d))
+
+
+class SwiGLU(nn.Module):
+  hidden: int
+  dtype: Dtype
+
+  @nn.compact
+  def __call__(self, x):
+    d = x.shape[-1]
+    gate_up = _dense(2 * self.hidden, (EMBED, MLP), name="w13", dtype=self.dtype)(x)
+    gate, up = jnp.split(gate_up, 2, axis=-1)
+    return _dense(d, (MLP, EMBED), name="w2", dtype=self.dtype)(nn.silu(gate) * up)
+
+
+class TextBlock(nn.Module):
+  """A trainable pre-RMSNorm transformer layer over the frozen encoder's token features."""
+
+  heads: int
+  hidden: int
+  dtype: Dtype
+
+  @nn.compact
+  def __call__(self, h, mask):
+    h = h + Attention(self.heads, self.dtype, name="attn")(
+        _rms_norm("norm1", self.dtype)(h), context_mask=mask)
+    return h + SwiGLU(self.hidden, self.dtype, name="mlp")(_rms_norm("norm2", self.dtype)(h))
+
+
+class TRBlock(nn.Module):
+  """Self-attn (adaLN-modulated, RoPE) -> cross-attn to text -> SwiGLU (adaLN-modulated)."""
+
+  heads: int
+  hidden: int
+  dtype: Dtype
+  attention: str = "auto"
+
+  @nn.compact
+  def __call__(self, x, mod, positions, text, text_mask):
+    # mod: (B, 6, D) from the shared adaLN-single MLP; this block adds its own table.
+    table = self.param("mod_table", nn.with_logical_partitioning(
+        nn.initializers.normal(x.shape[-1] ** -0.5), (NONE, EMBED)), (6, x.shape[-1]))
+    m = (mod + table.astype(self.dtype)).astype(self.dtype)
+    shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = (m[:, i, None] for i in range(6))
+    h = _rms_norm("norm1", self.dtype, scale=False)(x) * (1 + scale_a) + shift_a
+    x = x + gate_a * Attention(self.heads, self.dtype, self.attention, name="attn")(
+        h, positions=positions)
+    x = x + Attention(self.heads, self.dtype, self.attention, name="cross")(
+        _rms_norm("norm2", self.dtype)(x), context=text, context_mask=text_mask)
+    h = _rms_norm("norm3", self.dtype, scale=False)(x) * (1 + scale_m) + shift_m
+    return x + gate_m * SwiGLU(self.hidden, self.dtype, name="mlp")(h)
+
+
+class TRDiT(nn.Module):
+  """x: (B, H, W, C) noisy input, t: (B,) in [0, 1], cond: {"text", "text_mask"}."""
+
+  image_size: int
+  channels: int
+  depth: int
+  width: int
+  heads: int
+  patch_size: int
+  text_width: int  # The frozen encoder's feature width.
+  text_tokens: int  # Features are padded to this many tokens.
+  text_layers: int = 2
+  mlp_ratio: float = 8.0 / 3.0
+  dtype: Dtype = jnp.float32
+  attention: str = "auto"
+  remat: str = "none"
+
+  @property
+  def num_tokens(self) -> int:
+    return (self.image_size // self.patch_size) ** 2
+
+  def example_condition(self, batch: int) -> Condition:
+    """Zeros of the condition's shapes (what init traces with)."""
+    return {"text": jnp.zeros((batch, self.text_tokens, self.text_width), jnp.float32),
+            "text_mask": jnp.ones((batch, self.text_tokens), bool)}
+
+  @nn.compact
+  def __call__(self, x: jax.Array, t: jax.Array, cond: Condition, *,
+               sparsity: sp.Sparsity = sp.DENSE,
+               token_key: jax.Array | None = None) -> jax.Array:
+    p, d = self.patch_size, self.width
+    b, h, w, ch = x.shape
+    grid = h // p
+    hidden = swiglu_hidden(d, self.mlp_ratio)
+    patches = x.astype(self.dtype).reshape(b, grid, p, grid, p, ch).transpose(0, 1, 3, 2, 4, 5)
+    x = nn.DenseGeneral(d, axis=(-3, -2, -1), use_bias=False, dtype=self.dtype,
+                        param_dtype=jnp.float32, name="patch_embed",
+                        kernel_init=nn.with_logical_partitioning(
+                            nn.initializers.xavier_uniform(), (NONE, NONE, PATCH, EMBED)))(patches)
+    x = x.reshape(b, grid * grid, d)
+    positions = jnp.broadcast_to(grid_positions(grid), (b, grid * grid, 2))
+
+    # Text: project the frozen features to the width, then the trainable layers.
+    mask = cond["text_mask"].astype(bool)
+    text = _dense(d, (NONE, EMBED), name="text_proj", dtype=self.dtype)(
+        cond["text"].astype(self.dtype))
+    for i in range(self.text_layers):
+      text = TextBlock(self.heads, hidden, self.dtype, name=f"text{i}")(text, mask)
+    text = _rms_norm("text_norm", self.dtype)(text)
+
+    # adaLN-single: t -> (B, 6, D), shared by every block (each adds its own table).
+    temb = timestep_embedding(t, 256).astype(self.dtype)
+    temb = _dense(d, (NONE, MLP), name="t_embed1", dtype=self.dtype)(temb)
+    temb = _dense(d, (MLP, EMBED), name="t_embed2", dtype=self.dtype)(nn.silu(temb))
+    mod = _dense(6 * d, (EMBED, MLP), name="t_mod", dtype=self.dtype, zero=True)(nn.silu(temb))
+    mod = mod.reshape(b, 6, d)
+
+    block_cls = TRBlock
+    if self.remat != "none":
+      policy = (None if self.remat == "full"
+                else jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+      block_cls = nn.remat(TRBlock, policy=policy)
+    route_input = route_idx = None
+    full_positions = positions
+    for layer in range(self.depth):
+      if (route := sparsity.route_starting_at(layer)) is not None:
+        if token_key is None:
+          raise ValueError("a routed forward pass needs token_key")
+        key = jax.random.fold_in(token_key, layer)
+        route_input = x
+        route_idx = sp.select_tokens(key, b, x.shape[1], route.num_keep(x.shape[1]))
+        self.sow("intermediates", f"route_in{layer}", (x, route_idx))
+        x = sp.gather_tokens(x, route_idx)
+        positions = sp.gather_tokens(full_positions, route_idx)  # Kept tokens keep their place.
+      x = block_cls(self.heads, hidden, self.dtype, self.attention, name=f"block{layer}")(
+          x, mod, positions, text, mask)
+      if sparsity.route_ending_at(layer) is not None:
+        x = sp.scatter_tokens(route_input, x, route_idx)
+        positions = full_positions
+        self.sow("intermediates", f"route_out{layer}", x)
+
+    final = _dense(2 * d, (EMBED, MLP), name="final_mod", dtype=self.dtype, zero=True)(
+        nn.silu(temb))
+    shift, scale = jnp.split(final, 2, axis=-1)
+    x = _rms_norm("final_norm", self.dtype, scale=False)(x) * (1 + scale[:, None]) + shift[:, None]
+    x = _dense(p * p * ch, (EMBED, NONE), name="final_proj", dtype=self.dtype, zero=True)(x)
+    x = x.reshape(b, grid, grid, p, p, ch).transpose(0, 1, 3, 2, 4, 5).reshape(b, h, w, ch)
+    return x.astype(jnp.float32)
+
+
+def from_config(config) -> TRDiT:
+  """The TR-DiT a validated config describes (`model.kind = "trdit"`)."""
+  m, d, tx = config.model, config.data, config.text
+  return TRDiT(image_size=d.image_size, channels=d.channels, depth=m.depth, width=m.width,
+               heads=m.heads, patch_size=m.patch_size, text_width=tx.width,
+               text_tokens=tx.max_tokens, text_layers=tx.layers, mlp_ratio=m.mlp_ratio,
+               dtype=jnp.dtype(config.dtype), attention=m.attention, remat=m.remat)

@@ -1,0 +1,1 @@
+"""Frozen text encoders behind one interface (strings -> token features + mask)."""

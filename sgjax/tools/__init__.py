@@ -1,0 +1,1 @@
+"""Command-line tools that prepare inputs: `python -m sgjax.tools.<name> --config=...`."""

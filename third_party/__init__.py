@@ -1,0 +1,1 @@
+"""Adapters for outside artifacts (converters of weight files the user already has)."""
