@@ -122,10 +122,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
 
 def pareto_front(xs: np.ndarray, ys: np.ndarray, lower_is_better: bool) -> np.ndarray:
   """Indices of the points no other point beats on both cost (x, lower) and metric (y)."""
-  order = np.argsort(xs, kind="stable")
+  signed = np.asarray(ys) if lower_is_better else -np.asarray(ys)
+  # By cost, and at equal cost best metric first: a tie in cost is won by the better metric.
+  order = np.lexsort((signed, xs))
   front, best = [], None
   for i in order:
-    y = ys[i] if lower_is_better else -ys[i]
+    y = signed[i]
     if best is None or y < best:
       front.append(i)
       best = y
@@ -189,8 +191,10 @@ def plot(results: list[dict], out_dir: str) -> list[str]:
 
 def main(argv) -> None:
   del argv
-  from absl import flags  # Local: the CLI only.
+  from absl import flags, logging  # Local: the CLI only.
 
+  # Orbax logs every restore at INFO; the console shows the sweep's own lines (as sgjax.main).
+  logging.set_verbosity(logging.WARNING)
   from sgjax import platform
   platform.set_default_xla_flags(sampling=True)
   config = flags.FLAGS.config

@@ -133,6 +133,10 @@ def test_sweep_grid_skips_done_points_and_plots(tmp_path):
   xs = np.array([1.0, 2.0, 3.0, 4.0])
   ys = np.array([5.0, 6.0, 2.0, 1.0])  # Point 1 is dominated by point 0 (cheaper and better).
   np.testing.assert_array_equal(sweep.pareto_front(xs, ys, lower_is_better=True), [0, 2, 3])
+  # Equal cost (one γ, several ω): only the best of them is on the front, whatever the order.
+  xs, ys = np.array([1.0, 1.0, 1.0, 2.0]), np.array([0.7, 0.9, 0.8, 0.95])
+  np.testing.assert_array_equal(sweep.pareto_front(xs, ys, lower_is_better=False), [1, 3])
+  np.testing.assert_array_equal(sweep.pareto_front(xs, ys, lower_is_better=True), [0])
 
   rows = [dict(p, fd_fmnist=float(i), class_accuracy=0.5, gmacs_per_image=1.0 + i)
           for i, p in enumerate(points)]
