@@ -135,6 +135,19 @@ def select_tokens(key: jax.Array, batch: int, num_tokens: int, num_keep: int) ->
   return jnp.sort(keep, axis=1)
 
 
+def route_indices(sparsity: Sparsity, layer: int, token_key: jax.Array | None,
+                  x: jax.Array) -> jax.Array | None:
+  """The kept tokens (B, K) of the route starting at `layer` (None if none starts there), drawn
+  from `fold_in(token_key, layer)`: every model routes with the same draw."""
+  route = sparsity.route_starting_at(layer)
+  if route is None:
+    return None
+  if token_key is None:
+    raise ValueError("a routed forward pass needs token_key")
+  b, n = x.shape[:2]
+  return select_tokens(jax.random.fold_in(token_key, layer), b, n, route.num_keep(n))
+
+
 def gather_tokens(x: jax.Array, idx: jax.Array) -> jax.Array:
   """x: (B, N, D), idx: (B, K) -> (B, K, D)."""
   return jnp.take_along_axis(x, idx[:, :, None], axis=1)

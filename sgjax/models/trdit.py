@@ -211,12 +211,8 @@ class TRDiT(nn.Module):
     route_input = route_idx = None
     full_positions = positions
     for layer in range(self.depth):
-      if (route := sparsity.route_starting_at(layer)) is not None:
-        if token_key is None:
-          raise ValueError("a routed forward pass needs token_key")
-        key = jax.random.fold_in(token_key, layer)
-        route_input = x
-        route_idx = sp.select_tokens(key, b, x.shape[1], route.num_keep(x.shape[1]))
+      if (idx := sp.route_indices(sparsity, layer, token_key, x)) is not None:
+        route_input, route_idx = x, idx
         self.sow("intermediates", f"route_in{layer}", (x, route_idx))
         x = sp.gather_tokens(x, route_idx)
         positions = sp.gather_tokens(full_positions, route_idx)  # Kept tokens keep their place.
