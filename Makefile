@@ -4,7 +4,7 @@ VENV ?= .venv
 WORKDIR ?= workdirs/fashion_mnist_demo
 ARGS ?=
 
-.PHONY: setup setup-dev data shellcheck demo test lint clean
+.PHONY: setup setup-dev data device-data shellcheck demo test lint clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PY) -m venv $(VENV)
@@ -18,6 +18,12 @@ setup: $(VENV)/.installed
 data:
 	@test -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz || \
 	  { (apt-get update -qq || true) && apt-get install -y -qq dataset-fashion-mnist; }
+
+# The idx files copied into the checkout (git-ignored), for a GPU device run to carry
+# (launch/gpu_sweep.sh); the device machine gets the checkout only.
+device-data: data
+	mkdir -p data/fashion-mnist
+	cp /usr/share/datasets/fashion-mnist/*-ubyte.gz data/fashion-mnist/
 
 # shellcheck for tests/test_launch.py, from Debian (needs root; skipped when already there).
 shellcheck:

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# The whole benchmark suite in one go (one device call): bf16 matmul peak, SiT-XL/2 train step
-# dense and routed at batch 128, batch 256 with and without remat, and the guided sampling step
-# at batch 256. Each case runs in its own process (an OOM in one does not stop the rest);
-# JSON per case goes to ${OUT:-bench_out}/, a short table is printed last.
+# The benchmark suite, one device call per group: bf16 matmul peak, SiT-XL/2 train step dense
+# and routed at batch 128, batch 256 with and without remat, and the guided sampling step at
+# batch 256 (train, sample; all = both, ≈ 7 min on an H100); where a step's time goes (profile:
+# traces of the dense and routed train steps summed by kind of work, the routes' gather/scatter
+# alone, and the routed step fed by the grain pipeline vs synthetic inputs, ≈ 5 min). Each case
+# runs in its own process (an OOM in one does not stop the rest); JSON per case goes to
+# ${OUT:-bench_out}/, a short table is printed last.
 #
-#   bash launch/bench_suite.sh [train|sample|all]
+#   bash launch/bench_suite.sh [train|sample|all|profile]
 set -uo pipefail
 what=${1:-all}
 out=${OUT:-bench_out}
@@ -21,7 +24,9 @@ run() {  # name, then bench flags
     echo "FAILED (tail of /tmp/$name.err):"; tail -5 "/tmp/$name.err"; rm -f "$out/$name.json"
   fi
 }
-run peak --what=peak
+if [[ $what != profile ]]; then
+  run peak --what=peak
+fi
 if [[ $what == train || $what == all ]]; then
   run train_dense_b128 --what=train --config.train.batch_size=128 --config.sparsity.routes="()" \
     --config.sample.guidance.rule=cfg --config.sample.guidance.gamma_strong=0
@@ -31,6 +36,17 @@ if [[ $what == train || $what == all ]]; then
 fi
 if [[ $what == sample || $what == all ]]; then
   run sample_b256 --what=sample --config.sample.batch_size=256 --steps=20
+fi
+if [[ $what == profile ]]; then
+  dense=(--config.sparsity.routes="()" --config.sample.guidance.rule=cfg
+         --config.sample.guidance.gamma_strong=0)
+  run profile_dense_b128 --what=profile --config.train.batch_size=128 "${dense[@]}" \
+    --profile_dir="$out/trace_dense"
+  run profile_routed_b128 --what=profile,route_cost --config.train.batch_size=128 \
+    --profile_dir="$out/trace_routed"
+  run input_routed_b128 --what=input --config.train.batch_size=128 --steps=30
+  run input_routed_b128_workers4 --what=input --config.train.batch_size=128 --steps=30 \
+    --config.data.worker_count=4
 fi
 python - "$out" <<'PY'
 import glob, json, os, sys

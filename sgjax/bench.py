@@ -2,6 +2,8 @@
 
   python -m sgjax.bench --config=configs/imagenet256.py --what=train [--config.…] [--json]
   python -m sgjax.bench --config=configs/imagenet256.py --what=sample --rules=dense,cfg,sg,cfg_sg
+  python -m sgjax.bench --config=configs/imagenet256.py --what=input  # grain-fed vs synthetic
+  python -m sgjax.bench --config=configs/imagenet256.py --what=profile  # time by kind of work
 
 Every timing: compile (timed separately), warm-up, then `--steps` calls, each synchronised with
 `block_until_ready`; we report the median and the 10th/90th percentiles. Inputs are synthetic
@@ -14,6 +16,8 @@ Runs on CPU too (tiny configs) so CI keeps it alive; numbers that matter come fr
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 import time
 from collections.abc import Callable
 
@@ -78,8 +82,8 @@ def _with(config: ml_collections.ConfigDict, **guidance_overrides) -> ml_collect
   return c
 
 
-def bench_train(config: ml_collections.ConfigDict, steps: int, warmup: int) -> dict:
-  """One optimizer step (forward, backward, AdamW, EMA) at config.train.batch_size."""
+def _train_setup(config: ml_collections.ConfigDict):
+  """Mesh, fresh train state, one synthetic device-resident batch, and the compiled step."""
   mesh = sharding.build_mesh(config.mesh)
   model = models.from_config(config)
   tx = train.make_optimizer(config.train)
@@ -98,7 +102,14 @@ def bench_train(config: ml_collections.ConfigDict, steps: int, warmup: int) -> d
                    out_shardings=(shardings, None), donate_argnums=0)
     t0 = time.perf_counter()
     compiled = step.lower(state, batch).compile()
-    compile_s = time.perf_counter() - t0
+  return mesh, state, batch, compiled, time.perf_counter() - t0
+
+
+def bench_train(config: ml_collections.ConfigDict, steps: int, warmup: int) -> dict:
+  """One optimizer step (forward, backward, AdamW, EMA) at config.train.batch_size."""
+  mesh, state, batch, compiled, compile_s = _train_setup(config)
+  bs = config.train.batch_size
+  with jax.set_mesh(mesh):
     holder = [state]
 
     def one():
@@ -111,6 +122,74 @@ def bench_train(config: ml_collections.ConfigDict, steps: int, warmup: int) -> d
   return dict(batch=bs, images_per_s=bs / t["median_s"], compile_s=compile_s,
               tflops=2 * macs / t["median_s"] / 1e12, peak_mem_gib=peak_memory_gib(),
               routes=[list(r) for r in config.sparsity.routes], remat=config.model.remat, **t)
+
+
+def bench_profile(config: ml_collections.ConfigDict, steps: int, warmup: int,
+                  trace_dir: str) -> dict:
+  """A `jax.profiler` trace of `steps` train steps, its device time summed by kind of work
+  (route gather/scatter, attention, matmul, optimizer, …; sgjax.profiling)."""
+  from sgjax import profiling  # Local: only this measurement reads traces.
+  mesh, state, batch, compiled, _ = _train_setup(config)
+  holder = [state]
+
+  def one():
+    holder[0], m = compiled(holder[0], batch)
+    return m["loss"]
+
+  with jax.set_mesh(mesh):
+    for _ in range(max(warmup, 1)):
+      jax.block_until_ready(one())
+    out = profiling.profile_calls(one, compiled.as_text(), steps, trace_dir)
+  return dict(batch=config.train.batch_size, routes=[list(r) for r in config.sparsity.routes],
+              **out)
+
+
+def bench_input(config: ml_collections.ConfigDict, steps: int, warmup: int,
+                scratch_dir: str) -> dict:
+  """The train step fed by the real input pipeline vs. by one synthetic device-resident batch.
+
+  Both loops run as the train loop does: no host sync until the last step, so reading overlaps
+  compute (grain workers, `data.prefetch` batches placed ahead). The synthetic loop runs before
+  and after the pipeline loop (drift shows as a difference between the two). `data.name =
+  latents` without an encoded set writes a random one of the same layout in `scratch_dir`.
+  """
+  from sgjax.data import latents, pipeline, prefetch  # Local: only this measurement reads data.
+  config = config.copy_and_resolve_references()
+  dc = config.data
+  if dc.name == "latents" and not os.path.exists(os.path.join(dc.dir, latents.METADATA)):
+    dc.dir = latents.write_random(
+        os.path.join(scratch_dir, "random_latents"), shape=(dc.image_size,) * 2 + (dc.channels,),
+        num_records=max(8 * config.train.batch_size, 1024), num_classes=dc.num_classes)
+  mesh, state, batch, compiled, _ = _train_setup(config)
+  bs = config.train.batch_size
+  host = pipeline.make_train_iterator(dc, bs, seed=config.seed,
+                                      rows=sharding.process_batch_rows(mesh, bs))
+  shard = sharding.batch_sharding(mesh)
+  fed = prefetch.DevicePrefetch(
+      host, lambda b: {k: jax.make_array_from_process_local_data(shard, np.asarray(v))
+                       for k, v in b.items()}, dc.prefetch)
+  holder = [state]
+
+  def loop(feed: Callable[[], dict], n: int) -> float:
+    if n == 0:
+      return 0.0
+    t0 = time.perf_counter()
+    for _ in range(n):
+      holder[0], m = compiled(holder[0], feed())
+    jax.block_until_ready(m["loss"])
+    return time.perf_counter() - t0
+
+  with jax.set_mesh(mesh):
+    loop(lambda: batch, warmup)
+    loop(lambda: next(fed), warmup)  # Fills the pipeline (and starts grain's workers).
+    before = loop(lambda: batch, steps)
+    real = loop(lambda: next(fed), steps)
+    after = loop(lambda: batch, steps)
+  synthetic = bs * steps / ((before + after) / 2)
+  pipelined = bs * steps / real
+  return dict(batch=bs, data=dc.name, worker_count=dc.worker_count, prefetch=dc.prefetch,
+              steps=steps, synthetic_images_per_s=synthetic, pipeline_images_per_s=pipelined,
+              synthetic_drift=after / before - 1.0, slowdown=synthetic / pipelined - 1.0)
 
 
 def bench_sample(config: ml_collections.ConfigDict, rules: list[str], steps: int,
@@ -220,6 +299,21 @@ def print_table(result: dict, peak_tflops: float | None = None) -> None:
           f"{r['images_per_s']:.1f} img/s (median {1e3 * r['median_s']:.1f} ms, "
           f"p10–p90 {1e3 * r['p10_s']:.1f}–{1e3 * r['p90_s']:.1f}), {r['tflops']:.3g} TFLOP/s, "
           f"MFU {mfu}, peak mem {r['peak_mem_gib']} GiB, compile {r['compile_s']:.1f}s")
+  if "input" in result:
+    r = result["input"]
+    print(f"input  batch {r['batch']} {r['data']} (workers {r['worker_count']}, prefetch "
+          f"{r['prefetch']}), {r['steps']} steps: pipeline {r['pipeline_images_per_s']:.1f} img/s "
+          f"vs synthetic {r['synthetic_images_per_s']:.1f} ({100 * r['slowdown']:+.1f}%; "
+          f"synthetic drift {100 * r['synthetic_drift']:+.1f}%)")
+  if "profile" in result:
+    r = result["profile"]
+    print(f"profile batch {r['batch']} routes {r['routes']}: {r['wall_ms_per_step']:.1f} ms/step "
+          f"wall, {r['matched_ms_per_step']:.1f} ms attributed device time, "
+          f"{r['unmatched_ms_per_step']:.1f} ms unmatched (trace in {r['trace_dir']})")
+    for kind, ms in r["ms_per_step"].items():
+      print(f"  {kind:10s} {ms:8.2f} ms {100 * r['share'][kind]:6.1f}%")
+    for name, ms in r["top_unmatched"]:
+      print(f"  unmatched {ms:8.2f} ms  {name[:80]}")
   if "route_cost" in result:
     r = result["route_cost"]
     print(f"route gather/scatter alone, fwd+bwd, batch {r['batch']}, {r['tokens']} tokens, "
@@ -253,6 +347,12 @@ def main(argv) -> None:
     result["peak"] = matmul_peak(f.matmul_size)
   if "train" in what or "all" in what:
     result["train"] = bench_train(config, f.steps, f.warmup)
+  if "profile" in what or "all" in what:
+    trace_dir = f.profile_dir or tempfile.mkdtemp(prefix="sgjax_trace_")
+    result["profile"] = bench_profile(config, min(f.steps, 5), f.warmup, trace_dir)
+  if "input" in what or "all" in what:
+    with tempfile.TemporaryDirectory() as scratch:
+      result["input"] = bench_input(config, f.steps, f.warmup, scratch)
   if "route_cost" in what or "all" in what:
     result["route_cost"] = bench_route_cost(config, f.steps, f.warmup)
   if "sample" in what or "all" in what:
@@ -271,12 +371,14 @@ if __name__ == "__main__":
   from ml_collections import config_flags
   config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=False)
   flags.DEFINE_string("what", "peak,train",
-                      "Comma list of peak, train, route_cost, sample, all.")
+                      "Comma list of peak, train, profile, input, route_cost, sample, all.")
   flags.DEFINE_string("rules", ",".join(SAMPLE_RULES), "Sampling rules to time.")
   flags.DEFINE_integer("steps", 20, "Timed calls per measurement.")
   flags.DEFINE_integer("warmup", 3, "Untimed calls after compilation.")
   flags.DEFINE_integer("matmul_size", 8192, "Side of the square bf16 matmul for the peak.")
   flags.DEFINE_bool("full_sampler", True, "Also time the whole sampler per rule.")
+  flags.DEFINE_string("profile_dir", "", "Where --what=profile writes its trace ('' = a temp "
+                      "folder); open the .trace.json.gz in ui.perfetto.dev.")
   flags.DEFINE_bool("json", False, "Print JSON.")
   flags.mark_flag_as_required("config")
   app.run(main)

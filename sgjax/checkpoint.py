@@ -9,6 +9,7 @@ and cannot be read (wrong model size, corrupt files), the error propagates.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -29,10 +30,22 @@ def manager(directory: str, *, max_to_keep: int = 3, async_save: bool = True,
   return ocp.CheckpointManager(directory, options=options, item_names=("state", "data"))
 
 
+class _IteratorSnapshot:
+  """The iterator's position at save time, for grain's handler: with async saving the handler
+  may run after the loop has read further."""
+
+  def __init__(self, data_iter: Any):
+    state = data_iter.get_state()
+    self._state = state if isinstance(state, bytes) else json.dumps(state).encode()
+
+  def get_state(self) -> bytes:
+    return self._state
+
+
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_iter: Any | None) -> None:
   items = dict(state=ocp.args.StandardSave(state))
   if data_iter is not None:
-    items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+    items["data"] = grain.checkpoint.CheckpointSave(_IteratorSnapshot(data_iter))
   mngr.save(step, args=ocp.args.Composite(**items), force=True)
 
 

@@ -108,6 +108,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
          f"must divide data.image_size = {d.image_size}")
   _check(d.channels >= 1, "data.channels", d.channels, "must be >= 1")
   _check(d.num_classes >= 1, "data.num_classes", d.num_classes, "must be >= 1")
+  _check(d.worker_count >= 0, "data.worker_count", d.worker_count, "must be >= 0")
+  _check(d.prefetch >= 0, "data.prefetch", d.prefetch, "must be >= 0 (batches placed ahead)")
   _check(config.dtype in DTYPES, "dtype", config.dtype, f"allowed: {DTYPES}")
   _validate_vae(config)
 
@@ -282,7 +284,9 @@ def base_config() -> ml_collections.ConfigDict:
       dir="",  # Raw-data folder ('' = the dataset's default location); latents: the encoded set.
       cache_dir="",  # Where packed ArrayRecord datasets go ('' = <workdir>/../data cache default).
       image_size=28, channels=1, num_classes=10,
-      shuffle_buffer_seed=0, worker_count=0, prefetch=2))
+      # grain worker processes (0 = read in the train process) and batches placed on the devices
+      # ahead of the step (host-to-device prefetch; 0 = place each batch when the step needs it).
+      worker_count=0, prefetch=2))
 
   # The SD-VAE (diffusers AutoencoderKL; defaults = sd-vae-ft-ema/-mse). `weights` is the
   # diffusers safetensors file ('' = pixel-space model): sampling decodes latents with it, and

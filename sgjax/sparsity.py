@@ -121,6 +121,9 @@ class Sparsity:
 
 
 DENSE = Sparsity()
+# The named scope of the token selection, gather and scatter: profiles attribute time by it
+# (sgjax.profiling).
+ROUTE_SCOPE = "route"
 
 
 def select_tokens(key: jax.Array, batch: int, num_tokens: int, num_keep: int) -> jax.Array:
@@ -130,9 +133,10 @@ def select_tokens(key: jax.Array, batch: int, num_tokens: int, num_keep: int) ->
   sorted so kept tokens stay in raster order (attention is permutation-equivariant, so this
   changes nothing numerically but makes gathers friendlier to memory).
   """
-  noise = jax.random.uniform(key, (batch, num_tokens))
-  keep = jnp.argsort(noise, axis=1)[:, :num_keep]
-  return jnp.sort(keep, axis=1)
+  with jax.named_scope(ROUTE_SCOPE):
+    noise = jax.random.uniform(key, (batch, num_tokens))
+    keep = jnp.argsort(noise, axis=1)[:, :num_keep]
+    return jnp.sort(keep, axis=1)
 
 
 def route_indices(sparsity: Sparsity, layer: int, token_key: jax.Array | None,
@@ -150,10 +154,12 @@ def route_indices(sparsity: Sparsity, layer: int, token_key: jax.Array | None,
 
 def gather_tokens(x: jax.Array, idx: jax.Array) -> jax.Array:
   """x: (B, N, D), idx: (B, K) -> (B, K, D)."""
-  return jnp.take_along_axis(x, idx[:, :, None], axis=1)
+  with jax.named_scope(ROUTE_SCOPE):
+    return jnp.take_along_axis(x, idx[:, :, None], axis=1)
 
 
 def scatter_tokens(x_full: jax.Array, x_kept: jax.Array, idx: jax.Array) -> jax.Array:
   """Writes the processed kept tokens back into a copy of the route-start activations."""
-  batch_idx = jnp.arange(x_full.shape[0])[:, None]
-  return x_full.at[batch_idx, idx].set(x_kept.astype(x_full.dtype))
+  with jax.named_scope(ROUTE_SCOPE):
+    batch_idx = jnp.arange(x_full.shape[0])[:, None]
+    return x_full.at[batch_idx, idx].set(x_kept.astype(x_full.dtype))

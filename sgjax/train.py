@@ -25,6 +25,7 @@ from sgjax.models import dit
 from sgjax.sparsity import Sparsity
 
 TrainState = dict[str, Any]  # {"step", "params", "ema", "opt_state", "rng"}
+OPTIMIZER_SCOPE = "optimizer"  # Named scope of the AdamW and EMA updates (profiles).
 
 
 def make_optimizer(tc: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -122,10 +123,11 @@ def make_train_step(config: ml_collections.ConfigDict, model: dit.DiT,
       (loss, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
       loss, grads = jax.tree.map(lambda a: a / accum, (loss, grads))
 
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    d = ema_decay(tc, state["step"])
-    ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state["ema"], params)
+    with jax.named_scope(OPTIMIZER_SCOPE):
+      updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+      params = optax.apply_updates(state["params"], updates)
+      d = ema_decay(tc, state["step"])
+      ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state["ema"], params)
     metrics = dict(loss=loss, grad_norm=optax.tree.norm(grads),
                    lr=learning_rate(tc, state["step"]))
     new_state = dict(step=state["step"] + 1, params=params, ema=ema, opt_state=opt_state,
@@ -152,10 +154,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   writer = metrics_lib.MetricWriter(workdir)
 
   # ---- Data: each process reads only the rows of every global batch its devices hold.
-  from sgjax.data import pipeline  # Local: keeps model-only imports light.
-  data_iter = pipeline.make_train_iterator(
-      config.data, tc.batch_size, seed=config.seed,
-      rows=sharding.process_batch_rows(mesh, tc.batch_size))
+  # Batches are placed on the devices `data.prefetch` steps ahead; the checkpointed position is
+  # the last batch a step consumed (sgjax.data.prefetch).
+  from sgjax.data import pipeline, prefetch  # Local: keeps model-only imports light.
+  data_iter = prefetch.DevicePrefetch(
+      pipeline.make_train_iterator(config.data, tc.batch_size, seed=config.seed,
+                                   rows=sharding.process_batch_rows(mesh, tc.batch_size)),
+      lambda batch: _global_batch(batch, mesh), config.data.prefetch)
 
   # ---- Model, optimizer, abstract state and shardings.
   model = models.from_config(config)
@@ -196,7 +201,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
       pending: list[dict[str, jax.Array]] = []
       t_last, step_last = time.perf_counter(), first_step
       for step in range(first_step + 1, tc.num_steps + 1):
-        state, step_metrics = step_fn(state, _global_batch(next(data_iter), mesh))
+        state, step_metrics = step_fn(state, next(data_iter))
         pending.append(step_metrics)
         preempted = watch.reached(step)
         is_ckpt = step % tc.checkpoint_every == 0 or step == tc.num_steps or preempted

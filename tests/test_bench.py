@@ -5,7 +5,9 @@ import os
 import pytest
 
 from sgjax import bench, flops, platform
+from sgjax.data import latents
 from sgjax.sparsity import Sparsity
+from tests.configs.tiny_latents import latent_config
 from tests.test_train import tiny_config
 
 
@@ -41,3 +43,16 @@ def test_sampling_xla_flags_never_override_the_user(monkeypatch):
   monkeypatch.delenv("XLA_FLAGS")
   platform.set_default_xla_flags(sampling=False)
   assert "XLA_FLAGS" not in os.environ
+
+
+def test_input_benchmark_feeds_the_step_from_grain_and_writes_random_latents(tmp_path):
+  c = latent_config(data_dir=str(tmp_path / "missing"))
+  r = bench.bench_input(c, steps=3, warmup=1, scratch_dir=str(tmp_path))
+  assert r["data"] == "latents" and r["prefetch"] == c.data.prefetch
+  assert r["pipeline_images_per_s"] > 0 and r["synthetic_images_per_s"] > 0
+  assert r["slowdown"] == pytest.approx(
+      r["synthetic_images_per_s"] / r["pipeline_images_per_s"] - 1)
+  # The random set has the encoder's layout and the config's shapes; the pipeline reads it.
+  src = latents.LatentSource(str(tmp_path / "random_latents"))
+  assert len(src) == 1024 and src[5]["mean"].shape == (16, 16, 1)
+  assert 0 <= src[5]["label"] < 4

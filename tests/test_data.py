@@ -1,6 +1,7 @@
 """Data: the idx reader, the tfds ArrayRecord packing, and grain's determinism and resume."""
 
 import gzip
+import json
 import os
 
 import ml_collections
@@ -9,14 +10,14 @@ import orbax.checkpoint as ocp
 import pytest
 
 from sgjax import checkpoint
-from sgjax.data import fashion_mnist, pipeline
+from sgjax.data import fashion_mnist, pipeline, prefetch
 
 RAW = fashion_mnist.DEFAULT_DIR
 
 
 def _cfg(name="fashion_mnist", **kw):
   base = dict(name=name, dir="", cache_dir="", image_size=28, channels=1, num_classes=10,
-              shuffle_buffer_seed=0, worker_count=0, prefetch=2)
+              worker_count=0, prefetch=2)
   base.update(kw)
   return ml_collections.ConfigDict(base)
 
@@ -125,3 +126,40 @@ def test_processes_read_their_rows_of_the_same_global_batches():
         np.testing.assert_array_equal(together, whole[k][key])
   with pytest.raises(ValueError, match=r"rows = .*train.batch_size = 16"):
     pipeline.make_train_iterator(cfg, 16, seed=0, rows=(3, 2))
+
+
+def test_device_prefetch_reads_ahead_but_checkpoints_what_was_consumed(tmp_path):
+  cfg = _cfg(name="synthetic", image_size=8, channels=1, num_classes=5)
+  placed = []
+
+  def put(batch):  # Stands in for the device transfer; records when each batch was placed.
+    placed.append(batch["label"].copy())
+    return batch
+
+  it = prefetch.DevicePrefetch(pipeline.make_train_iterator(cfg, 8, seed=0), put, depth=3)
+  plain = _take(pipeline.make_train_iterator(cfg, 8, seed=0), 9)
+  assert _same(_take(it, 2), plain[:2])
+  assert len(placed) == 4  # Two consumed, two more already on the devices.
+
+  # Async save, then the loop reads on before the save finishes: the checkpoint still holds
+  # the position after batch 2, not the host iterator's (4) nor the loop's later one.
+  mngr = checkpoint.manager(str(tmp_path / "ckpt"), async_save=True)
+  checkpoint.save(mngr, 2, {"x": np.zeros(2)}, it)
+  assert _same(_take(it, 3), plain[2:5])
+  mngr.wait_until_finished()
+  fresh = prefetch.DevicePrefetch(pipeline.make_train_iterator(cfg, 8, seed=0), put, depth=3)
+  checkpoint.restore(mngr, {"x": ocp.utils.to_shape_dtype_struct(np.zeros(2))}, fresh)
+  assert _same(_take(fresh, 4), plain[2:6])
+  mngr.close()
+
+  # A state taken from the wrapper restores a bare grain iterator the same way, and depth 0
+  # places each batch only when asked for.
+  placed.clear()
+  lazy = prefetch.DevicePrefetch(pipeline.make_train_iterator(cfg, 8, seed=0), put, depth=0)
+  _take(lazy, 3)
+  assert len(placed) == 3
+  bare = pipeline.make_train_iterator(cfg, 8, seed=0)
+  bare.set_state(json.loads(lazy.get_state()))
+  assert _same(_take(bare, 2), plain[3:5])
+  with pytest.raises(ValueError, match=r"data.prefetch = -1"):
+    prefetch.DevicePrefetch(pipeline.make_train_iterator(cfg, 8, seed=0), put, depth=-1)

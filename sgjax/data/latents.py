@@ -126,3 +126,23 @@ def sample_latent(record: dict[str, Any], rng: np.random.Generator) -> dict[str,
   eps = rng.standard_normal(mean.shape, dtype=np.float32)
   return {"image": mean + np.asarray(record["std"], np.float32) * eps,
           "label": np.int32(record["label"])}
+
+
+def write_random(directory: str, *, shape: tuple[int, int, int], num_records: int,
+                 num_classes: int, dtype: str = "float16", shard_size: int = 1024,
+                 seed: int = 0) -> str:
+  """A latent set of random records in the encoder's exact layout, for benchmarking the input
+  pipeline (and tests) where no encoded dataset exists. Returns `directory`."""
+  num_shards = -(-num_records // shard_size)
+  write_metadata(directory, dict(
+      format=FORMAT, source="random", split="train", num_images=num_records, flip=False,
+      num_records=num_records, shard_size=shard_size, num_shards=num_shards, image_size=0,
+      shape=list(shape), dtype=dtype, scale=1.0, num_classes=num_classes,
+      class_names=[str(i) for i in range(num_classes)], vae={}))
+  layout, rng = Layout(tuple(shape), dtype), np.random.default_rng(seed)
+  for s in range(num_shards):
+    n = min(shard_size, num_records - s * shard_size)
+    write_shard(os.path.join(directory, shard_name(s, num_shards)),
+                [layout.pack(int(rng.integers(num_classes)), rng.standard_normal(shape),
+                             0.1 * rng.random(shape)) for _ in range(n)])
+  return directory

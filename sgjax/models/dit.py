@@ -64,6 +64,7 @@ def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
 
 
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+ATTENTION_SCOPE = "attention_core"  # Named scope of the score/softmax/value part (profiles).
 REMAT_POLICIES = ("none", "full", "dots")
 # What the network outputs: our velocity (t = 0 noise, 1 data), or a DDPM ε (official DiT
 # checkpoints), which `flow` turns into that velocity (the model then takes t on our axis).
@@ -93,8 +94,9 @@ class Attention(nn.Module):
     qkv = _dense(3 * d, (EMBED, HEADS), name="qkv", dtype=self.dtype)(x)
     qkv = qkv.reshape(b, n, 3, self.heads, d // self.heads)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    out = jax.nn.dot_product_attention(q, k, v,
-                                       implementation=attention_impl(self.impl, self.dtype))
+    with jax.named_scope(ATTENTION_SCOPE):  # Profiles attribute the score/value work by it.
+      out = jax.nn.dot_product_attention(q, k, v,
+                                         implementation=attention_impl(self.impl, self.dtype))
     return _dense(d, (HEADS, EMBED), name="proj", dtype=self.dtype)(out.reshape(b, n, d))
 
 

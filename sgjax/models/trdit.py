@@ -24,7 +24,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from sgjax import sparsity as sp
-from sgjax.models.dit import EMBED, HEADS, MLP, NONE, PATCH, attention_impl, timestep_embedding
+from sgjax.models.dit import (
+    ATTENTION_SCOPE,
+    EMBED,
+    HEADS,
+    MLP,
+    NONE,
+    PATCH,
+    attention_impl,
+    timestep_embedding,
+)
 
 Dtype = Any
 Condition = dict[str, jax.Array]  # {"text": (B, L, D_text), "text_mask": (B, L) bool}
@@ -92,7 +101,8 @@ class Attention(nn.Module):
     mask = None if context_mask is None else context_mask[:, None, None, :]
     # cuDNN's fused kernel is for unmasked attention here; masked attention runs on XLA.
     impl = attention_impl(self.impl, self.dtype) if mask is None else "xla"
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
+    with jax.named_scope(ATTENTION_SCOPE):
+      out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
     return _dense(d, (HEADS, EMBED), name="proj", dtype=self.dtype)(out.reshape(b, n, d))
 
 

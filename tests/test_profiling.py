@@ -1,0 +1,69 @@
+"""The profile summary: HLO instructions sorted into kinds of work, trace time summed by kind."""
+
+import gzip
+import json
+import os
+
+import pytest
+
+from sgjax import bench, profiling
+from tests.test_train import tiny_config
+
+# Post-optimisation HLO in XLA's text format: a fusion whose gather sits inside (route), a GEMM
+# call (matmul), a fused-attention call, an optimizer update, a collective and a plain add.
+HLO = open(os.path.join(os.path.dirname(__file__), "golden", "profile_step.hlo")).read()
+
+
+def test_instructions_are_sorted_into_kinds_of_work():
+  kinds = profiling.instruction_kinds(HLO)
+  assert kinds["loop_gather_fusion.4"] == "route"  # By the gather inside, not its own name.
+  assert kinds["custom-call.5"] == "matmul"
+  assert kinds["custom-call.6"] == "attention"
+  assert kinds["adam_fusion"] == "optimizer"
+  assert kinds["all-reduce.1"] == "collective"
+  assert kinds["add.8"] == "other"
+
+
+def _write_trace(tmp_path, events):
+  folder = tmp_path / "plugins" / "profile" / "run"
+  folder.mkdir(parents=True)
+  with gzip.open(folder / "host.trace.json.gz", "wt") as f:
+    json.dump({"traceEvents": events}, f)
+
+
+def test_trace_time_is_summed_per_kind_on_device_streams_only(tmp_path):
+  meta = [dict(ph="M", pid=1, name="process_name", args=dict(name="/host:CPU")),
+          dict(ph="M", pid=2, name="process_name", args=dict(name="/device:GPU:0"))]
+  x = lambda pid, name, dur, **args: dict(ph="X", pid=pid, tid=0, ts=0, dur=dur, name=name,
+                                          args=args)
+  events = meta + [
+      x(2, "loop_gather_fusion_4", 300.0),  # XLA's kernel spelling of the fusion's name.
+      x(2, "sm90_xmma_gemm_bf16", 5000.0, hlo_op="custom-call.5"),
+      x(2, "cudnn_generated_fort_native_sdpa", 1000.0),  # Library kernel, no hlo_op.
+      x(2, "adam_fusion", 1200.0),
+      x(2, "add.8", 500.0),
+      x(2, "mystery_kernel", 40.0),
+      x(1, "loop_gather_fusion.4", 9999.0),  # Host-side launch event: not device time.
+  ]
+  _write_trace(tmp_path, events)
+  s = profiling.summarize_trace(str(tmp_path), HLO, steps=2)
+  assert s["ms_per_step"] == pytest.approx(dict(route=0.15, attention=0.5, collective=0.0,
+                                                matmul=2.5, optimizer=0.6, other=0.25))
+  assert s["matched_ms_per_step"] == pytest.approx(4.0)
+  assert s["share"]["route"] == pytest.approx(0.15 / 4.0)
+  assert s["unmatched_ms_per_step"] == pytest.approx(0.02)
+  assert s["top_unmatched"] == [("mystery_kernel", pytest.approx(0.02))]
+
+
+def test_profile_of_a_routed_train_step_finds_every_kind_it_runs(tmp_path):
+  c = tiny_config()  # Routed (1 -> 1, γ 0.5), data-parallel over the 8 test devices.
+  r = bench.bench_profile(c, steps=2, warmup=1, trace_dir=str(tmp_path))
+  ms = r["ms_per_step"]
+  assert all(ms[k] > 0 for k in profiling.KINDS)  # Gradient all-reduces are the collectives.
+  assert sum(r["share"].values()) == pytest.approx(1.0)
+  assert r["matched_ms_per_step"] > 0 and r["wall_ms_per_step"] > 0
+
+  dense = tiny_config()
+  dense.sparsity.routes = ()
+  _, _, _, compiled, _ = bench._train_setup(dense)
+  assert "route" not in set(profiling.instruction_kinds(compiled.as_text()).values())
