@@ -3,11 +3,13 @@
 # and routed at batch 128, batch 256 with and without remat, and the guided sampling step at
 # batch 256 (train, sample; all = both, ≈ 7 min on an H100); where a step's time goes (profile:
 # traces of the dense and routed train steps summed by kind of work, the routes' gather/scatter
-# alone, and the routed step fed by the grain pipeline vs synthetic inputs, ≈ 5 min). Each case
-# runs in its own process (an OOM in one does not stop the rest); JSON per case goes to
-# ${OUT:-bench_out}/, a short table is printed last.
+# alone, and the routed step fed by the grain pipeline vs synthetic inputs, ≈ 5 min); XLA flag
+# candidates A/B against the default on the dense train step and the CFG sampling step (flags,
+# ≈ 1 min per variant; an unknown flag fails its row only). Each case runs in its own process
+# (an OOM in one does not stop the rest); JSON per case goes to ${OUT:-bench_out}/, a short
+# table is printed last.
 #
-#   bash launch/bench_suite.sh [train|sample|all|profile]
+#   bash launch/bench_suite.sh [train|sample|all|profile|flags]
 set -uo pipefail
 what=${1:-all}
 out=${OUT:-bench_out}
@@ -24,7 +26,7 @@ run() {  # name, then bench flags
     echo "FAILED (tail of /tmp/$name.err):"; tail -5 "/tmp/$name.err"; rm -f "$out/$name.json"
   fi
 }
-if [[ $what != profile ]]; then
+if [[ $what != profile && $what != flags ]]; then
   run peak --what=peak
 fi
 if [[ $what == train || $what == all ]]; then
@@ -47,6 +49,25 @@ if [[ $what == profile ]]; then
   run input_routed_b128 --what=input --config.train.batch_size=128 --steps=30
   run input_routed_b128_workers4 --what=input --config.train.batch_size=128 --steps=30 \
     --config.data.worker_count=4
+fi
+if [[ $what == flags ]]; then
+  # Each variant: "name|flags". Candidates for the dense step's matmuls and launch overhead.
+  variants=(
+    "default|"
+    "exhaustive_tiling|--xla_gpu_exhaustive_tiling_search=true"
+    "triton_gemm_any|--xla_gpu_triton_gemm_any=true"
+    "no_command_buffer|--xla_gpu_enable_command_buffer="
+    "no_triton_gemm|--xla_gpu_enable_triton_gemm=false"
+  )
+  for v in "${variants[@]}"; do
+    name=${v%%|*}; flags=${v#*|}
+    XLA_FLAGS="$flags" run "flags_${name}_train_dense_b128" --what=train \
+      --config.train.batch_size=128 --config.sparsity.routes="()" \
+      --config.sample.guidance.rule=cfg --config.sample.guidance.gamma_strong=0
+    # The sampling bench adds its own default (Triton GEMMs off) unless XLA_FLAGS names it.
+    XLA_FLAGS="$flags" run "flags_${name}_sample_cfg_b256" --what=sample --rules=cfg \
+      --config.sample.batch_size=256 --steps=20 --nofull_sampler
+  done
 fi
 python - "$out" <<'PY'
 import glob, json, os, sys

@@ -11,8 +11,8 @@
 
 from __future__ import annotations
 
-import glob
 import hashlib
+import io
 import json
 import os
 
@@ -22,7 +22,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from sgjax import config as config_lib
-from sgjax import flops, sampling_job, sharding
+from sgjax import files, flops, sampling_job, sharding
 from sgjax.eval import frechet, inception
 from sgjax.eval import metrics as metrics_lib
 
@@ -43,33 +43,24 @@ def _digest(*parts) -> str:
   return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
-def _file_id(path: str) -> list:
-  """What identifies a file's content cheaply: absolute path, size, mtime (folders: each file)."""
-  path = os.path.abspath(path)
-  if os.path.isdir(path):
-    return [path] + [(n, os.path.getsize(os.path.join(path, n)),
-                      os.path.getmtime(os.path.join(path, n))) for n in sorted(os.listdir(path))]
-  return [path, os.path.getsize(path), os.path.getmtime(path)]
-
-
-def _atomic_savez(path: str, **arrays) -> None:
+def _save_npz(path: str, **arrays) -> None:
   if jax.process_index() == 0:
-    np.savez(path + ".tmp.npz", **arrays)
-    os.replace(path + ".tmp.npz", path)
+    files.save_npz(path, **arrays)
 
 
 def read_images(path: str) -> np.ndarray:
   """uint8 NHWC images from an .npz (`arr_0`) or a folder of same-sized PNG/JPEG files."""
   if path.endswith(".npz"):
-    with np.load(path) as z:
-      if "arr_0" not in z.files:
-        raise ValueError(f"eval.reference = {path!r}: no 'arr_0' images in it (keys {z.files})")
-      return z["arr_0"]
+    z = files.load_npz(path)
+    if "arr_0" not in z:
+      raise ValueError(f"eval.reference = {path!r}: no 'arr_0' images in it (keys {list(z)})")
+    return z["arr_0"]
   from PIL import Image  # Local: only folders need it.
-  names = sorted(n for n in os.listdir(path) if n.endswith(IMAGE_SUFFIXES))
+  names = [n for n in files.listdir(path) if n.endswith(IMAGE_SUFFIXES)]
   if not names:
     raise ValueError(f"eval.reference = {path!r}: no {IMAGE_SUFFIXES} files in the folder")
-  images = [np.asarray(Image.open(os.path.join(path, n)).convert("RGB")) for n in names]
+  images = [np.asarray(Image.open(io.BytesIO(files.read_bytes(os.path.join(path, n))))
+                       .convert("RGB")) for n in names]
   sizes = sorted({im.shape for im in images})
   if len(sizes) > 1:
     raise ValueError(f"eval.reference = {path!r}: images must share one size (ADM reference "
@@ -89,7 +80,7 @@ def _check_inputs(e: ml_collections.ConfigDict) -> None:
                       ("reference", "reference batch .npz or image folder")):
     if field == "reference" and not _needs_reference(e):
       continue
-    if not e[field] or not os.path.exists(e[field]):
+    if not e[field] or not files.exists(e[field]):
       raise FileNotFoundError(f"eval.{field} = {e[field]!r}: must name an existing {what} "
                               "for eval.feature_net = 'inception' (see docs/eval.md)")
 
@@ -104,18 +95,17 @@ def reference_statistics(e: ml_collections.ConfigDict, variables, mesh, cache_di
   images. Cached per (reference, weights, preprocess).
   """
   need_pool = any(m in e.metrics for m in ("precision", "recall"))
-  os.makedirs(cache_dir, exist_ok=True)
+  files.makedirs(cache_dir)
   cache = os.path.join(cache_dir, "reference_" + _digest(
-      _file_id(e.reference), _file_id(e.inception_weights), e.preprocess) + ".npz")
-  if os.path.exists(cache):
-    with np.load(cache) as z:
-      _log(f"reference statistics from the cache {cache}")
-      return {k: z[k] for k in z.files}
+      files.identity(e.reference), files.identity(e.inception_weights), e.preprocess) + ".npz")
+  if files.exists(cache):
+    _log(f"reference statistics from the cache {cache}")
+    return files.load_npz(cache)
   stats, has_images = {}, True
   if e.reference.endswith(".npz"):
-    with np.load(e.reference) as z:
-      stats = {k: z[k] for k in ("mu", "sigma", "mu_s", "sigma_s") if k in z.files}
-      has_images = "arr_0" in z.files
+    z = files.load_npz(e.reference)
+    stats = {k: z[k] for k in ("mu", "sigma", "mu_s", "sigma_s") if k in z}
+    has_images = "arr_0" in z
   if need_pool or len(stats) < 4:
     if not has_images:
       raise ValueError(f"eval.reference = {e.reference!r} has statistics {sorted(stats)} but "
@@ -127,33 +117,31 @@ def reference_statistics(e: ml_collections.ConfigDict, variables, mesh, cache_di
       if f"mu{name}" not in stats:
         stats[f"mu{name}"], stats[f"sigma{name}"] = frechet.statistics(feats[key])
     stats["pool"] = feats["pool"]
-  _atomic_savez(cache, **stats)
+  _save_npz(cache, **stats)
   return stats
 
 
 def _shards(sample_dir: str) -> list[str]:
-  return sorted(glob.glob(os.path.join(sample_dir, "shard_*.npz")))
+  return files.glob(sample_dir, "shard_*.npz")
 
 
 def sample_features(e: ml_collections.ConfigDict, variables, mesh, sample_dir: str
                     ) -> dict[str, np.ndarray]:
   """Inception features of the sample set, streamed shard by shard; cached beside the shards."""
   cache = os.path.join(sample_dir, "features_" + _digest(
-      _file_id(e.inception_weights), e.preprocess) + ".npz")
-  if os.path.exists(cache):
-    with np.load(cache) as z:
-      _log(f"sample features from the cache {cache}")
-      return {k: z[k] for k in z.files}
+      files.identity(e.inception_weights), e.preprocess) + ".npz")
+  if files.exists(cache):
+    _log(f"sample features from the cache {cache}")
+    return files.load_npz(cache)
 
   def batches():
     for path in _shards(sample_dir):
-      with np.load(path) as z:
-        yield z["arr_0"]
+      yield files.load_npz(path)["arr_0"]
 
   feats = inception.extract_features(variables, batches(), mesh, batch_size=e.batch_size,
                                      num_images=e.num_samples, preprocess_mode=e.preprocess,
                                      what="samples")
-  _atomic_savez(cache, **feats)
+  _save_npz(cache, **feats)
   return feats
 
 
@@ -177,7 +165,7 @@ def _fmnist_metrics(config, workdir: str, sample_dir: str) -> dict[str, float]:
   test = pipeline.load_split_arrays(config.data, "test")
   clf = fmnist.train_or_load(os.path.join(workdir, "fmnist_classifier.msgpack"), train, test,
                              log=_log)
-  parts = [np.load(p) for p in _shards(sample_dir)]
+  parts = [files.load_npz(p) for p in _shards(sample_dir)]
   images = np.concatenate([p["arr_0"] for p in parts])
   labels = np.concatenate([p["labels"] for p in parts])
   out = fmnist.sample_metrics(clf, fmnist.reference_statistics(clf, test[0]), images, labels)
@@ -223,8 +211,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                  gmacs_per_image=macs.with_attention / 1e9, samples=sample_dir)
   if jax.process_index() == 0:
     for path in (os.path.join(workdir, "metrics.json"), os.path.join(sample_dir, "metrics.json")):
-      with open(path, "w") as f:
-        json.dump(results, f, indent=2)
+      files.write_text(path, json.dumps(results, indent=2))
     _log("\n".join(f"  {k:16s} {v:.4f}" if isinstance(v, float) else f"  {k:16s} {v}"
                    for k, v in results.items()))
   return results

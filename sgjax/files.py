@@ -82,3 +82,22 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 def read_bytes(path: str | os.PathLike) -> bytes:
   return epath.Path(path).read_bytes()
+
+
+def isdir(path: str | os.PathLike) -> bool:
+  return epath.Path(path).is_dir()
+
+
+def listdir(path: str | os.PathLike) -> list[str]:
+  """Sorted names in a folder."""
+  return sorted(p.name for p in epath.Path(path).iterdir())
+
+
+def identity(path: str | os.PathLike) -> list:
+  """What identifies a file's content cheaply (cache keys): absolute path, size, mtime; for a
+  folder, those of each file in it."""
+  p = epath.Path(path if is_remote(path) else os.path.abspath(path))
+  if p.is_dir():
+    return [os.fspath(p)] + [identity(c)[1:] + [c.name] for c in sorted(p.iterdir())]
+  st = p.stat()
+  return [os.fspath(p), st.length, st.mtime]

@@ -111,4 +111,6 @@ def save_png(path: str, image: np.ndarray, scale: int = 1) -> None:
   pil = Image.fromarray(image)
   if scale > 1:
     pil = pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
-  pil.save(path)
+  from sgjax import files  # The workdir may be in a bucket.
+  with files.atomic_open(path) as f:
+    pil.save(f, format="PNG")

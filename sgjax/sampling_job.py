@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from sgjax import checkpoint, metrics, models, sampling, sharding
+from sgjax import checkpoint, files, metrics, models, sampling, sharding
 from sgjax import config as config_lib
 from sgjax import guidance as guidance_lib
 from sgjax import train as train_lib
@@ -90,12 +90,6 @@ def generate(config, model, weights, labels: np.ndarray, plan: guidance_lib.Plan
   return np.concatenate(out)
 
 
-def _atomic_savez(path: str, **arrays) -> None:
-  tmp = path + ".tmp.npz"
-  np.savez(tmp, **arrays)
-  os.replace(tmp, path)  # A crash mid-write never leaves a shard that looks complete.
-
-
 def write_samples(config, model, weights, plan: guidance_lib.Plan, mesh, out_dir: str,
                   num_samples: int, seed: int) -> str:
   """Class-balanced samples as resumable shards, merged into `<out_dir>.npz`; returns its path."""
@@ -103,11 +97,12 @@ def write_samples(config, model, weights, plan: guidance_lib.Plan, mesh, out_dir
   labels = balanced_labels(model.num_classes, num_samples)
   num_batches = -(-num_samples // bs)
   num_shards = -(-num_batches // per_shard)
-  os.makedirs(out_dir, exist_ok=True)
+  files.makedirs(out_dir)
   # Every host decides what is left from the same files, so multi-host runs need `out_dir` on a
   # shared filesystem (GCS, NFS); all hosts sample every batch (it is sharded), host 0 writes.
+  # A crash mid-write never leaves a shard that looks complete (sgjax.files).
   shard_path = lambda s: os.path.join(out_dir, f"shard_{s:05d}.npz")
-  todo = [s for s in range(num_shards) if not os.path.exists(shard_path(s))]
+  todo = [s for s in range(num_shards) if not files.exists(shard_path(s))]
   if jax.process_index() == 0 and len(todo) < num_shards:
     print(f"resuming: {num_shards - len(todo)} of {num_shards} shards already in {out_dir}",
           flush=True)
@@ -125,13 +120,13 @@ def write_samples(config, model, weights, plan: guidance_lib.Plan, mesh, out_dir
         progress.report(done, {"images": min(done * bs, num_samples)})
     if jax.process_index() == 0:
       lo = s * per_shard * bs
-      _atomic_savez(shard_path(s), arr_0=np.concatenate(images),
-                    labels=labels[lo:lo + sum(len(i) for i in images)])
+      files.save_npz(shard_path(s), arr_0=np.concatenate(images),
+                     labels=labels[lo:lo + sum(len(i) for i in images)])
   merged = out_dir + ".npz"
   if jax.process_index() == 0:
-    parts = [np.load(shard_path(s)) for s in range(num_shards)]
-    _atomic_savez(merged, arr_0=np.concatenate([p["arr_0"] for p in parts]),
-                  labels=np.concatenate([p["labels"] for p in parts]))
+    parts = [files.load_npz(shard_path(s)) for s in range(num_shards)]
+    files.save_npz(merged, arr_0=np.concatenate([p["arr_0"] for p in parts]),
+                   labels=np.concatenate([p["labels"] for p in parts]))
   return merged
 
 
@@ -167,7 +162,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, name: str | None = N
   if jax.process_index() == 0:
     grid = sampling.image_grid(images, rows=model.num_classes)
     sampling.save_png(png, grid, scale=2)
-    np.savez(os.path.join(workdir, name + ".npz"), arr_0=images, labels=labels, step=step)
+    files.save_npz(os.path.join(workdir, name + ".npz"), arr_0=images, labels=labels, step=step)
   return png
 
 
@@ -218,8 +213,8 @@ def demo(config: ml_collections.ConfigDict, workdir: str) -> tuple[list[str], di
     if jax.process_index() == 0:
       sampling.save_png(png, sampling.image_grid(images[grid_idx], rows=model.num_classes),
                         scale=2)
-      np.savez(os.path.join(workdir, f"samples_{rule}.npz"), arr_0=images, labels=labels,
-               step=step)
+      files.save_npz(os.path.join(workdir, f"samples_{rule}.npz"), arr_0=images, labels=labels,
+                     step=step)
     paths.append(png)
   if config.data.name != "fashion_mnist":
     return paths, {}
@@ -235,8 +230,7 @@ def demo(config: ml_collections.ConfigDict, workdir: str) -> tuple[list[str], di
                          gamma_strong=g.gamma_strong, gamma_weak=g.gamma_weak,
                          gmacs_per_image=macs.with_attention / 1e9)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "demo_metrics.json"), "w") as f:
-      json.dump(results, f, indent=2)
+    files.write_text(os.path.join(workdir, "demo_metrics.json"), json.dumps(results, indent=2))
     n = len(next(iter(samples.values()))[1])
     log(f"\n{'rule':5s} {'ω':>4s} {'γ s/w':>9s} {'FD-FMNIST':>10s} {'class acc':>10s} "
         f"{'GMACs/image':>12s}   ({n} samples per rule; FD-FMNIST is not FID)")

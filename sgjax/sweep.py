@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 
 from sgjax import config as config_lib
-from sgjax import flops, sampling_job, sharding
+from sgjax import files, flops, sampling_job, sharding
 
 METRICS = (("fd_fmnist", "FD-FMNIST (lower is better)"),
            ("class_accuracy", "class accuracy (higher is better)"))
@@ -55,10 +55,9 @@ def point_key(p: dict) -> tuple:
 
 
 def load_results(path: str) -> list[dict]:
-  if not os.path.exists(path):
+  if not files.exists(path):
     return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in files.read_text(path).splitlines() if line.strip()]
 
 
 def point_config(config: ml_collections.ConfigDict, p: dict) -> ml_collections.ConfigDict:
@@ -81,7 +80,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
         f"data.name = {config.data.name!r}: the sweep scores with FD-FMNIST, which needs "
         "Fashion-MNIST; FID on ImageNet latents comes with the Inception port (issue 4)")
   out_dir = os.path.join(workdir, "sweep")
-  os.makedirs(out_dir, exist_ok=True)
+  files.makedirs(out_dir)
   results_path = os.path.join(out_dir, "results.jsonl")
   done = {point_key(r) for r in load_results(results_path)}
   todo = [p for p in grid_points(config.sweep) if point_key(p) not in done]
@@ -108,9 +107,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
                gmacs_per_image=macs.with_attention / 1e9,
                gmacs_per_image_linear=macs.linear_only / 1e9,
                images_per_s=len(labels) / seconds, checkpoint_step=step)
-    if jax.process_index() == 0:
-      with open(results_path, "a") as f:
-        f.write(json.dumps(row) + "\n")
+    if jax.process_index() == 0:  # Rewritten whole: a bucket object cannot be appended to.
+      rows = load_results(results_path) + [row]
+      files.write_text(results_path, "".join(json.dumps(r) + "\n" for r in rows))
     log(f"[{i + 1}/{len(todo)}] {p['rule']} ω={p['omega']:g} γ={p['gamma_strong']:g}/"
         f"{p['gamma_weak']:g} steps={p['steps']}: FD-FMNIST {row['fd_fmnist']:.2f}, "
         f"acc {100 * row['class_accuracy']:.1f}%, {row['gmacs_per_image']:.2f} GMACs/image")
@@ -132,6 +131,13 @@ def pareto_front(xs: np.ndarray, ys: np.ndarray, lower_is_better: bool) -> np.nd
       front.append(i)
       best = y
   return np.asarray(front, int)
+
+
+def _save_figure(fig, path: str) -> None:
+  import matplotlib.pyplot as plt
+  with files.atomic_open(path) as f:
+    fig.savefig(f, dpi=120, format="png")
+  plt.close(fig)
 
 
 def plot(results: list[dict], out_dir: str) -> list[str]:
@@ -159,8 +165,7 @@ def plot(results: list[dict], out_dir: str) -> list[str]:
     ax.legend(fontsize=7)
     fig.tight_layout()
     paths.append(os.path.join(out_dir, f"{metric}_vs_gmacs.png"))
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    _save_figure(fig, paths[-1])
 
   for rule in [r for r in rules if r in ("sg", "cfg_sg")]:
     rows = [r for r in results if r["rule"] == rule]
@@ -184,8 +189,7 @@ def plot(results: list[dict], out_dir: str) -> list[str]:
       fig.colorbar(im, ax=ax)
       fig.tight_layout()
       paths.append(os.path.join(out_dir, f"heatmap_{rule}_gs{gs:g}.png"))
-      fig.savefig(paths[-1], dpi=120)
-      plt.close(fig)
+      _save_figure(fig, paths[-1])
   return paths
 
 

@@ -37,8 +37,12 @@ _CONV_BN = {("params", "conv", "kernel"): "conv.weight", ("params", "bn", "scale
 def load_state_dict(src: str | Mapping[str, Any]) -> dict[str, np.ndarray]:
   """float32 numpy arrays from a .pth path (torch.load with weights_only=True) or a mapping."""
   if isinstance(src, str):
+    import io
+
     import torch  # Local: only a .pth file needs torch.
-    src = torch.load(src, map_location="cpu", weights_only=True)
+
+    from sgjax import files  # The file may be in a bucket.
+    src = torch.load(io.BytesIO(files.read_bytes(src)), map_location="cpu", weights_only=True)
   out = {}
   for k, v in src.items():
     v = v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)
@@ -108,8 +112,8 @@ def load(path: str) -> dict[str, Any]:
     return convert(load_state_dict(path))
   if not path.endswith(".npz"):
     raise ValueError(f"{path!r}: Inception weights must be a .pth or a converted .npz")
-  with np.load(path) as z:
-    variables = traverse_util.unflatten_dict({k: z[k] for k in z.files}, sep="/")
+  from sgjax import files
+  variables = traverse_util.unflatten_dict(files.load_npz(path), sep="/")
   want = traverse_util.flatten_dict(inception.variables_template(), sep="/")
   got = traverse_util.flatten_dict(variables, sep="/")
   missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))

@@ -22,6 +22,7 @@ import numpy as np
 import optax
 from flax import serialization
 
+from sgjax import files
 from sgjax.eval import frechet
 
 MIN_TEST_ACCURACY = 0.90
@@ -103,16 +104,13 @@ def train_or_load(cache_path: str, train: tuple[np.ndarray, np.ndarray],
                   test: tuple[np.ndarray, np.ndarray], *, log=print):
   """The cached classifier, or a freshly trained one (saved atomically). Checks its accuracy."""
   template = Classifier().init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"]
-  if os.path.exists(cache_path):
-    with open(cache_path, "rb") as f:
-      params = serialization.from_bytes(template, f.read())
+  if files.exists(cache_path):
+    params = serialization.from_bytes(template, files.read_bytes(cache_path))
   else:
     params = train_classifier(*train, log=log)
-    os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
-    tmp = cache_path + ".tmp"
-    with open(tmp, "wb") as f:
-      f.write(serialization.to_bytes(params))
-    os.replace(tmp, cache_path)
+    if jax.process_index() == 0:  # Every process trains the same (deterministic) classifier.
+      files.makedirs(os.path.dirname(cache_path) or ".")
+      files.write_bytes(cache_path, serialization.to_bytes(params))
   acc = accuracy(params, *test)
   log(f"FD-FMNIST classifier: test accuracy {100 * acc:.2f}% ({cache_path})")
   if acc < MIN_TEST_ACCURACY:

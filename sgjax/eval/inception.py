@@ -25,7 +25,6 @@ Preprocessing (`preprocess`):
 from __future__ import annotations
 
 import functools
-import os
 import time
 from collections.abc import Iterable, Mapping
 
@@ -35,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from sgjax import metrics, sharding
+from sgjax import files, metrics, sharding
 
 INPUT_SIZE = 299
 NUM_CLASSES = 1008
@@ -243,7 +242,7 @@ def variables_template():
 
 def load_variables(path: str):
   """Converted weights (.npz from third_party/inception_fid.py) or a .pth directly."""
-  if not path or not os.path.exists(path):
+  if not path or not files.exists(path):
     raise FileNotFoundError(f"Inception weights {path!r} not found (convert "
                             "pt_inception-2015-12-05-6726825d.pth, see docs/eval.md)")
   from third_party import inception_fid  # Local: the converter imports torch for .pth only.

@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 
 from sgjax import config as config_lib
-from sgjax import flops, sampling, sampling_job, sharding
+from sgjax import files, flops, sampling, sampling_job, sharding
 from sgjax.data import captions, pipeline
 
 # Rule -> guidance overrides; ω from config.demo (omega_cfg for cfg and cfg_sg, omega_sg for sg).
@@ -82,8 +82,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, rules=("cfg", "sg", "cf
       if jax.process_index() == 0:
         sampling.save_png(os.path.join(workdir, f"t2i_{rule}.png"),
                           sampling.image_grid(images[grid_idx], rows=10), scale=2)
-        np.savez(os.path.join(workdir, f"t2i_{rule}.npz"), arr_0=images, labels=batch["label"],
-                 captions=batch["caption"], step=step)
+        files.save_npz(os.path.join(workdir, f"t2i_{rule}.npz"), arr_0=images,
+                       labels=batch["label"], captions=batch["caption"], step=step)
 
   train_split = pipeline.load_split_arrays(_raw(config), "train")
   test_split = pipeline.load_split_arrays(_raw(config), "test")
@@ -98,11 +98,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, rules=("cfg", "sg", "cf
   if jax.process_index() == 0:
     path = os.path.join(workdir, "t2i_metrics.json")
     merged = {}
-    if os.path.exists(path):  # Runs of other rules stay: --rules=none adds the baseline.
-      with open(path) as f:
-        merged = json.load(f)
-    with open(path, "w") as f:
-      json.dump(dict(merged, **results), f, indent=2)
+    if files.exists(path):  # Runs of other rules stay: --rules=none adds the baseline.
+      merged = json.loads(files.read_text(path))
+    files.write_text(path, json.dumps(dict(merged, **results), indent=2))
     log(f"\nheld-out prompts, {len(batch['label'])} samples per rule (FD-FMNIST is not FID)")
     log(f"{'rule':7s} {'ω':>4s} {'γ s/w':>9s} {'FD-FMNIST':>10s} {'class acc':>10s} "
         f"{'GMACs/image':>12s}")
