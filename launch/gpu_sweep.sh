@@ -20,4 +20,6 @@ python -m sgjax.main --config=$cfg --workdir="$workdir" --mode=train "${data[@]}
   | tee -a "$out/train.log"
 python -m sgjax.sweep --config=$cfg --workdir="$workdir" "${data[@]}" "$@" 2>&1 \
   | tee -a "$out/sweep.log"
-cp "$workdir"/sweep/results.jsonl "$workdir"/sweep/*.png "$out"/
+shopt -s nullglob  # No plots where matplotlib is missing: the table is what matters.
+plots=("$workdir"/sweep/*.png)
+cp "$workdir"/sweep/results.jsonl "${plots[@]}" "$out"/

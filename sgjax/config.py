@@ -333,6 +333,8 @@ def base_config() -> ml_collections.ConfigDict:
       # --mode=sample with num_samples > 0 writes that many class-balanced samples as .npz
       # shards of shard_batches batches each (resumable), then one merged ADM-style .npz.
       num_samples=0, shard_batches=10,
+      # Text models (model.kind = trdit): --mode=sample draws per_class images of each prompt.
+      prompts=(),
       guidance=ml_collections.ConfigDict(dict(
           rule="cfg",  # none | cfg | sg | cfg_sg | ag_sg
           omega=1.5,

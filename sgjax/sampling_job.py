@@ -80,6 +80,25 @@ def _batch(config, model, weights, labels: np.ndarray, plan: guidance_lib.Plan, 
   return sampling.to_uint8(jax.device_get(x))[:len(labels)]
 
 
+def generate_conditions(config, model, weights, cond: dict[str, np.ndarray],
+                        plan: guidance_lib.Plan, mesh, seed: int, null) -> np.ndarray:
+  """Samples for a batch of text conditions {"text" (N, L, D), "text_mask" (N, L)}, in batches
+  of config.sample.batch_size (the last padded by repeating its final row); uint8 NHWC."""
+  bs = config.sample.batch_size
+  total = len(cond["text"])
+  out = []
+  for i, s in enumerate(range(0, total, bs)):
+    part = {k: v[s:s + bs] for k, v in cond.items()}
+    n = len(part["text"])
+    part = {k: np.concatenate([v, np.repeat(v[-1:], bs - n, 0)]) for k, v in part.items()}
+    part = jax.device_put(part, sharding.batch_sharding(mesh))
+    x = sampling.sample(model, weights, part, jax.random.fold_in(jax.random.key(seed), i),
+                        plan=plan, sampler=config.sample.sampler, null=null)
+    x = multihost_utils.process_allgather(x, tiled=True) if jax.process_count() > 1 else x
+    out.append(sampling.to_uint8(jax.device_get(x))[:n])
+  return np.concatenate(out)
+
+
 def generate(config, model, weights, labels: np.ndarray, plan: guidance_lib.Plan, mesh,
              seed: int) -> np.ndarray:
   """Samples for `labels` in batches of config.sample.batch_size; returns uint8 NHWC."""
@@ -136,8 +155,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, name: str | None = N
   With `sample.num_samples` > 0 also writes the sharded evaluation set beside it.
   """
   if config.model.get("kind", "dit") == "trdit":
-    raise ValueError("model.kind = 'trdit': --mode=sample draws class labels; sample text "
-                     "prompts with --mode=demo or `python -m sgjax.text.demo` (docs/t2i.md)")
+    return run_prompts(config, workdir, name=name)
   mesh = sharding.build_mesh(config.mesh)
   plan = config_lib.sampling_plan(config)
   g = config.sample.guidance
@@ -163,6 +181,47 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, name: str | None = N
     grid = sampling.image_grid(images, rows=model.num_classes)
     sampling.save_png(png, grid, scale=2)
     files.save_npz(os.path.join(workdir, name + ".npz"), arr_0=images, labels=labels, step=step)
+  return png
+
+
+def run_prompts(config: ml_collections.ConfigDict, workdir: str, *, name: str | None = None
+                ) -> str:
+  """A text model: `sample.per_class` images of each of `sample.prompts` (grid rows = prompts);
+  returns the PNG grid's path, with the images and prompts in the .npz beside it.
+
+  The prompts go through the frozen encoder (`text.encoder`) here; ∅ is the empty prompt's
+  features from the same encoder, which is what training's condition dropout used.
+  """
+  prompts = tuple(config.sample.prompts)
+  if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+    raise ValueError(f"sample.prompts = {prompts!r}: a text model (model.kind = 'trdit') "
+                     "samples the prompts named there, e.g. "
+                     "--config.sample.prompts=\"('a photo of a sneaker', 'a bag')\"")
+  from sgjax.text import encoder as encoder_lib  # Local: loads the encoder (and torch).
+  enc = encoder_lib.get(config.text.encoder)
+  if enc.width != config.text.width:
+    raise ValueError(f"text.width = {config.text.width}: the encoder {enc.name!r} gives "
+                     f"{enc.width}-wide features")
+  text, mask = enc.encode(list(prompts) + [""], config.text.max_tokens)
+  null = {"text": text[-1], "text_mask": mask[-1]}
+  rows = np.repeat(np.arange(len(prompts)), config.sample.per_class)
+  mesh = sharding.build_mesh(config.mesh)
+  plan = config_lib.sampling_plan(config)
+  g = config.sample.guidance
+  name = name or f"samples_{g.rule}"
+  with jax.set_mesh(mesh):
+    model, weights, step = load_weights(config, workdir, mesh)
+    t0 = time.perf_counter()
+    images = generate_conditions(config, model, weights,
+                                 {"text": text[rows], "text_mask": mask[rows]}, plan, mesh,
+                                 config.sample.seed, null)
+  png = os.path.join(workdir, name + ".png")
+  if jax.process_index() == 0:
+    print(f"sampled {len(images)} images of {len(prompts)} prompts ({g.rule}, ω={g.omega:g}) "
+          f"in {time.perf_counter() - t0:.1f}s", flush=True)
+    sampling.save_png(png, sampling.image_grid(images, rows=len(prompts)), scale=2)
+    files.save_npz(os.path.join(workdir, name + ".npz"), arr_0=images,
+                   prompts=np.array(prompts)[rows], step=step)
   return png
 
 

@@ -114,9 +114,23 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
         f"{p['gamma_weak']:g} steps={p['steps']}: FD-FMNIST {row['fd_fmnist']:.2f}, "
         f"acc {100 * row['class_accuracy']:.1f}%, {row['gmacs_per_image']:.2f} GMACs/image")
   if jax.process_index() == 0:
-    for path in plot(load_results(results_path), out_dir):
-      log(f"plot: {path}")
+    draw(results_path, log)
   return results_path
+
+
+def draw(results_path: str, log=print) -> list[str]:
+  """The plots of a results table, beside it. Without matplotlib (a lean GPU image), says so
+  and how to draw them elsewhere: the table is what matters and it is already written."""
+  try:
+    import matplotlib  # noqa: F401
+  except ImportError:
+    log(f"plots not drawn: matplotlib is not installed here; copy {results_path} and run "
+        "`python -m sgjax.sweep --plot_only --results=<it>` where it is")
+    return []
+  paths = plot(load_results(results_path), os.path.dirname(results_path))
+  for path in paths:
+    log(f"plot: {path}")
+  return paths
 
 
 def pareto_front(xs: np.ndarray, ys: np.ndarray, lower_is_better: bool) -> np.ndarray:
@@ -195,13 +209,22 @@ def plot(results: list[dict], out_dir: str) -> list[str]:
 
 def main(argv) -> None:
   del argv
-  from absl import flags, logging  # Local: the CLI only.
+  from absl import app, flags, logging  # Local: the CLI only.
 
   # Orbax logs every restore at INFO; the console shows the sweep's own lines (as sgjax.main).
   logging.set_verbosity(logging.WARNING)
   from sgjax import platform
   platform.set_default_xla_flags(sampling=True)
+  if flags.FLAGS.plot_only:
+    results = flags.FLAGS.results or os.path.join(flags.FLAGS.workdir or "", "sweep",
+                                                  "results.jsonl")
+    if not files.exists(results):
+      raise FileNotFoundError(f"--results = {results!r}: no results table there")
+    draw(results)
+    return
   config = flags.FLAGS.config
+  if config is None or not flags.FLAGS.workdir:
+    raise app.UsageError("--config and --workdir are required (except with --plot_only)")
   config_lib.validate(config, jax.device_count())
   run(config, flags.FLAGS.workdir)
 
@@ -211,5 +234,7 @@ if __name__ == "__main__":
   from ml_collections import config_flags
   config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=False)
   flags.DEFINE_string("workdir", None, "A trained workdir; results go to <workdir>/sweep/.")
-  flags.mark_flags_as_required(["config", "workdir"])
+  flags.DEFINE_bool("plot_only", False, "Only redraw the plots of an existing results table.")
+  flags.DEFINE_string("results", "", "--plot_only: the results.jsonl (default: "
+                      "<workdir>/sweep/results.jsonl); plots go beside it.")
   app.run(main)

@@ -81,3 +81,22 @@ def test_local_writes_appear_only_when_complete(tmp_path):
   files.save_npz(target, arr_0=np.ones(3))
   assert os.listdir(tmp_path) == ["shard_00000.npz"]
   np.testing.assert_array_equal(files.load_npz(target)["arr_0"], np.ones(3))
+
+
+def test_sweep_plots_are_redrawn_from_the_table_and_skipped_without_matplotlib(tmp_path,
+                                                                               monkeypatch):
+  import json
+  import sys
+  rows = [dict(rule=r, omega=w, gamma_strong=0.0, gamma_weak=gw, steps=4, fd_fmnist=w + gw,
+               class_accuracy=0.5, gmacs_per_image=2.0 - gw)
+          for r, gws in (("cfg", (0.0,)), ("sg", (0.3, 0.5))) for w in (1.5, 2.0) for gw in gws]
+  results = tmp_path / "results.jsonl"
+  results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  said = []
+  with monkeypatch.context() as m:
+    m.setitem(sys.modules, "matplotlib", None)  # A lean GPU image: import fails.
+    assert sweep.draw(str(results), said.append) == []
+  assert "matplotlib is not installed" in said[0] and "--plot_only" in said[0]
+  paths = sweep.draw(str(results), said.append)
+  assert sorted(os.path.basename(p) for p in paths) == [
+      "class_accuracy_vs_gmacs.png", "fd_fmnist_vs_gmacs.png", "heatmap_sg_gs0.png"]

@@ -1,6 +1,9 @@
 """Text conditioning through the shared code: SG keeps the text in both branches, CFG+SG's weak
 branch gets the empty prompt, text dropout, the train step on the 8-device mesh, and sampling."""
 
+import os
+import zlib
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -172,3 +175,55 @@ def test_sampling_with_text_is_deterministic_and_uses_the_null():
   other = dict(null, text=null["text"] + 1.0)
   d = sampling.sample(model, params, cond, key, plan=plan, null=other)
   assert float(jnp.abs(a - d).max()) > 1e-4  # CFG+SG's weak branch reads the null text.
+
+
+class _WordEncoder:
+  """A deterministic stand-in for MiniLM: one feature row per word plus two end tokens."""
+
+  name, width = "words", 24
+
+  def encode(self, texts, max_tokens):
+    from sgjax.text import encoder as encoder_lib
+    rows = [np.stack([np.random.default_rng(zlib.crc32(w.encode())).standard_normal(self.width)
+                      for w in ["[CLS]", *t.split(), "[SEP]"]]) for t in texts]
+    return encoder_lib.pad_features(rows, max_tokens, self.width)
+
+
+def test_sample_mode_draws_each_prompt_through_the_encoder(tmp_path, monkeypatch):
+  from sgjax import checkpoint, sampling_job
+  from sgjax.text import encoder as encoder_lib
+  monkeypatch.setitem(encoder_lib.ENCODERS, "words", _WordEncoder)
+  c = tiny_t2i_config()
+  c.text.encoder = "words"
+  c.sample.update(prompts=("a pullover", "an ankle boot"), per_class=3)  # 6 images, batch 8.
+  c.mesh.update(data=-1, fsdp=1, tensor=1)
+  model = models.from_config(c)
+  weights = _random_params(model)  # Non-zero adaLN: the text changes the images.
+  mesh = sharding.build_mesh(c.mesh)
+  state = jax.jit(lambda: nn.unbox(train.init_state(model, train.make_optimizer(c.train), 0)))()
+  state = dict(state, params=weights, ema=weights, step=jnp.asarray(4, jnp.int32))
+  mngr = checkpoint.manager(str(tmp_path / "checkpoints"), async_save=False)
+  checkpoint.save(mngr, 4, state, None)
+  mngr.close()
+
+  png = sampling_job.run(c, str(tmp_path))
+  out = np.load(str(tmp_path / "samples_cfg_sg.npz"))
+  assert png.endswith("samples_cfg_sg.png") and os.path.exists(png)
+  assert list(out["prompts"]) == ["a pullover"] * 3 + ["an ankle boot"] * 3
+  assert int(out["step"]) == 4
+
+  # The same images as sampling the encoder's features directly, with ∅ = the empty prompt.
+  text, mask = _WordEncoder().encode(["a pullover"] * 3 + ["an ankle boot"] * 3 + [""] * 3, 6)
+  cond = {"text": text[:8], "text_mask": mask[:8]}
+  cond["text"][6:], cond["text_mask"][6:] = text[5], mask[5]  # Padding repeats the last row.
+  with jax.set_mesh(mesh):
+    x = sampling.sample(model, {gl.MAIN: weights}, cond,
+                        jax.random.fold_in(jax.random.key(c.sample.seed), 0),
+                        plan=config_lib.sampling_plan(c),
+                        null={"text": text[-1], "text_mask": mask[-1]})
+  np.testing.assert_array_equal(out["arr_0"], sampling.to_uint8(np.asarray(x))[:6])
+  assert not np.array_equal(out["arr_0"][0], out["arr_0"][3])  # The prompt matters.
+
+  c.sample.prompts = ()
+  with pytest.raises(ValueError, match=r"sample.prompts = \(\)"):
+    sampling_job.run(c, str(tmp_path))

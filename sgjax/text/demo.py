@@ -50,7 +50,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, rules=("cfg", "sg", "cf
   null = captions.null_condition(config)
   per_class = config.demo.eval_per_class
   batch = prompt_batch(captions.eval_prompts(config), per_class)
-  bs = config.sample.batch_size
   samples = {}
   with jax.set_mesh(mesh):
     model, params, step = sampling_job.load_params(config, workdir, mesh,
@@ -63,17 +62,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, rules=("cfg", "sg", "cf
                                    config.demo["omega_sg" if rule == "sg" else "omega_cfg"])
       plan = config_lib.sampling_plan(c)
       t0 = time.perf_counter()
-      out = []
-      for i, s in enumerate(range(0, len(batch["label"]), bs)):
-        cond = {k: batch[k][s:s + bs] for k in ("text", "text_mask")}
-        n = len(cond["text"])
-        cond = {k: np.concatenate([v, np.repeat(v[-1:], bs - n, 0)]) for k, v in cond.items()}
-        cond = jax.device_put(cond, sharding.batch_sharding(mesh))
-        x = sampling.sample(model, {"main": params}, cond,
-                            jax.random.fold_in(jax.random.key(config.sample.seed), i),
-                            plan=plan, sampler=c.sample.sampler, null=null)
-        out.append(sampling.to_uint8(jax.device_get(x))[:n])
-      images = np.concatenate(out)
+      images = sampling_job.generate_conditions(
+          c, model, {"main": params}, {k: batch[k] for k in ("text", "text_mask")}, plan, mesh,
+          config.sample.seed, null)
       log(f"sampled {len(images)} images ({rule}, ω={c.sample.guidance.omega:g}) in "
           f"{time.perf_counter() - t0:.1f}s")
       samples[rule] = (images, flops.plan_macs(c, plan), c.sample.guidance)
