@@ -149,49 +149,10 @@ def write_samples(config, model, weights, plan: guidance_lib.Plan, mesh, out_dir
   return merged
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, *, name: str | None = None) -> str:
-  """Samples `sample.per_class` images of every class; returns the PNG grid's path.
-
-  With `sample.num_samples` > 0 also writes the sharded evaluation set beside it.
-  """
-  if config.model.get("kind", "dit") == "trdit":
-    return run_prompts(config, workdir, name=name)
-  mesh = sharding.build_mesh(config.mesh)
-  plan = config_lib.sampling_plan(config)
-  g = config.sample.guidance
-  name = name or f"samples_{g.rule}"
-  with jax.set_mesh(mesh):
-    model, weights, step = load_weights(config, workdir, mesh)
-    labels = class_labels(model.num_classes, config.sample.per_class)
-    t0 = time.perf_counter()
-    images = generate(config, model, weights, labels, plan, mesh, config.sample.seed)
-    if jax.process_index() == 0:
-      print(f"sampled {len(images)} images ({g.rule}, ω={g.omega:g}, "
-            f"{len(plan.segments)} compiled segment(s)) in {time.perf_counter() - t0:.1f}s",
-            flush=True)
-    if config.sample.num_samples > 0:
-      # A seed apart from the grid's, so the evaluation set is not the grid's images again.
-      npz = write_samples(config, model, weights, plan, mesh,
-                          os.path.join(workdir, f"{name}_{config.sample.num_samples}"),
-                          config.sample.num_samples, config.sample.seed + 1)
-      if jax.process_index() == 0:
-        print(f"wrote {config.sample.num_samples} samples to {npz}", flush=True)
-  png = os.path.join(workdir, name + ".png")
-  if jax.process_index() == 0:
-    grid = sampling.image_grid(images, rows=model.num_classes)
-    sampling.save_png(png, grid, scale=2)
-    files.save_npz(os.path.join(workdir, name + ".npz"), arr_0=images, labels=labels, step=step)
-  return png
-
-
-def run_prompts(config: ml_collections.ConfigDict, workdir: str, *, name: str | None = None
-                ) -> str:
-  """A text model: `sample.per_class` images of each of `sample.prompts` (grid rows = prompts);
-  returns the PNG grid's path, with the images and prompts in the .npz beside it.
-
-  The prompts go through the frozen encoder (`text.encoder`) here; ∅ is the empty prompt's
-  features from the same encoder, which is what training's condition dropout used.
-  """
+def _encode_prompts(config: ml_collections.ConfigDict):
+  """`sample.prompts` through the frozen encoder (`text.encoder`): (prompts, per-image condition
+  {"text", "text_mask"} with `sample.per_class` rows per prompt, ∅ = the empty prompt's
+  features, which is what training's condition dropout used)."""
   prompts = tuple(config.sample.prompts)
   if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
     raise ValueError(f"sample.prompts = {prompts!r}: a text model (model.kind = 'trdit') "
@@ -203,8 +164,21 @@ def run_prompts(config: ml_collections.ConfigDict, workdir: str, *, name: str | 
     raise ValueError(f"text.width = {config.text.width}: the encoder {enc.name!r} gives "
                      f"{enc.width}-wide features")
   text, mask = enc.encode(list(prompts) + [""], config.text.max_tokens)
-  null = {"text": text[-1], "text_mask": mask[-1]}
   rows = np.repeat(np.arange(len(prompts)), config.sample.per_class)
+  return (np.array(prompts)[rows], {"text": text[rows], "text_mask": mask[rows]},
+          {"text": text[-1], "text_mask": mask[-1]})
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, *, name: str | None = None) -> str:
+  """Samples `sample.per_class` images of every class (a text model: of every prompt in
+  `sample.prompts`); returns the PNG grid's path, beside it the .npz of the images.
+
+  With `sample.num_samples` > 0 (class-conditional models) also writes the sharded evaluation
+  set beside it.
+  """
+  text_model = config.model.get("kind", "dit") == "trdit"
+  if text_model:
+    prompts, cond, null = _encode_prompts(config)
   mesh = sharding.build_mesh(config.mesh)
   plan = config_lib.sampling_plan(config)
   g = config.sample.guidance
@@ -212,16 +186,30 @@ def run_prompts(config: ml_collections.ConfigDict, workdir: str, *, name: str | 
   with jax.set_mesh(mesh):
     model, weights, step = load_weights(config, workdir, mesh)
     t0 = time.perf_counter()
-    images = generate_conditions(config, model, weights,
-                                 {"text": text[rows], "text_mask": mask[rows]}, plan, mesh,
-                                 config.sample.seed, null)
+    if text_model:
+      images = generate_conditions(config, model, weights, cond, plan, mesh, config.sample.seed,
+                                   null)
+      rows = len(config.sample.prompts)
+      what, extra = f"of {rows} prompts ", dict(prompts=prompts)
+    else:
+      labels = class_labels(model.num_classes, config.sample.per_class)
+      images = generate(config, model, weights, labels, plan, mesh, config.sample.seed)
+      rows, what, extra = model.num_classes, "", dict(labels=labels)
+    if jax.process_index() == 0:
+      print(f"sampled {len(images)} images {what}({g.rule}, ω={g.omega:g}, "
+            f"{len(plan.segments)} compiled segment(s)) in {time.perf_counter() - t0:.1f}s",
+            flush=True)
+    if config.sample.num_samples > 0 and not text_model:
+      # A seed apart from the grid's, so the evaluation set is not the grid's images again.
+      npz = write_samples(config, model, weights, plan, mesh,
+                          os.path.join(workdir, f"{name}_{config.sample.num_samples}"),
+                          config.sample.num_samples, config.sample.seed + 1)
+      if jax.process_index() == 0:
+        print(f"wrote {config.sample.num_samples} samples to {npz}", flush=True)
   png = os.path.join(workdir, name + ".png")
   if jax.process_index() == 0:
-    print(f"sampled {len(images)} images of {len(prompts)} prompts ({g.rule}, ω={g.omega:g}) "
-          f"in {time.perf_counter() - t0:.1f}s", flush=True)
-    sampling.save_png(png, sampling.image_grid(images, rows=len(prompts)), scale=2)
-    files.save_npz(os.path.join(workdir, name + ".npz"), arr_0=images,
-                   prompts=np.array(prompts)[rows], step=step)
+    sampling.save_png(png, sampling.image_grid(images, rows=rows), scale=2)
+    files.save_npz(os.path.join(workdir, name + ".npz"), arr_0=images, step=step, **extra)
   return png
 
 
