@@ -314,6 +314,10 @@ def print_table(result: dict, peak_tflops: float | None = None) -> None:
       print(f"  {kind:10s} {ms:8.2f} ms {100 * r['share'][kind]:6.1f}%")
     for name, ms in r["top_unmatched"]:
       print(f"  unmatched {ms:8.2f} ms  {name[:80]}")
+    print("  largest groups of ops (blocks merged):")
+    for g in r["top_groups"]:
+      print(f"  {g['ms_per_step']:8.2f} ms {g['kind']:10s} ×{g['launches_per_step']:<5.0f} "
+            f"{g['op_name'][-75:]}")
   if "route_cost" in result:
     r = result["route_cost"]
     print(f"route gather/scatter alone, fwd+bwd, batch {r['batch']}, {r['tokens']} tokens, "

@@ -69,6 +69,11 @@ def _scope_in(scope: str, op_name: str) -> bool:
 
 def instruction_kinds(hlo_text: str) -> dict[str, str]:
   """Instruction name -> kind (see the module docstring) for every instruction of the program."""
+  return {name: kind for name, (kind, _) in _instruction_table(hlo_text).items()}
+
+
+def _instruction_table(hlo_text: str) -> dict[str, tuple[str, str]]:
+  """Instruction name -> (kind, the JAX op name it came from)."""
   from sgjax import sparsity, train  # Local: the scope names live with the code they mark.
   from sgjax.models import dit
   computations = _parse(hlo_text)
@@ -107,7 +112,7 @@ def instruction_kinds(hlo_text: str) -> dict[str, str]:
       if opcode in ("fusion", "custom-call", "call", "async-start"):
         for c in calls:
           tags |= features(c)
-      kinds[name] = next((k for k in KINDS if k in tags), "other")
+      kinds[name] = (next((k for k in KINDS if k in tags), "other"), op_name)
   return kinds
 
 
@@ -135,17 +140,19 @@ def _library_kind(kernel: str) -> str | None:
   return None
 
 
-def summarize_trace(trace_dir: str, hlo_text: str, steps: int) -> dict:
+def summarize_trace(trace_dir: str, hlo_text: str, steps: int, top_groups: int = 15) -> dict:
   """Device time per step by kind, in ms, with each kind's share of the matched time."""
-  kinds = instruction_kinds(hlo_text)
-  kinds.update({re.sub(r"[.\-]", "_", n): k for n, k in list(kinds.items())})
+  table = _instruction_table(hlo_text)
+  table.update({re.sub(r"[.\-]", "_", n): v for n, v in list(table.items())})
   per_kind: dict[str, float] = collections.defaultdict(float)
+  per_group: dict[tuple[str, str], list[float]] = collections.defaultdict(lambda: [0.0, 0])
   unmatched: dict[str, float] = collections.defaultdict(float)
   for e in _events(trace_dir):
     args = e.get("args") or {}
     names = (e.get("name", ""), args.get("hlo_op", ""),
              str(args.get("long_name", "")).split(" ")[0])
-    kind = next((kinds[n] for n in names if n in kinds), None) or _library_kind(names[0])
+    found = next((n for n in names if n in table), None)
+    kind, op_name = table[found] if found else (_library_kind(names[0]), "")
     dur_ms = float(e.get("dur", 0.0)) / 1e3  # Trace durations are in microseconds.
     if kind is None:
       if names[0].startswith("$"):  # Python frames of the host thread, not device work.
@@ -153,7 +160,12 @@ def summarize_trace(trace_dir: str, hlo_text: str, steps: int) -> dict:
       unmatched[e.get("name", "")] += dur_ms
     else:
       per_kind[kind] += dur_ms
+      # Grouped by where in the model they come from, every block alike: "block*/fc1/…".
+      group = per_group[(kind, re.sub(r"block\d+", "block*", op_name) or names[0])]
+      group[0] += dur_ms
+      group[1] += 1
   matched = sum(per_kind.values())
+  top = sorted(per_group.items(), key=lambda x: -x[1][0])[:top_groups]
   return dict(
       steps=steps,
       ms_per_step={k: per_kind.get(k, 0.0) / steps for k in KINDS},
@@ -161,7 +173,11 @@ def summarize_trace(trace_dir: str, hlo_text: str, steps: int) -> dict:
       matched_ms_per_step=matched / steps,
       unmatched_ms_per_step=sum(unmatched.values()) / steps,
       top_unmatched=sorted(((n, d / steps) for n, d in unmatched.items()),
-                           key=lambda x: -x[1])[:5])
+                           key=lambda x: -x[1])[:5],
+      # Where the time goes inside a kind: the largest groups of ops by JAX op name, blocks
+      # merged (an op with no op name is grouped under its kernel name).
+      top_groups=[dict(kind=k, op_name=o, ms_per_step=d / steps, launches_per_step=c / steps)
+                  for (k, o), (d, c) in top])
 
 
 def profile_calls(fn: Callable[[], object], compiled_text: str, steps: int,

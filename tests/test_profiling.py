@@ -53,6 +53,11 @@ def test_trace_time_is_summed_per_kind_on_device_streams_only(tmp_path):
   assert s["share"]["route"] == pytest.approx(0.15 / 4.0)
   assert s["unmatched_ms_per_step"] == pytest.approx(0.02)
   assert s["top_unmatched"] == [("mystery_kernel", pytest.approx(0.02))]
+  top = s["top_groups"]
+  assert [(g["kind"], g["op_name"]) for g in top[:2]] == [
+      ("matmul", "jit(step)/jvp(DiT)/dot_general"), ("optimizer", "jit(step)/optimizer/add")]
+  assert top[1]["ms_per_step"] == pytest.approx(0.6)
+  assert top[1]["launches_per_step"] == pytest.approx(0.5)
 
 
 def test_profile_of_a_routed_train_step_finds_every_kind_it_runs(tmp_path):
@@ -62,6 +67,9 @@ def test_profile_of_a_routed_train_step_finds_every_kind_it_runs(tmp_path):
   assert all(ms[k] > 0 for k in profiling.KINDS)  # Gradient all-reduces are the collectives.
   assert sum(r["share"].values()) == pytest.approx(1.0)
   assert r["matched_ms_per_step"] > 0 and r["wall_ms_per_step"] > 0
+  # Every block's ops are grouped under block*/…: a group launches once per block (and device).
+  blocks = [g for g in r["top_groups"] if "/block*/" in g["op_name"] and g["kind"] == "matmul"]
+  assert blocks and all(g["launches_per_step"] >= c.model.depth for g in blocks)
 
   dense = tiny_config()
   dense.sparsity.routes = ()
