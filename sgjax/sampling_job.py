@@ -101,11 +101,19 @@ def generate_conditions(config, model, weights, cond: dict[str, np.ndarray],
 
 def generate(config, model, weights, labels: np.ndarray, plan: guidance_lib.Plan, mesh,
              seed: int) -> np.ndarray:
-  """Samples for `labels` in batches of config.sample.batch_size; returns uint8 NHWC."""
+  """Samples for `labels` in batches of config.sample.batch_size; returns uint8 NHWC.
+
+  Long runs (≥ 8 batches) report progress about ten times.
+  """
   bs = config.sample.batch_size
-  out = [_batch(config, model, weights, labels[s:s + bs], plan, mesh,
-                jax.random.fold_in(jax.random.key(seed), i))
-         for i, s in enumerate(range(0, len(labels), bs))]
+  starts = range(0, len(labels), bs)
+  progress = metrics.Progress(len(starts)) if len(starts) >= 8 else None
+  out = []
+  for i, s in enumerate(starts):
+    out.append(_batch(config, model, weights, labels[s:s + bs], plan, mesh,
+                      jax.random.fold_in(jax.random.key(seed), i)))
+    if progress and ((i + 1) % max(1, len(starts) // 10) == 0 or i + 1 == len(starts)):
+      progress.report(i + 1, {"images": sum(len(o) for o in out)})
   return np.concatenate(out)
 
 

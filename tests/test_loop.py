@@ -153,3 +153,22 @@ def test_sweep_grid_skips_done_points_and_plots(tmp_path):
   assert done == {sweep.point_key(points[0])}
   with pytest.raises(NotImplementedError, match="data.name = 'synthetic'"):
     sweep.run(c, str(tmp_path))
+
+
+def test_long_sampling_runs_report_progress_and_keep_batch_keys(monkeypatch, capsys):
+  c = tiny_config()
+  c.sample.batch_size = 4
+  keys = []
+
+  def fake_batch(config, model, weights, labels, plan, mesh, key):
+    keys.append(int(jax.random.key_data(key)[-1]))
+    return np.full((len(labels), 2, 2, 1), labels[:, None, None, None], np.uint8)
+
+  monkeypatch.setattr(sampling_job, "_batch", fake_batch)
+  labels = np.arange(38, dtype=np.int32) % 7  # 10 batches, the last one short.
+  images = sampling_job.generate(c, None, None, labels, None, None, seed=3)
+  np.testing.assert_array_equal(images[:, 0, 0, 0], labels)
+  assert keys == [int(jax.random.key_data(jax.random.fold_in(jax.random.key(3), i))[-1])
+                  for i in range(10)]
+  lines = [s for s in capsys.readouterr().err.splitlines() if s.startswith("[")]
+  assert lines[0].startswith("[1/10") and lines[-1].startswith("[10/10 100.0%] images 38")
