@@ -42,10 +42,10 @@ fi
 if [[ $what == profile ]]; then
   dense=(--config.sparsity.routes="()" --config.sample.guidance.rule=cfg
          --config.sample.guidance.gamma_strong=0)
-  run profile_dense_b128 --what=profile --config.train.batch_size=128 "${dense[@]}" \
-    --profile_dir="$out/trace_dense"
-  run profile_routed_b128 --what=profile,route_cost --config.train.batch_size=128 \
-    --profile_dir="$out/trace_routed"
+  # Traces stay in a temporary folder: tens of MB each, they could crowd the JSON out of what
+  # a device call brings back. Pass --profile_dir to a single run to keep one.
+  run profile_dense_b128 --what=profile --config.train.batch_size=128 "${dense[@]}"
+  run profile_routed_b128 --what=profile,route_cost --config.train.batch_size=128
   run input_routed_b128 --what=input --config.train.batch_size=128 --steps=30
   run input_routed_b128_workers4 --what=input --config.train.batch_size=128 --steps=30 \
     --config.data.worker_count=4
