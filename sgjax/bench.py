@@ -105,18 +105,23 @@ def _train_setup(config: ml_collections.ConfigDict):
   return mesh, state, batch, compiled, time.perf_counter() - t0
 
 
+def _stepper(compiled, state) -> Callable[[dict], jax.Array]:
+  """batch -> loss: one call of the compiled step, carrying the (donated) state along."""
+  holder = [state]
+
+  def run(batch):
+    holder[0], m = compiled(holder[0], batch)
+    return m["loss"]
+  return run
+
+
 def bench_train(config: ml_collections.ConfigDict, steps: int, warmup: int) -> dict:
   """One optimizer step (forward, backward, AdamW, EMA) at config.train.batch_size."""
   mesh, state, batch, compiled, compile_s = _train_setup(config)
   bs = config.train.batch_size
+  run = _stepper(compiled, state)
   with jax.set_mesh(mesh):
-    holder = [state]
-
-    def one():
-      holder[0], m = compiled(holder[0], batch)
-      return m["loss"]
-
-    t = time_calls(one, steps, warmup)
+    t = time_calls(lambda: run(batch), steps, warmup)
   routed = Sparsity.from_config(config.sparsity)  # Routes or masking, as the train step runs.
   macs = flops.forward_macs(config, routed).with_attention * 3 * bs
   return dict(batch=bs, images_per_s=bs / t["median_s"], compile_s=compile_s,
@@ -130,16 +135,11 @@ def bench_profile(config: ml_collections.ConfigDict, steps: int, warmup: int,
   (route gather/scatter, attention, matmul, optimizer, …; sgjax.profiling)."""
   from sgjax import profiling  # Local: only this measurement reads traces.
   mesh, state, batch, compiled, _ = _train_setup(config)
-  holder = [state]
-
-  def one():
-    holder[0], m = compiled(holder[0], batch)
-    return m["loss"]
-
+  run = _stepper(compiled, state)
   with jax.set_mesh(mesh):
     for _ in range(max(warmup, 1)):
-      jax.block_until_ready(one())
-    out = profiling.profile_calls(one, compiled.as_text(), steps, trace_dir)
+      jax.block_until_ready(run(batch))
+    out = profiling.profile_calls(lambda: run(batch), compiled.as_text(), steps, trace_dir)
   return dict(batch=config.train.batch_size, routes=[list(r) for r in config.sparsity.routes],
               **out)
 
@@ -164,19 +164,16 @@ def bench_input(config: ml_collections.ConfigDict, steps: int, warmup: int,
   bs = config.train.batch_size
   host = pipeline.make_train_iterator(dc, bs, seed=config.seed,
                                       rows=sharding.process_batch_rows(mesh, bs))
-  shard = sharding.batch_sharding(mesh)
-  fed = prefetch.DevicePrefetch(
-      host, lambda b: {k: jax.make_array_from_process_local_data(shard, np.asarray(v))
-                       for k, v in b.items()}, dc.prefetch)
-  holder = [state]
+  fed = prefetch.DevicePrefetch(host, lambda b: train.global_batch(b, mesh), dc.prefetch)
+  run = _stepper(compiled, state)
 
   def loop(feed: Callable[[], dict], n: int) -> float:
     if n == 0:
       return 0.0
     t0 = time.perf_counter()
     for _ in range(n):
-      holder[0], m = compiled(holder[0], feed())
-    jax.block_until_ready(m["loss"])
+      loss = run(feed())
+    jax.block_until_ready(loss)
     return time.perf_counter() - t0
 
   with jax.set_mesh(mesh):

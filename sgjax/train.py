@@ -137,7 +137,8 @@ def make_train_step(config: ml_collections.ConfigDict, model: dit.DiT,
   return step_fn
 
 
-def _global_batch(local_batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
+def global_batch(local_batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
+  """This process's rows of a global batch, placed as the batch-sharded global arrays."""
   shard = sharding.batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(shard, np.asarray(v))
           for k, v in local_batch.items()}
@@ -160,7 +161,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   data_iter = prefetch.DevicePrefetch(
       pipeline.make_train_iterator(config.data, tc.batch_size, seed=config.seed,
                                    rows=sharding.process_batch_rows(mesh, tc.batch_size)),
-      lambda batch: _global_batch(batch, mesh), config.data.prefetch)
+      lambda batch: global_batch(batch, mesh), config.data.prefetch)
 
   # ---- Model, optimizer, abstract state and shardings.
   model = models.from_config(config)
