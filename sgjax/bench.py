@@ -130,7 +130,7 @@ def bench_train(config: ml_collections.ConfigDict, steps: int, warmup: int) -> d
 
 
 def bench_profile(config: ml_collections.ConfigDict, steps: int, warmup: int,
-                  trace_dir: str) -> dict:
+                  trace_dir: str, top_groups: int = 15) -> dict:
   """A `jax.profiler` trace of `steps` train steps, its device time summed by kind of work
   (route gather/scatter, attention, matmul, optimizer, …; sgjax.profiling)."""
   from sgjax import profiling  # Local: only this measurement reads traces.
@@ -139,7 +139,8 @@ def bench_profile(config: ml_collections.ConfigDict, steps: int, warmup: int,
   with jax.set_mesh(mesh):
     for _ in range(max(warmup, 1)):
       jax.block_until_ready(run(batch))
-    out = profiling.profile_calls(lambda: run(batch), compiled.as_text(), steps, trace_dir)
+    out = profiling.profile_calls(lambda: run(batch), compiled.as_text(), steps, trace_dir,
+                                  top_groups)
   return dict(batch=config.train.batch_size, routes=[list(r) for r in config.sparsity.routes],
               **out)
 

@@ -181,7 +181,7 @@ def summarize_trace(trace_dir: str, hlo_text: str, steps: int, top_groups: int =
 
 
 def profile_calls(fn: Callable[[], object], compiled_text: str, steps: int,
-                  trace_dir: str) -> dict:
+                  trace_dir: str, top_groups: int = 15) -> dict:
   """Traces `steps` synchronised calls of `fn` into `trace_dir` and summarises them."""
   jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
   try:
@@ -192,4 +192,4 @@ def profile_calls(fn: Callable[[], object], compiled_text: str, steps: int,
   finally:
     jax.profiler.stop_trace()
   return dict(trace_dir=trace_dir, wall_ms_per_step=1e3 * wall_s / steps,
-              **summarize_trace(trace_dir, compiled_text, steps))
+              **summarize_trace(trace_dir, compiled_text, steps, top_groups))

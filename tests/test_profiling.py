@@ -62,7 +62,8 @@ def test_trace_time_is_summed_per_kind_on_device_streams_only(tmp_path):
 
 def test_profile_of_a_routed_train_step_finds_every_kind_it_runs(tmp_path):
   c = tiny_config()  # Routed (1 -> 1, γ 0.5), data-parallel over the 8 test devices.
-  r = bench.bench_profile(c, steps=2, warmup=1, trace_dir=str(tmp_path))
+  # Every group listed: which ones make the top 15 depends on the machine's load.
+  r = bench.bench_profile(c, steps=2, warmup=1, trace_dir=str(tmp_path), top_groups=10_000)
   ms = r["ms_per_step"]
   assert all(ms[k] > 0 for k in profiling.KINDS)  # Gradient all-reduces are the collectives.
   assert sum(r["share"].values()) == pytest.approx(1.0)
