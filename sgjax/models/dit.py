@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from einops import rearrange, repeat
 
 from sgjax import flow
 from sgjax import sparsity as sp
@@ -90,14 +91,14 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    b, n, d = x.shape
+    d = x.shape[-1]
     qkv = _dense(3 * d, (EMBED, HEADS), name="qkv", dtype=self.dtype)(x)
-    qkv = qkv.reshape(b, n, 3, self.heads, d // self.heads)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    q, k, v = rearrange(qkv, "b n (three h hd) -> three b n h hd", three=3, h=self.heads)
     with jax.named_scope(ATTENTION_SCOPE):  # Profiles attribute the score/value work by it.
       out = jax.nn.dot_product_attention(q, k, v,
                                          implementation=attention_impl(self.impl, self.dtype))
-    return _dense(d, (HEADS, EMBED), name="proj", dtype=self.dtype)(out.reshape(b, n, d))
+    out = rearrange(out, "b n h hd -> b n (h hd)")
+    return _dense(d, (HEADS, EMBED), name="proj", dtype=self.dtype)(out)
 
 
 class DiTBlock(nn.Module):
@@ -176,7 +177,7 @@ class DiT(nn.Module):
                 kernel_init=nn.with_logical_partitioning(
                     nn.initializers.xavier_uniform(), (NONE, NONE, PATCH, EMBED)),
                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (EMBED,)))(x)
-    x = x.reshape(b, grid * grid, d) + sincos_pos_embed_2d(d, grid).astype(self.dtype)
+    x = rearrange(x, "b gh gw d -> b (gh gw) d") + sincos_pos_embed_2d(d, grid).astype(self.dtype)
 
     temb = timestep_embedding(t, 256, scale=self.time_scale).astype(self.dtype)
     temb = _dense(d, (NONE, MLP), name="t_embed1", dtype=self.dtype)(temb)
@@ -221,8 +222,8 @@ class DiT(nn.Module):
     x = modulate(nn.LayerNorm(use_bias=False, use_scale=False, epsilon=1e-6, dtype=self.dtype,
                               name="final_norm")(x), shift, scale)
     x = _dense(p * p * ch, (EMBED, NONE), name="final_proj", dtype=self.dtype, zero=True)(x)
-    # Unpatchify: (B, N, p*p*C) -> (B, H, W, C).
-    x = x.reshape(b, grid, grid, p, p, ch).transpose(0, 1, 3, 2, 4, 5).reshape(b, h, w, ch)
+    # Unpatchify: token (gh, gw)'s p·p·C outputs become its p×p block of pixels.
+    x = rearrange(x, "b (gh gw) (ph pw c) -> b (gh ph) (gw pw) c", gh=grid, ph=p, pw=p)
     x = x.astype(jnp.float32)
     if self.prediction == "eps_vp":
       x = flow.velocity_from_vp_eps(x_in, x, t_in)
@@ -244,7 +245,7 @@ class DiT(nn.Module):
       x = sp.scatter_tokens(full, x, keep_idx)
       visible = sp.scatter_tokens(jnp.zeros((b, n)), jnp.ones(keep_idx.shape), keep_idx)
     p = self.patch_size
-    pixels = jnp.repeat(jnp.repeat(visible.reshape(b, grid, grid), p, 1), p, 2)
+    pixels = repeat(visible, "b (gh gw) -> b (gh ph) (gw pw)", gh=grid, ph=p, pw=p)
     self.sow("intermediates", "visible", pixels[..., None])
     x = x + sincos_pos_embed_2d(dd, grid).astype(self.dtype)
     for layer in range(self.decoder_depth):

@@ -22,6 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from einops import rearrange
 
 from sgjax import sparsity as sp
 from sgjax.models.dit import (
@@ -84,17 +85,15 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, positions=None, context=None, context_mask=None):
-    b, n, d = x.shape
-    hd = d // self.heads
+    d, h = x.shape[-1], self.heads
     if context is None:
       qkv = _dense(3 * d, (EMBED, HEADS), name="qkv", dtype=self.dtype)(x)
-      q, k, v = jnp.split(qkv.reshape(b, n, 3, self.heads, hd), 3, axis=2)
-      q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]
+      q, k, v = rearrange(qkv, "b n (three h hd) -> three b n h hd", three=3, h=h)
     else:
-      q = _dense(d, (EMBED, HEADS), name="q", dtype=self.dtype)(x).reshape(b, n, self.heads, hd)
+      q = _dense(d, (EMBED, HEADS), name="q", dtype=self.dtype)(x)
+      q = rearrange(q, "b n (h hd) -> b n h hd", h=h)
       kv = _dense(2 * d, (EMBED, HEADS), name="kv", dtype=self.dtype)(context)
-      k, v = jnp.split(kv.reshape(b, context.shape[1], 2, self.heads, hd), 2, axis=2)
-      k, v = k[:, :, 0], v[:, :, 0]
+      k, v = rearrange(kv, "b l (two h hd) -> two b l h hd", two=2, h=h)
     if positions is not None:
       self.sow("intermediates", "positions", positions)  # Tests compare these with the tokens'.
       q, k = rope_2d(q, positions), rope_2d(k, positions)
@@ -103,7 +102,8 @@ class Attention(nn.Module):
     impl = attention_impl(self.impl, self.dtype) if mask is None else "xla"
     with jax.named_scope(ATTENTION_SCOPE):
       out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
-    return _dense(d, (HEADS, EMBED), name="proj", dtype=self.dtype)(out.reshape(b, n, d))
+    out = rearrange(out, "b n h hd -> b n (h hd)")
+    return _dense(d, (HEADS, EMBED), name="proj", dtype=self.dtype)(out)
 
 
 class SwiGLU(nn.Module):
@@ -190,12 +190,12 @@ class TRDiT(nn.Module):
     b, h, w, ch = x.shape
     grid = h // p
     hidden = swiglu_hidden(d, self.mlp_ratio)
-    patches = x.astype(self.dtype).reshape(b, grid, p, grid, p, ch).transpose(0, 1, 3, 2, 4, 5)
+    patches = rearrange(x.astype(self.dtype), "b (gh ph) (gw pw) c -> b gh gw ph pw c", ph=p, pw=p)
     x = nn.DenseGeneral(d, axis=(-3, -2, -1), use_bias=False, dtype=self.dtype,
                         param_dtype=jnp.float32, name="patch_embed",
                         kernel_init=nn.with_logical_partitioning(
                             nn.initializers.xavier_uniform(), (NONE, NONE, PATCH, EMBED)))(patches)
-    x = x.reshape(b, grid * grid, d)
+    x = rearrange(x, "b gh gw d -> b (gh gw) d")
     positions = jnp.broadcast_to(grid_positions(grid), (b, grid * grid, 2))
 
     # Text: project the frozen features to the width, then the trainable layers.
@@ -238,7 +238,7 @@ class TRDiT(nn.Module):
     shift, scale = jnp.split(final, 2, axis=-1)
     x = _rms_norm("final_norm", self.dtype, scale=False)(x) * (1 + scale[:, None]) + shift[:, None]
     x = _dense(p * p * ch, (EMBED, NONE), name="final_proj", dtype=self.dtype, zero=True)(x)
-    x = x.reshape(b, grid, grid, p, p, ch).transpose(0, 1, 3, 2, 4, 5).reshape(b, h, w, ch)
+    x = rearrange(x, "b (gh gw) (ph pw c) -> b (gh ph) (gw pw) c", gh=grid, ph=p, pw=p)
     return x.astype(jnp.float32)
 
 
