@@ -1,7 +1,8 @@
-"""Metric logging: JSONL and TensorBoard event files in the workdir, and a console progress line.
+"""Metric logging: JSONL and TensorBoard event files in the workdir, a console progress line, and
+the parameter table printed at start.
 
 Written only by process 0. TensorBoard events come from tensorboardX, which needs no TensorFlow
-(clu's and flax's writers import it).
+(clu's and flax's writers import it; clu's `parameter_overview` does not).
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ import os
 import sys
 import time
 from collections.abc import Mapping
+from typing import Any
 
 import jax
+from clu import parameter_overview as clu_overview
 from etils import epath
 
 
@@ -39,6 +42,17 @@ def _summary_writer_class():
   finally:
     del sys.modules["torch"]
   return SummaryWriter
+
+
+def parameter_overview(params: Mapping[str, Any], *, max_lines: int | None = None) -> str:
+  """clu's table of every parameter (name, shape, dtype, size, partition spec) and the total.
+
+  Takes real or abstract params (`jax.ShapeDtypeStruct`s, e.g. from `jax.eval_shape`): no
+  statistics are computed, so nothing is fetched from the devices and no process waits on
+  another. The spec column is the leaf's `sharding.spec` (`None` where a leaf has no sharding).
+  """
+  return clu_overview.get_parameter_overview(dict(params), include_stats="sharding",
+                                             max_lines=max_lines)
 
 
 class MetricWriter:

@@ -28,20 +28,22 @@ TrainState = dict[str, Any]  # {"step", "params", "ema", "opt_state", "rng"}
 OPTIMIZER_SCOPE = "optimizer"  # Named scope of the AdamW and EMA updates (profiles).
 
 
+def make_schedule(tc: ml_collections.ConfigDict) -> optax.Schedule:
+  """The learning rate by step: the optimizer's and the logged one, so they cannot disagree.
+
+  A schedule even when constant: AdamW then keeps a step count in its state (one int32 leaf),
+  the same state layout with or without warmup.
+  """
+  if tc.warmup_steps:
+    return optax.linear_schedule(0.0, tc.lr, tc.warmup_steps)
+  return optax.constant_schedule(tc.lr)
+
+
 def make_optimizer(tc: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  if tc.warmup_steps:
-    lr = optax.linear_schedule(0.0, tc.lr, tc.warmup_steps)
-  else:
-    lr = tc.lr
   parts = [optax.clip_by_global_norm(tc.grad_clip)] if tc.grad_clip > 0 else []
-  parts.append(optax.adamw(lr, b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay))
+  parts.append(optax.adamw(make_schedule(tc), b1=tc.b1, b2=tc.b2,
+                           weight_decay=tc.weight_decay))
   return optax.chain(*parts)
-
-
-def learning_rate(tc: ml_collections.ConfigDict, step: jax.Array) -> jax.Array:
-  if tc.warmup_steps:
-    return tc.lr * jnp.minimum(1.0, step / tc.warmup_steps)
-  return jnp.asarray(tc.lr, jnp.float32)
 
 
 def ema_decay(tc: ml_collections.ConfigDict, step: jax.Array) -> jax.Array:
@@ -129,7 +131,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: dit.DiT,
       d = ema_decay(tc, state["step"])
       ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state["ema"], params)
     metrics = dict(loss=loss, grad_norm=optax.tree.norm(grads),
-                   lr=learning_rate(tc, state["step"]))
+                   lr=jnp.asarray(make_schedule(tc)(state["step"]), jnp.float32))
     new_state = dict(step=state["step"] + 1, params=params, ema=ema, opt_state=opt_state,
                      rng=state["rng"])
     return new_state, metrics

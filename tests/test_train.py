@@ -3,6 +3,7 @@
 import flax.linen as nn
 import jax
 import numpy as np
+import optax
 
 from sgjax import config as config_lib
 from sgjax import sharding, train
@@ -109,3 +110,34 @@ def test_grad_accumulation_matches_full_batch_step():
   np.testing.assert_allclose(float(m4["grad_norm"]), float(m1["grad_norm"]), rtol=1e-4)
   for a, b in zip(jax.tree.leaves(s4["params"]), jax.tree.leaves(s1["params"]), strict=True):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+def test_logged_lr_is_the_schedule_the_optimizer_steps_with():
+  # Warmup over 4 steps: the step at lr 0 must not move the params (AdamW's decay is scaled by
+  # the same lr), the logged values are the optax schedule's, and the optimizer's own step
+  # count (what it feeds its schedule) equals the train step.
+  c = tiny_config()
+  c.sparsity.routes = ()
+  c.train.update(warmup_steps=4, weight_decay=0.01)
+  model = dit.from_config(c)
+  tx = train.make_optimizer(c.train)
+  state = nn.unbox(train.init_state(model, tx, c.seed))
+  init_params = jax.device_get(state["params"])
+  step = jax.jit(train.make_train_step(c, model, tx))
+  lrs, params = [], []
+  for i in range(3):
+    state, m = step(state, _batch(c, i))
+    lrs.append(float(m["lr"]))
+    params.append(jax.device_get(state["params"]))
+  np.testing.assert_allclose(lrs, [0.0, 2.5e-4, 5e-4], rtol=1e-6, atol=0)
+  for a, b in zip(jax.tree.leaves(params[0]), jax.tree.leaves(init_params), strict=True):
+    np.testing.assert_array_equal(a, b)
+  kernel = lambda p: p["final_proj"]["kernel"]
+  assert np.abs(kernel(params[1]) - kernel(params[0])).max() > 0.5 * 2.5e-4
+  is_sched = lambda s: isinstance(s, optax.ScaleByScheduleState)
+  sched = [s for s in jax.tree.leaves(state["opt_state"], is_leaf=is_sched) if is_sched(s)]
+  assert [int(s.count) for s in sched] == [3]
+  c.train.warmup_steps = 0
+  _, m = jax.jit(train.make_train_step(c, model, train.make_optimizer(c.train)))(
+      nn.unbox(train.init_state(model, train.make_optimizer(c.train), c.seed)), _batch(c))
+  np.testing.assert_allclose(float(m["lr"]), c.train.lr, rtol=1e-7)
