@@ -369,7 +369,7 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  from absl import app, flags
+  from absl import flags
   from ml_collections import config_flags
   config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=False)
   flags.DEFINE_string("what", "peak,train",
@@ -383,4 +383,5 @@ if __name__ == "__main__":
                       "folder); open the .trace.json.gz in ui.perfetto.dev.")
   flags.DEFINE_bool("json", False, "Print JSON.")
   flags.mark_flag_as_required("config")
-  app.run(main)
+  from sgjax import errors
+  errors.run(main)

@@ -3,31 +3,70 @@
 A checkpoint holds the whole train state (step, params, EMA, optimizer state, base RNG key) and
 the data iterator's position, so that a resumed run continues bit for bit. Orbax writes each
 step to a temporary folder and renames it when complete, so a crash mid-save leaves the previous
-checkpoint intact. A restore never falls back to training from scratch: if a checkpoint exists
-and cannot be read (wrong model size, corrupt files), the error propagates.
+checkpoint intact. A restore never falls back to training from scratch: a checkpoint that does
+not fit the model names the params that differ, and one that cannot be read is named with its
+step and the step to resume from instead (it is never deleted).
+
+Only the run's own saves count against `max_to_keep`: `protected_steps` (an imported
+checkpoint, steps from before the workdir was recorded) are never deleted, and readers open the
+folder read-only, so they neither create it nor clean up another process's save in progress.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import grain
+import jax
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
+
+from sgjax import errors
 
 
-def manager(directory: str, *, max_to_keep: int = 3, async_save: bool = True,
-            keep_period: int = 0) -> ocp.CheckpointManager:
-  """`keep_period` > 0 keeps every checkpoint whose step is a multiple of it (guide checkpoints
-  for AG+SG) besides the `max_to_keep` latest."""
+def manager(directory: str, *, max_to_keep: int | None = 3, async_save: bool = True,
+            keep_period: int = 0, read_only: bool = False,
+            protected_steps: Sequence[int] = ()) -> ocp.CheckpointManager:
+  """`max_to_keep` latest saves (None: all) are kept, and besides them every checkpoint whose
+  step is a multiple of `keep_period` > 0 (guide checkpoints for AG+SG) and `protected_steps`.
+
+  `read_only`: for readers; the folder must exist (see `require_steps`) and nothing is
+  written, created or cleaned up.
+  """
   if "://" not in directory:  # Orbax needs absolute local paths; gs:// and friends pass as is.
     directory = os.path.abspath(directory)
+  keep = [policies.LatestN(n=max_to_keep)]
+  if keep_period:
+    keep.append(policies.EveryNSteps(interval_steps=keep_period))
+  if protected_steps:
+    keep.append(policies.CustomSteps(steps=list(protected_steps)))
+  # Not orbax's read_only (it warns at every open): a reader never saves, so it deletes nothing.
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=max_to_keep, keep_period=keep_period or None, create=True,
-      enable_async_checkpointing=async_save,
-      cleanup_tmp_directories=True)
+      preservation_policy=(policies.LatestN(n=None) if read_only
+                           else policies.AnyPreservationPolicy(keep)),
+      create=not read_only, enable_async_checkpointing=async_save and not read_only,
+      cleanup_tmp_directories=not read_only)
   return ocp.CheckpointManager(directory, options=options, item_names=("state", "data"))
+
+
+def saved_steps(directory: str) -> list[int]:
+  """The complete checkpoints' steps in `directory` (orbax names them by step; a save in
+  progress has a temporary name), without opening a manager."""
+  from sgjax import files  # Local: etils.epath only where a path is listed.
+  if not files.isdir(directory):
+    return []
+  return sorted(int(name) for name in files.listdir(directory) if name.isdigit())
+
+
+def require_steps(directory: str, what_to_do: str) -> None:
+  """Refuses a checkpoint folder that does not exist, before any manager would create it."""
+  from sgjax import files  # Local: etils.epath only where a path is checked.
+  if not files.isdir(directory):
+    raise errors.UserError(directory, "no checkpoints there", what_to_do)
 
 
 class _IteratorSnapshot:
@@ -49,6 +88,51 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_iter: Any | No
   mngr.save(step, args=ocp.args.Composite(**items), force=True)
 
 
+def _paths_and_shapes(tree: Any) -> dict[str, tuple]:
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {jax.tree_util.keystr(path, simple=True, separator="/"): tuple(leaf.shape)
+          for path, leaf in flat}
+
+
+def _unreadable(mngr: ocp.CheckpointManager, step: int, cause: BaseException) -> errors.UserError:
+  earlier = [s for s in mngr.all_steps() if s < step]
+  action = (f"move it aside to resume from step {max(earlier)}" if earlier else
+            "it is the only checkpoint: move it aside to start afresh, or restore it from a copy")
+  return errors.UserError(os.path.join(str(mngr.directory), str(step)),
+                          f"checkpoint step {step} in {mngr.directory} is unreadable "
+                          f"({errors.first_line(cause)})", action)
+
+
+def check_fits(mngr: ocp.CheckpointManager, step: int, abstract_state: Any) -> None:
+  """Refuses a checkpoint whose arrays are not the model's (names the first differences), and
+  one whose metadata cannot be read (damaged)."""
+  path = os.path.join(str(mngr.directory), str(step), "state")
+  absl_logger = logging.getLogger("absl")
+  level = absl_logger.level
+  absl_logger.setLevel(logging.ERROR)  # Orbax warns that a step's item has no step metadata.
+  try:
+    saved = ocp.StandardCheckpointer().metadata(path).item_metadata
+    saved = _paths_and_shapes(saved.tree if hasattr(saved, "tree") else saved)
+  except Exception as err:  # whatever TensorStore/JSON raise, it is damage.
+    raise _unreadable(mngr, step, err) from err
+  finally:
+    absl_logger.setLevel(level)
+  if not saved:  # Orbax reads a step without its _METADATA as an empty tree.
+    raise _unreadable(mngr, step, "its array metadata is missing")
+  wanted = _paths_and_shapes(abstract_state)
+  order = lambda keys: sorted(keys, key=lambda k: (not k.startswith("params/"), k))
+  diff = [f"{k} missing" for k in order(set(wanted) - set(saved))]
+  diff += [f"{k} not in the model" for k in order(set(saved) - set(wanted))]
+  diff += [f"{k} {saved[k]} saved, {wanted[k]} in the model"
+           for k in order(set(saved) & set(wanted)) if saved[k] != wanted[k]]
+  if diff:
+    shown = "; ".join(diff[:3]) + (f"; … {len(diff) - 3} more" if len(diff) > 3 else "")
+    raise errors.UserError(os.path.join(str(mngr.directory), str(step)),
+                           f"checkpoint step {step} does not fit the configured model ({shown})",
+                           "use the model.* / data.* values it was trained with, or another "
+                           "--workdir")
+
+
 def restore(mngr: ocp.CheckpointManager, abstract_state: Any, data_iter: Any | None,
             step: int | None = None) -> Any:
   """Restores `step` (default: latest) into arrays laid out like `abstract_state`.
@@ -58,9 +142,14 @@ def restore(mngr: ocp.CheckpointManager, abstract_state: Any, data_iter: Any | N
   """
   step = mngr.latest_step() if step is None else step
   if step is None:
-    raise FileNotFoundError(f"no checkpoint in {mngr.directory}")
+    raise errors.UserError(str(mngr.directory), "no checkpoint there",
+                           "train first (--mode=train) or point --workdir at a trained run")
+  check_fits(mngr, step, abstract_state)
   items = dict(state=ocp.args.StandardRestore(abstract_state))
   if data_iter is not None:
     items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
-  restored = mngr.restore(step, args=ocp.args.Composite(**items))
+  try:
+    restored = mngr.restore(step, args=ocp.args.Composite(**items))
+  except Exception as err:  # the arrays fit (checked above): the files are bad.
+    raise _unreadable(mngr, step, err) from err
   return restored["state"]

@@ -1,16 +1,20 @@
 """Model presets and config validation: every field is checked once, here, before any work.
 
 Errors name the field and the allowed range, so a typo on the command line fails in the first
-second instead of after compilation.
+second instead of after compilation. They are `sgjax.errors.UserError`s: one line, exit 2. A key
+that `base_config()` does not have (a typo in a config file, where `ConfigDict.update` would add
+it silently) is refused too.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 
 import ml_collections
 
+from sgjax import errors
 from sgjax.sparsity import Sparsity
 
 # DiT/SiT sizes (Peebles & Xie, Table 1). A preset "XL/2" is size XL with patch 2.
@@ -54,8 +58,9 @@ def apply_preset(model: ml_collections.ConfigDict) -> None:
   if not model.preset:
     return
   if model.preset not in PRESETS:
-    raise ValueError(f"model.preset = {model.preset!r}: unknown; allowed: {', '.join(PRESETS)} "
-                     "or '' for explicit depth/width/heads/patch_size")
+    raise errors.UserError(f"model.preset = {model.preset!r}", "unknown",
+                           f"allowed: {', '.join(PRESETS)} or '' for explicit "
+                           "depth/width/heads/patch_size")
   size, patch = model.preset.split("/")
   for k, v in MODEL_SIZES[size].items():
     model[k] = v
@@ -64,11 +69,32 @@ def apply_preset(model: ml_collections.ConfigDict) -> None:
 
 def _check(cond: bool, field: str, value, allowed: str) -> None:
   if not cond:
-    raise ValueError(f"{field} = {value!r}: {allowed}")
+    raise errors.UserError(f"{field} = {value!r}", allowed)
+
+
+def check_keys(config: ml_collections.ConfigDict) -> None:
+  """Refuses a key that `base_config()` lacks, naming it, its section's keys and the closest.
+
+  Nothing would read such a key: it is a typo or a field that does not exist (yet).
+  """
+  def walk(node, reference, path):
+    for key in node.keys():
+      if key not in reference:
+        raise errors.unknown_key(".".join(path + [key]), list(reference.keys()))
+      if isinstance(reference[key], ml_collections.ConfigDict) and hasattr(node[key], "keys"):
+        walk(node[key], reference[key], path + [key])
+  walk(config, base_config(), [])
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
-  """Raises ValueError naming the first bad field. Resolves the model preset in place."""
+  """Raises UserError naming the first bad field. Resolves the model preset in place."""
+  # Older modules' checks (sparsity, guidance plan, mesh) raise ValueErrors in the same form.
+  with errors.user_errors():
+    _validate(config, num_devices)
+
+
+def _validate(config: ml_collections.ConfigDict, num_devices: int | None) -> None:
+  check_keys(config)
   m = config.model
   apply_preset(m)
   _check(m.depth >= 1, "model.depth", m.depth, "must be >= 1")
@@ -124,8 +150,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
 
   t = config.train
   _check(t.batch_size >= 1, "train.batch_size", t.batch_size, "must be >= 1")
-  _check(t.num_steps >= 0, "train.num_steps", t.num_steps, "must be >= 0")
-  _check(t.lr > 0, "train.lr", t.lr, "must be > 0")
+  _check(t.num_steps >= 1, "train.num_steps", t.num_steps,
+         "must be >= 1 (the step to train to; 0 would train nothing)")
+  _check(math.isfinite(t.lr) and t.lr > 0, "train.lr", t.lr, "must be finite and > 0")
   _check(0 <= t.b1 < 1, "train.b1", t.b1, "must be in [0, 1)")
   _check(0 <= t.b2 < 1, "train.b2", t.b2, "must be in [0, 1)")
   _check(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "must be >= 0")
@@ -174,6 +201,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   _check(s.sampler in SAMPLERS, "sample.sampler", s.sampler, f"allowed: {SAMPLERS}")
   _check(s.time_shift > 0, "sample.time_shift", s.time_shift, "must be > 0 (1 = uniform grid)")
   _check(s.batch_size >= 1, "sample.batch_size", s.batch_size, "must be >= 1")
+  _check(s.per_class >= 1, "sample.per_class", s.per_class,
+         "must be >= 1 (images of each class, or of each prompt)")
   _check(s.num_samples >= 0, "sample.num_samples", s.num_samples, "must be >= 0")
   _check(s.shard_batches >= 1, "sample.shard_batches", s.shard_batches, "must be >= 1")
   g = s.guidance

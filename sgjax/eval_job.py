@@ -15,18 +15,27 @@ import hashlib
 import io
 import json
 import os
+import zipfile
 
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 from jax.experimental import multihost_utils
 
 from sgjax import config as config_lib
-from sgjax import files, flops, sampling_job, sharding
+from sgjax import errors, files, flops, sampling_job, sharding
 from sgjax.eval import frechet, inception
 from sgjax.eval import metrics as metrics_lib
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".JPEG", ".PNG", ".JPG")
+IMAGES_EXPECTED = ("expected uint8 NHWC images (N >= 1, H, W, 1 or 3), as the ADM reference "
+                   "batches hold them; floats in [0, 1] convert with "
+                   "(x * 255).round().clip(0, 255).astype(np.uint8)")
+# An ADM reference batch's statistics, of the FID Inception's pool and spatial features.
+STATISTICS = {"mu": (inception.POOL_DIM,), "sigma": (inception.POOL_DIM, inception.POOL_DIM),
+              "mu_s": (inception.SPATIAL_DIM,),
+              "sigma_s": (inception.SPATIAL_DIM, inception.SPATIAL_DIM)}
 
 
 def _log(msg: str) -> None:
@@ -48,23 +57,84 @@ def _save_npz(path: str, **arrays) -> None:
     files.save_npz(path, **arrays)
 
 
+def check_images(shape: tuple, dtype, where: str) -> None:
+  """Refuses anything but uint8 NHWC with 1 or 3 channels: floats in [0, 1] or wider ints
+  would be scored as if they were pixels (a wrong FID, not an error)."""
+  shape = tuple(shape)
+  if np.dtype(dtype) != np.uint8 or len(shape) != 4 or shape[0] < 1 or shape[-1] not in (1, 3):
+    raise errors.UserError(where, f"images of shape {shape} and dtype {np.dtype(dtype)}",
+                           IMAGES_EXPECTED)
+
+
+def npz_headers(path: str) -> dict[str, tuple[tuple, np.dtype]]:
+  """{key: (shape, dtype)} of an .npz's arrays, read from the headers only (a reference batch
+  is gigabytes)."""
+  out = {}
+  try:
+    with epath.Path(path).open("rb") as f, zipfile.ZipFile(f) as z:
+      for name in z.namelist():
+        if not name.endswith(".npy"):
+          continue
+        with z.open(name) as member:
+          read_header = (np.lib.format.read_array_header_1_0
+                         if np.lib.format.read_magic(member) == (1, 0)
+                         else np.lib.format.read_array_header_2_0)
+          shape, _, dtype = read_header(member)
+        out[name[:-4]] = (tuple(shape), np.dtype(dtype))
+  except (OSError, ValueError, zipfile.BadZipFile) as err:
+    raise errors.UserError(path, f"not a readable .npz ({errors.first_line(err)})",
+                           "an ADM reference batch .npz, an .npz of uint8 images (arr_0) or an "
+                           "image folder") from err
+  return out
+
+
+def check_reference(path: str, needs_images: bool) -> None:
+  """Refuses a reference that would be scored wrongly, before anything is sampled: images not
+  uint8 NHWC, statistics not of the FID Inception's feature sizes, or no images where
+  precision/recall (or missing statistics) need them."""
+  if not path.endswith(".npz"):
+    if not files.isdir(path) or not any(n.endswith(IMAGE_SUFFIXES) for n in files.listdir(path)):
+      raise errors.UserError(f"eval.reference = {path!r}", f"no {IMAGE_SUFFIXES} files there",
+                             "an ADM reference batch .npz, an .npz of uint8 images (arr_0) or "
+                             "a folder of same-sized images")
+    return
+  headers = npz_headers(path)
+  for key, want in STATISTICS.items():
+    if key in headers and headers[key][0] != want:
+      raise errors.UserError(f"eval.reference = {path!r}",
+                             f"{key!r} has shape {headers[key][0]}",
+                             f"expected {want}: statistics of the FID Inception's "
+                             f"{'pool' if key in ('mu', 'sigma') else 'spatial'} features")
+  if "arr_0" in headers:
+    check_images(*headers["arr_0"], f"eval.reference = {path!r} ['arr_0']")
+  elif needs_images or not all(k in headers for k in STATISTICS):
+    raise errors.UserError(f"eval.reference = {path!r}",
+                           f"has statistics {sorted(k for k in headers if k in STATISTICS)} but "
+                           "no 'arr_0' images", "precision/recall and missing statistics "
+                           f"need them (keys found: {sorted(headers)})")
+
+
 def read_images(path: str) -> np.ndarray:
   """uint8 NHWC images from an .npz (`arr_0`) or a folder of same-sized PNG/JPEG files."""
   if path.endswith(".npz"):
     z = files.load_npz(path)
     if "arr_0" not in z:
-      raise ValueError(f"eval.reference = {path!r}: no 'arr_0' images in it (keys {list(z)})")
+      raise errors.UserError(f"eval.reference = {path!r}", "no 'arr_0' images in it",
+                             f"keys found: {list(z)}")
+    check_images(z["arr_0"].shape, z["arr_0"].dtype, f"eval.reference = {path!r} ['arr_0']")
     return z["arr_0"]
   from PIL import Image  # Local: only folders need it.
   names = [n for n in files.listdir(path) if n.endswith(IMAGE_SUFFIXES)]
   if not names:
-    raise ValueError(f"eval.reference = {path!r}: no {IMAGE_SUFFIXES} files in the folder")
+    raise errors.UserError(f"eval.reference = {path!r}", f"no {IMAGE_SUFFIXES} files there",
+                           "a folder of same-sized images")
   images = [np.asarray(Image.open(io.BytesIO(files.read_bytes(os.path.join(path, n))))
                        .convert("RGB")) for n in names]
   sizes = sorted({im.shape for im in images})
   if len(sizes) > 1:
-    raise ValueError(f"eval.reference = {path!r}: images must share one size (ADM reference "
-                     f"batches are center-cropped), found {sizes[:4]}")
+    raise errors.UserError(f"eval.reference = {path!r}", f"images of sizes {sizes[:4]}",
+                           "they must share one size (ADM reference batches are "
+                           "center-cropped)")
   return np.stack(images)
 
 
@@ -81,8 +151,11 @@ def _check_inputs(e: ml_collections.ConfigDict) -> None:
     if field == "reference" and not _needs_reference(e):
       continue
     if not e[field] or not files.exists(e[field]):
-      raise FileNotFoundError(f"eval.{field} = {e[field]!r}: must name an existing {what} "
-                              "for eval.feature_net = 'inception' (see docs/eval.md)")
+      raise errors.UserError(f"eval.{field} = {e[field]!r}", "no such file or folder",
+                             f"name an existing {what} for eval.feature_net = 'inception' "
+                             "(see docs/eval.md)")
+  if _needs_reference(e):
+    check_reference(e.reference, any(m in e.metrics for m in ("precision", "recall")))
 
 
 def reference_statistics(e: ml_collections.ConfigDict, variables, mesh, cache_dir: str
@@ -102,14 +175,16 @@ def reference_statistics(e: ml_collections.ConfigDict, variables, mesh, cache_di
     _log(f"reference statistics from the cache {cache}")
     return files.load_npz(cache)
   stats, has_images = {}, True
+  check_reference(e.reference, need_pool)
   if e.reference.endswith(".npz"):
     z = files.load_npz(e.reference)
-    stats = {k: z[k] for k in ("mu", "sigma", "mu_s", "sigma_s") if k in z}
+    stats = {k: z[k] for k in STATISTICS if k in z}
     has_images = "arr_0" in z
   if need_pool or len(stats) < 4:
-    if not has_images:
-      raise ValueError(f"eval.reference = {e.reference!r} has statistics {sorted(stats)} but "
-                       "no 'arr_0' images: precision/recall and missing statistics need them")
+    if not has_images:  # check_reference refused this; kept for callers that skip it.
+      raise errors.UserError(f"eval.reference = {e.reference!r}",
+                             f"has statistics {sorted(stats)} but no 'arr_0' images",
+                             "precision/recall and missing statistics need them")
     images = read_images(e.reference)
     feats = inception.features_of_array(variables, images, mesh, batch_size=e.batch_size,
                                         preprocess_mode=e.preprocess, what="reference images")
@@ -210,7 +285,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                  sampler=config.sample.sampler, feature_net=e.feature_net,
                  gmacs_per_image=macs.with_attention / 1e9, samples=sample_dir)
   if jax.process_index() == 0:
-    for path in (os.path.join(workdir, "metrics.json"), os.path.join(sample_dir, "metrics.json")):
+    latest = os.path.join(workdir, "metrics.json")  # The latest eval; each set keeps its own.
+    if files.exists(latest):
+      before = json.loads(files.read_text(latest)).get("samples")
+      if before and before != sample_dir:
+        _log(f"replacing {latest} (it held {before}, whose metrics stay in its metrics.json)")
+    for path in (os.path.join(sample_dir, "metrics.json"), latest):
       files.write_text(path, json.dumps(results, indent=2))
     _log("\n".join(f"  {k:16s} {v:.4f}" if isinstance(v, float) else f"  {k:16s} {v}"
                    for k, v in results.items()))

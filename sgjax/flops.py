@@ -181,9 +181,11 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  from absl import app, flags
+  from absl import flags
   from ml_collections import config_flags
+
+  from sgjax import errors
   config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=False)
   flags.DEFINE_bool("json", False, "Print JSON instead of a table.")
   flags.mark_flag_as_required("config")
-  app.run(main)
+  errors.run(main)

@@ -2,15 +2,21 @@
 
   python -m sgjax.main --config=configs/fashion_mnist.py --workdir=DIR \
       [--mode=train|sample|demo|eval]
-      [--config.train.num_steps=...]
+      [--config.train.num_steps=...] [--verbose]
+
+A mistake the user can fix (a bad or unknown config field, a workdir that holds another model,
+a damaged checkpoint, a bad evaluation input) ends with one `error: …` line and exit status 2;
+`--verbose` adds the traceback (sgjax.errors).
 """
 
 from __future__ import annotations
 
 import os
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
+
+from sgjax import errors
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (get_config()).",
                                           lock_config=True)
@@ -68,4 +74,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  errors.run(main)  # A user's error: one line, exit 2 (--verbose: with the traceback).

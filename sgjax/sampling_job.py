@@ -12,6 +12,7 @@ Two outputs:
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -21,28 +22,39 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from sgjax import checkpoint, files, metrics, models, sampling, sharding
+from sgjax import checkpoint, errors, files, metrics, models, sampling, sharding
 from sgjax import config as config_lib
 from sgjax import guidance as guidance_lib
 from sgjax import train as train_lib
+from sgjax import workdir as workdir_lib
 from sgjax.models import vae
 
 
 def load_params(config: ml_collections.ConfigDict, workdir: str, mesh, *, ema: bool = True,
                 step: int | None = None):
-  """A checkpoint's EMA (or raw) params (default: the latest), laid out by the logical rules."""
+  """A checkpoint's EMA (or raw) params (default: the latest), laid out by the logical rules.
+
+  Refuses, before reading anything, a workdir without checkpoints (creating nothing) and a
+  config whose model differs from the one the workdir records (sgjax.workdir).
+  """
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  found = checkpoint.saved_steps(ckpt_dir)
+  if not found:
+    raise errors.UserError(ckpt_dir, "no checkpoint there",
+                           "train first (--mode=train) or point --workdir at a trained run")
+  if step is not None and step not in found:
+    raise errors.UserError(f"sample.guidance.guide_step = {step}",
+                           f"no checkpoint of step {step} under {ckpt_dir}",
+                           f"there are {found}; keep guide checkpoints with train.keep_period")
+  workdir_lib.check(workdir, config, resuming=False)
   model = models.from_config(config)
   tx = train_lib.make_optimizer(config.train)
   abstract, _ = train_lib.abstract_state_and_shardings(model, tx, config.seed, mesh)
-  mngr = checkpoint.manager(os.path.join(workdir, "checkpoints"), async_save=False)
-  if mngr.latest_step() is None:
-    raise FileNotFoundError(f"no checkpoint under {workdir}/checkpoints: train first "
-                            "(--mode=train) or point --workdir at a trained run")
-  if step is not None and step not in mngr.all_steps():
-    raise FileNotFoundError(f"no checkpoint of step {step} under {workdir}/checkpoints; "
-                            f"there are {sorted(mngr.all_steps())}")
-  state = checkpoint.restore(mngr, abstract, None, step=step)
-  mngr.close()
+  mngr = checkpoint.manager(ckpt_dir, async_save=False, read_only=True)
+  try:
+    state = checkpoint.restore(mngr, abstract, None, step=step)
+  finally:
+    mngr.close()
   return model, state["ema" if ema else "params"], int(state["step"])
 
 
@@ -157,6 +169,34 @@ def write_samples(config, model, weights, plan: guidance_lib.Plan, mesh, out_dir
   return merged
 
 
+def sample_settings(config: ml_collections.ConfigDict, step: int, **extra) -> dict:
+  """What decides a sample set's images besides the workdir's model: the checkpoint step and
+  every sample.* field."""
+  flat = workdir_lib.flat_config(config)
+  return dict(step=int(step), **extra,
+              **{k: v for k, v in flat.items() if k.startswith("sample.")})
+
+
+def _save_grid(config, workdir: str, name: str, grid: np.ndarray, rows: int, step: int,
+               images: np.ndarray, **arrays) -> str:
+  """`<name>.png` of `grid` and `<name>.npz` of `images` (with the settings that made them);
+  replacing files of other settings is said, naming what changed."""
+  png, npz = os.path.join(workdir, name + ".png"), os.path.join(workdir, name + ".npz")
+  settings = sample_settings(config, step)
+  if files.exists(npz):
+    old = files.load_npz(npz).get("settings")
+    old = json.loads(str(old)) if old is not None else None
+    if old != json.loads(json.dumps(settings, default=str)):
+      changed = ([k for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k)]
+                 if old else ["settings not recorded"])
+      print(f"replacing {png} and its .npz (made with other settings: "
+            f"{', '.join(changed[:5])}{' …' if len(changed) > 5 else ''})", flush=True)
+  sampling.save_png(png, sampling.image_grid(grid, rows=rows), scale=2)
+  files.save_npz(npz, arr_0=images, step=step, settings=json.dumps(settings, default=str),
+                 **arrays)
+  return png
+
+
 def _encode_prompts(config: ml_collections.ConfigDict):
   """`sample.prompts` through the frozen encoder (`text.encoder`): (prompts, per-image condition
   {"text", "text_mask"} with `sample.per_class` rows per prompt, ∅ = the empty prompt's
@@ -209,15 +249,17 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, name: str | None = N
             flush=True)
     if config.sample.num_samples > 0 and not text_model:
       # A seed apart from the grid's, so the evaluation set is not the grid's images again.
-      npz = write_samples(config, model, weights, plan, mesh,
-                          os.path.join(workdir, f"{name}_{config.sample.num_samples}"),
+      # Shards of other settings are never resumed into this set: it then goes beside them.
+      out_dir = workdir_lib.output_dir(
+          os.path.join(workdir, f"{name}_{config.sample.num_samples}"),
+          sample_settings(config, step, seed=config.sample.seed + 1))
+      npz = write_samples(config, model, weights, plan, mesh, out_dir,
                           config.sample.num_samples, config.sample.seed + 1)
       if jax.process_index() == 0:
         print(f"wrote {config.sample.num_samples} samples to {npz}", flush=True)
   png = os.path.join(workdir, name + ".png")
   if jax.process_index() == 0:
-    sampling.save_png(png, sampling.image_grid(images, rows=rows), scale=2)
-    files.save_npz(os.path.join(workdir, name + ".npz"), arr_0=images, step=step, **extra)
+    _save_grid(config, workdir, name, images, rows, step, images, **extra)
   return png
 
 
@@ -266,10 +308,9 @@ def demo(config: ml_collections.ConfigDict, workdir: str) -> tuple[list[str], di
                                for k in range(model.num_classes)])
     png = os.path.join(workdir, f"samples_{rule}.png")
     if jax.process_index() == 0:
-      sampling.save_png(png, sampling.image_grid(images[grid_idx], rows=model.num_classes),
-                        scale=2)
-      files.save_npz(os.path.join(workdir, f"samples_{rule}.npz"), arr_0=images, labels=labels,
-                     step=step)
+      # The .npz holds all eval_per_class images per class; the grid the first per_class.
+      _save_grid(c, workdir, f"samples_{rule}", images[grid_idx], model.num_classes, step,
+                 images, labels=labels)
     paths.append(png)
   if config.data.name != "fashion_mnist":
     return paths, {}

@@ -7,8 +7,10 @@ The grid is `config.sweep` (rule × ω × γ_strong × γ_weak × steps); settin
 samples `sweep.per_class` images per class with the same seed, is scored (FD-FMNIST and class
 accuracy on Fashion-MNIST), and is appended as one JSON line to `<workdir>/sweep/results.jsonl`
 together with its GMACs per image and sampling images/s. Points already in the file are skipped,
-so a killed sweep resumes. Plots (PNG, in `<workdir>/sweep/`): metric vs GMACs per image with
-each rule's Pareto front, and ω × γ_weak heat-maps per rule.
+so a killed sweep resumes; a table made with other settings (another checkpoint step, samples
+per class, seed or sampler) is never added to: the sweep then writes beside it. Plots (PNG, in
+`<workdir>/sweep/`): metric vs GMACs per image with each rule's Pareto front, and ω × γ_weak
+heat-maps per rule.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ import jax
 import ml_collections
 import numpy as np
 
+from sgjax import checkpoint, errors, files, flops, sampling_job, sharding
 from sgjax import config as config_lib
-from sgjax import files, flops, sampling_job, sharding
+from sgjax import workdir as workdir_lib
 
 METRICS = (("fd_fmnist", "FD-FMNIST (lower is better)"),
            ("class_accuracy", "class accuracy (higher is better)"))
@@ -47,6 +50,37 @@ def grid_points(sweep: ml_collections.ConfigDict) -> list[dict]:
       seen.add(key)
       points.append(p)
   return points
+
+
+# What point_config sets from a grid point; every other sample.* field is the sweep's setting.
+GRID_FIELDS = ("sample.steps", "sample.num_samples", "sample.guidance.rule",
+               "sample.guidance.omega", "sample.guidance.gamma_strong",
+               "sample.guidance.gamma_weak", "sample.guidance.schedule")
+
+
+def check_grid(sweep: ml_collections.ConfigDict) -> list[dict]:
+  """The grid's points; refuses an empty axis or a grid whose every point is left out."""
+  for name in ("rules", "omegas", "gammas_strong", "gammas_weak", "steps"):
+    if len(sweep[name]) == 0:
+      raise errors.UserError(f"sweep.{name} = {tuple(sweep[name])!r}", "empty: the grid has no "
+                             "point", "give at least one value")
+  points = grid_points(sweep)
+  if not points:
+    raise errors.UserError("sweep.gammas_strong, sweep.gammas_weak",
+                           f"no valid point: rules {tuple(sweep.rules)} need γ_strong < γ_weak, "
+                           f"and no pair of {tuple(sweep.gammas_strong)} × "
+                           f"{tuple(sweep.gammas_weak)} has it",
+                           "add a γ_weak above some γ_strong, or the rule 'cfg'")
+  return points
+
+
+def sweep_settings(config: ml_collections.ConfigDict, step: int) -> dict:
+  """What every row of one results table shares: checkpoint step, samples per class, seed and
+  the sample.* fields the grid does not set."""
+  flat = workdir_lib.flat_config(config)
+  return dict(step=int(step), per_class=int(config.sweep.per_class), seed=int(config.sweep.seed),
+              **{k: v for k, v in flat.items() if k.startswith("sample.")
+                 and k not in GRID_FIELDS})
 
 
 def point_key(p: dict) -> tuple:
@@ -75,16 +109,22 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
   """Evaluates every missing grid point and redraws the plots; returns the results path."""
   from sgjax.data import pipeline  # Local: only the sweep's scoring needs them.
   from sgjax.eval import fmnist
+  points = check_grid(config.sweep)
   if config.data.name != "fashion_mnist":
-    raise NotImplementedError(
-        f"data.name = {config.data.name!r}: the sweep scores with FD-FMNIST, which needs "
-        "Fashion-MNIST; FID on ImageNet latents comes with the Inception port (issue 4)")
-  out_dir = os.path.join(workdir, "sweep")
-  files.makedirs(out_dir)
+    raise errors.UserError(
+        f"data.name = {config.data.name!r}", "the sweep scores with FD-FMNIST, which needs "
+        "Fashion-MNIST", "score other data with --mode=eval (FID) per setting")
+  log = (lambda m: print(m, flush=True)) if jax.process_index() == 0 else (lambda m: None)
+  steps = checkpoint.saved_steps(os.path.join(workdir, "checkpoints"))
+  if not steps:
+    raise errors.UserError(os.path.join(workdir, "checkpoints"), "no checkpoint there",
+                           "train first (--mode=train) or point --workdir at a trained run")
+  workdir_lib.check(workdir, config, resuming=False)  # Before any output folder is made.
+  out_dir = workdir_lib.output_dir(os.path.join(workdir, "sweep"),
+                                   sweep_settings(config, steps[-1]), log)
   results_path = os.path.join(out_dir, "results.jsonl")
   done = {point_key(r) for r in load_results(results_path)}
-  todo = [p for p in grid_points(config.sweep) if point_key(p) not in done]
-  log = (lambda m: print(m, flush=True)) if jax.process_index() == 0 else (lambda m: None)
+  todo = [p for p in points if point_key(p) not in done]
   log(f"sweep: {len(done)} points done, {len(todo)} to go -> {results_path}")
   if todo:
     train_split = pipeline.load_split_arrays(config.data, "train")
@@ -209,7 +249,7 @@ def plot(results: list[dict], out_dir: str) -> list[str]:
 
 def main(argv) -> None:
   del argv
-  from absl import app, flags, logging  # Local: the CLI only.
+  from absl import flags, logging  # Local: the CLI only.
 
   # Orbax logs every restore at INFO; the console shows the sweep's own lines (as sgjax.main).
   logging.set_verbosity(logging.WARNING)
@@ -219,22 +259,24 @@ def main(argv) -> None:
     results = flags.FLAGS.results or os.path.join(flags.FLAGS.workdir or "", "sweep",
                                                   "results.jsonl")
     if not files.exists(results):
-      raise FileNotFoundError(f"--results = {results!r}: no results table there")
+      raise errors.UserError(f"--results = {results!r}", "no results table there",
+                             "pass the results.jsonl a sweep wrote")
     draw(results)
     return
   config = flags.FLAGS.config
   if config is None or not flags.FLAGS.workdir:
-    raise app.UsageError("--config and --workdir are required (except with --plot_only)")
+    raise errors.UserError("--config, --workdir", "required (except with --plot_only)",
+                           "pass both")
   config_lib.validate(config, jax.device_count())
   run(config, flags.FLAGS.workdir)
 
 
 if __name__ == "__main__":
-  from absl import app, flags
+  from absl import flags
   from ml_collections import config_flags
   config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=False)
   flags.DEFINE_string("workdir", None, "A trained workdir; results go to <workdir>/sweep/.")
   flags.DEFINE_bool("plot_only", False, "Only redraw the plots of an existing results table.")
   flags.DEFINE_string("results", "", "--plot_only: the results.jsonl (default: "
                       "<workdir>/sweep/results.jsonl); plots go beside it.")
-  app.run(main)
+  errors.run(main)

@@ -18,9 +18,10 @@ import ml_collections
 import numpy as np
 import optax
 
-from sgjax import checkpoint, condition, flow, models, preemption, sharding
+from sgjax import checkpoint, condition, errors, flow, models, preemption, sharding
 from sgjax import config as config_lib
 from sgjax import metrics as metrics_lib
+from sgjax import workdir as workdir_lib
 from sgjax.models import dit
 from sgjax.sparsity import Sparsity
 
@@ -83,6 +84,10 @@ def make_train_step(config: ml_collections.ConfigDict, model: dit.DiT,
   tc = config.train
   train_sparsity = Sparsity.from_config(config.sparsity)
   null = condition.default_null(model) if null is None else null
+  compute_dtype = jnp.dtype(config.dtype)
+  # Where each parameter (hence its gradient) lives: the FSDP shard of the logical rules.
+  param_specs = sharding.logical_specs(
+      jax.eval_shape(lambda: init_state(model, tx, config.seed))["params"])
 
   def loss_fn(params, images, noise, t, labels, token_key):
     if getattr(model, "masked", False):
@@ -107,9 +112,19 @@ def make_train_step(config: ml_collections.ConfigDict, model: dit.DiT,
     t = flow.sample_time(k_time, images.shape[0])
     noise = jax.random.normal(k_noise, images.shape, images.dtype)
     accum = tc.grad_accum
-    grad_fn = jax.value_and_grad(loss_fn)
+    # Differentiate w.r.t. the weights cast to the compute dtype (what every layer multiplies
+    # with anyway) and pin each gradient to its parameter's shard before it is cast back to
+    # fp32: the partial sums over the batch then leave the matmul as a reduce-scatter onto the
+    # shard, not as a full-shape all-reduce (a cast in between hides the pattern from XLA).
+    compute_params = jax.tree.map(lambda p: p.astype(compute_dtype), state["params"])
+
+    def grad_fn(*args):
+      loss, grads = jax.value_and_grad(loss_fn)(compute_params, *args)
+      grads = sharding.constrain(grads, param_specs)
+      return loss, jax.tree.map(lambda g: g.astype(jnp.float32), grads)
+
     if accum == 1:
-      loss, grads = grad_fn(state["params"], images, noise, t, labels, k_tokens)
+      loss, grads = grad_fn(images, noise, t, labels, k_tokens)
     else:
       # Micro-batch j takes every accum-th example, so each device's shard splits locally.
       def split(a):
@@ -117,7 +132,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: dit.DiT,
 
       def body(carry, xs):
         j, micro = xs
-        loss_j, grads_j = grad_fn(state["params"], *micro, jax.random.fold_in(k_tokens, j))
+        loss_j, grads_j = grad_fn(*micro, jax.random.fold_in(k_tokens, j))
         return jax.tree.map(jnp.add, carry, (loss_j, grads_j)), None
 
       zeros = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, state["params"]))
@@ -176,13 +191,23 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
           + (f"; mask γ {config.sparsity.mask_gamma}" if config.sparsity.mask_gamma else ""),
           flush=True)
 
-  # ---- Init or resume.
-  ckpt = checkpoint.manager(os.path.join(workdir, "checkpoints"),
-                            max_to_keep=tc.keep_checkpoints, async_save=tc.async_checkpoint,
-                            keep_period=tc.keep_period)
+  # ---- Init or resume. A resume must train the model the workdir holds (sgjax.workdir); steps
+  # its own train loop did not write (an import, steps from before records) are never deleted.
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  found = checkpoint.saved_steps(ckpt_dir)
+  record = workdir_lib.check(workdir, config, resuming=True) if found else None
+  base_step = record["base_step"] if record else max(found, default=-1)
+  ckpt = checkpoint.manager(ckpt_dir, max_to_keep=tc.keep_checkpoints,
+                            async_save=tc.async_checkpoint, keep_period=tc.keep_period,
+                            protected_steps=[s for s in found if s <= base_step])
   with jax.set_mesh(mesh):
     if ckpt.latest_step() is not None:
-      state = checkpoint.restore(ckpt, abstract, data_iter)
+      try:
+        state = checkpoint.restore(ckpt, abstract, data_iter)
+      except BaseException:  # A damaged or foreign checkpoint: release the files, then say so.
+        ckpt.close()
+        writer.close()
+        raise
       if jax.process_index() == 0:
         print(f"resumed from step {int(state['step'])} in {workdir}", flush=True)
     else:
@@ -200,6 +225,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     watch = preemption.PreemptionWatch().start()
     try:
       first_step = int(state["step"])
+      if first_step >= tc.num_steps and jax.process_index() == 0:
+        print(f"nothing to train: {workdir} is at step {first_step} >= train.num_steps = "
+              f"{tc.num_steps} (raise it to train on)", flush=True)
       progress = metrics_lib.Progress(tc.num_steps, first_step)
       pending: list[dict[str, jax.Array]] = []
       t_last, step_last = time.perf_counter(), first_step
@@ -216,8 +244,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
           if not np.all(np.isfinite(losses)):
             bad = step - len(fetched) + 1 + int(np.argmax(~np.isfinite(losses)))
             ckpt.wait_until_finished()
-            raise FloatingPointError(
-                f"non-finite loss at step {bad}; last good checkpoint: step {ckpt.latest_step()}")
+            good = ckpt.latest_step()
+            raise errors.TrainingDiverged(
+                workdir, f"non-finite loss at step {bad}",
+                "there is no good checkpoint yet (it diverged before the first save): lower "
+                "train.lr or set train.grad_clip, then train again" if good is None else
+                f"last good checkpoint: step {good}; lower train.lr or set train.grad_clip and "
+                "rerun to resume from it")
           now = time.perf_counter()
           steps_per_s = (step - step_last) / (now - t_last)
           t_last, step_last = now, step
@@ -228,6 +261,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
           writer.write(step, report)
           progress.report(step, dict(loss=report["loss"], grad_norm=report["grad_norm"]))
         if is_ckpt:
+          if record is None:  # The first save: say what the workdir holds (sgjax.workdir).
+            workdir_lib.write(workdir, config, base_step=base_step, written_by="sgjax.train")
+            record = dict(base_step=base_step)
           checkpoint.save(ckpt, step, state, data_iter)
         if preempted:
           ckpt.wait_until_finished()

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from sgjax import config as config_lib
+from sgjax import errors, sampling, sampling_job, sharding, workdir
 from sgjax import guidance as gl
-from sgjax import sampling, sampling_job, sharding
 from sgjax.models import dit
 from third_party import dit_checkpoint as ckpt
 
@@ -192,6 +192,10 @@ def test_written_workdir_samples_with_our_sampler(reference, tmp_path):
   params, arch = ckpt.convert(ckpt.load_state_dict(src), heads=HEADS)
   out = str(tmp_path / "imported")
   path = ckpt.write_workdir(params, arch, "dit", out, src=src)
+  # The record marks step 0 as an import (never rotated away); a second import is refused.
+  assert workdir.read(out)["base_step"] == 0
+  with pytest.raises(errors.UserError, match="is not empty"):
+    ckpt.write_workdir(params, arch, "dit", out, src=src)
   config = config_lib.load_config_file(path)
   config.sample.update(steps=3, batch_size=8)
   config_lib.validate(config, jax.device_count())

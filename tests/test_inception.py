@@ -300,7 +300,9 @@ def test_eval_mode_samples_scores_resumes_and_scores_a_set_against_itself(tmp_pa
 
 def test_reference_statistics_of_an_adm_batch_are_read_not_recomputed(tmp_path):
   rng = np.random.default_rng(5)
-  stats = dict(mu=rng.normal(size=4), sigma=np.eye(4), mu_s=rng.normal(size=3), sigma_s=np.eye(3))
+  pool, spatial = inception.POOL_DIM, inception.SPATIAL_DIM  # Checked: the FID Inception's sizes.
+  stats = dict(mu=rng.normal(size=pool), sigma=np.eye(pool, dtype=np.float32),
+               mu_s=rng.normal(size=spatial), sigma_s=np.eye(spatial, dtype=np.float32))
   path = str(tmp_path / "VIRTUAL_ref.npz")
   np.savez(path, **stats)  # No arr_0: FID/sFID work, precision/recall cannot.
   weights = str(tmp_path / "w.npz")

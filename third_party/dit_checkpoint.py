@@ -4,9 +4,11 @@
   python -m sgjax.main --config=DIR/config.py --workdir=DIR --mode=sample
 
 writes DIR as a workdir: an orbax checkpoint at step 0 whose params and EMA are the converted
-weights, and DIR/config.py, the config of the imported model (architecture read from the
-state dict, everything else from --base_config). Every tool that reads a workdir (sample, sweep,
-eval) then works unchanged. The key mapping, the time conventions and why the DiT kind needs
+weights, DIR/config.py, the config of the imported model (architecture read from the state
+dict, everything else from --base_config), and the workdir record (sgjax.workdir) that marks
+step 0 as imported, so training on from it never deletes it. Every tool that reads a workdir
+(sample, sweep, eval) then works unchanged. DIR must be new or an empty folder: nothing in it
+is ever overwritten. The key mapping, the time conventions and why the DiT kind needs
 `model.prediction = "eps_vp"` are in docs/checkpoints.md. Nothing is downloaded.
 
 Both repositories use the same module names, so one mapping serves both; they differ in what
@@ -203,14 +205,27 @@ def get_config():
 '''
 
 
+def check_out(out: str) -> None:
+  """Refuses an --out that holds anything (a file, or a folder that is not empty): the
+  import would mix with, or rotate away, what is there."""
+  from sgjax import errors
+  if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+    held = sorted(os.listdir(out))[:5] if os.path.isdir(out) else "a file"
+    raise errors.UserError(f"--out={out}", f"is not empty (holds {held})",
+                           "import into a new or empty folder; nothing there is overwritten")
+
+
 def write_workdir(params: Mapping[str, Any], arch: Mapping[str, Any], kind: str, out: str,
                   base_config: str = "", src: str = "a state dict") -> str:
-  """Writes `out` as a workdir (step-0 checkpoint, params = EMA = `params`) and out/config.py."""
+  """Writes `out` as a workdir (step-0 checkpoint, params = EMA = `params`), out/config.py and
+  the workdir record. `out` must be new or empty (`check_out`)."""
   import jax
   import jax.numpy as jnp
 
   from sgjax import checkpoint
   from sgjax import train as train_lib
+  from sgjax import workdir as workdir_lib
+  check_out(out)
   config = imported_config(arch, kind, base_config)
   tx = train_lib.make_optimizer(config.train)
   params = jax.tree.map(jnp.asarray, dict(params))
@@ -218,10 +233,13 @@ def write_workdir(params: Mapping[str, Any], arch: Mapping[str, Any], kind: str,
                opt_state=tx.init(params),
                rng=jax.random.key_data(jax.random.key(config.seed)))
   os.makedirs(out, exist_ok=True)
-  mngr = checkpoint.manager(os.path.join(out, "checkpoints"), async_save=False)
+  # max_to_keep=None: this manager deletes nothing (there is nothing else, by check_out).
+  mngr = checkpoint.manager(os.path.join(out, "checkpoints"), async_save=False, max_to_keep=None)
   checkpoint.save(mngr, 0, state, None)
   mngr.wait_until_finished()
   mngr.close()
+  # Step 0 is an import: base_step 0 keeps it whatever train.keep_checkpoints says.
+  workdir_lib.write(out, config, base_step=0, written_by="third_party.dit_checkpoint")
   path = os.path.join(out, "config.py")
   with open(path, "w") as f:
     f.write(_CONFIG_FILE.format(src=os.path.basename(src), kind=kind, arch=dict(arch),
@@ -233,9 +251,18 @@ def main(argv) -> None:
   del argv
   from absl import flags, logging
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
+  from sgjax import errors
   f = flags.FLAGS
-  sd = load_state_dict(f.src, f.key)
-  params, arch = convert(sd, f.heads)
+  check_out(f.out)  # Before the (slow) read of the .pt.
+  if not os.path.isfile(f.src):
+    raise errors.UserError(f"--src={f.src}", "no such file", "pass a DiT/SiT .pt state dict")
+  try:
+    sd = load_state_dict(f.src, f.key)
+    params, arch = convert(sd, f.heads)
+  except (KeyError, ValueError) as err:  # Not a DiT/SiT state dict of a size we know.
+    raise errors.UserError(f"--src={f.src}", errors.first_line(err).strip('"'),
+                           "pass an official DiT/SiT checkpoint (and --heads for other widths)"
+                           ) from err
   path = write_workdir(params, arch, f.kind, f.out, f.base_config, f.src)
   n = sum(int(np.prod(v.shape)) for v in sd.values())
   print(f"{f.src}: {f.kind}, {arch}; {n / 1e6:.1f}M numbers -> {f.out}\n"
@@ -243,7 +270,7 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  from absl import app, flags
+  from absl import flags
   flags.DEFINE_string("src", None, "DiT/SiT .pt file (a state dict).")
   flags.DEFINE_string("out", None, "Workdir to write (checkpoint at step 0 and config.py).")
   flags.DEFINE_enum("kind", "dit", sorted(KINDS), "dit: DDPM ε-prediction; sit: velocity.")
@@ -253,4 +280,5 @@ if __name__ == "__main__":
   flags.DEFINE_string("base_config", "configs/imagenet256.py",
                       "Config file the imported config starts from (data, sampling, mesh).")
   flags.mark_flags_as_required(["src", "out"])
-  app.run(main)
+  from sgjax import errors
+  errors.run(main)

@@ -125,12 +125,33 @@ def load(path: str) -> dict[str, Any]:
   return variables
 
 
+class _Parser(argparse.ArgumentParser):
+  """argparse whose usage errors are the project's one `error:` line and exit 2."""
+
+  def error(self, message):
+    from sgjax import errors
+    errors.exit_with(errors.UserError("flags", message, "see --help"))
+
+
 def main(argv=None) -> None:
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  from sgjax import errors
+  p = _Parser(description=__doc__.split("\n")[0])
   p.add_argument("--src", required=True, help="pt_inception-2015-12-05-6726825d.pth")
   p.add_argument("--out", required=True, help="output .npz")
   args = p.parse_args(argv)
-  variables = convert(load_state_dict(args.src))
+  from sgjax import files  # Either may be in a bucket.
+  if not files.exists(args.src):
+    raise errors.UserError(f"--src={args.src}", "no such file",
+                           "pass pytorch-fid's pt_inception-2015-12-05-6726825d.pth")
+  if files.exists(args.out):
+    raise errors.UserError(f"--out={args.out}", "exists",
+                           "pass a new path; an existing file is never overwritten")
+  try:
+    variables = convert(load_state_dict(args.src))
+  except ValueError as err:  # Not pytorch-fid's Inception: its problems as one line.
+    lines = [s.strip() for s in str(err).splitlines() if s.strip()]
+    raise errors.UserError(f"--src={args.src}", "; ".join(lines)[:400],
+                           "pass pytorch-fid's pt_inception-2015-12-05 weights") from err
   save(variables, args.out)
   from flax import traverse_util
   n = sum(np.size(v) for v in traverse_util.flatten_dict(variables).values())
@@ -138,4 +159,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  from sgjax import errors
+  errors.guard(main)()

@@ -116,9 +116,17 @@ def main(argv) -> None:
   from absl import flags, logging
   logging.set_verbosity(logging.WARNING)
 
+  from sgjax import errors
   from sgjax.models import vae
   vc = flags.FLAGS.config.vae
-  params = vae.load_params(vc)
+  try:
+    params = vae.load_params(vc)
+  except ValueError as err:  # The listing of every key that does not fit, as one line.
+    if isinstance(err, errors.UserError):
+      raise
+    lines = [s.strip() for s in str(err).splitlines() if s.strip()]
+    raise errors.UserError(f"vae.weights = {vc.weights!r}", "; ".join(lines[1:]) or lines[0],
+                           "check the vae.* config fields (--verbose lists it all)") from err
   count = sum(int(np.prod(np.shape(v))) for v in _flatten(params).values())
   print(f"{vc.weights}: OK, {count:,} parameters fill the configured SD-VAE "
         f"(channels {tuple(vc.block_out_channels)}, {vc.layers_per_block} layers per block, "
@@ -127,7 +135,8 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  from absl import app
   from ml_collections import config_flags
+
+  from sgjax import errors
   config_flags.DEFINE_config_file("config", None, "Config file (its vae.* fields).")
-  app.run(main)
+  errors.run(main)

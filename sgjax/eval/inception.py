@@ -40,6 +40,7 @@ INPUT_SIZE = 299
 NUM_CLASSES = 1008
 POOL_DIM = 2048
 SPATIAL_CHANNELS = 7  # The ADM suite keeps the first 7 of the 192 channels of mixed_6/conv.
+SPATIAL_DIM = SPATIAL_CHANNELS * 17 * 17  # mixed_6 is 17x17 at the 299x299 input: 2023.
 BN_EPSILON = 1e-3
 PREPROCESS = ("adm", "pytorch_fid")
 # Features are compared across machines: no TF32/bf16 passes inside convolutions and matmuls.

@@ -25,12 +25,12 @@ import time
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 from PIL import Image
 
 from sgjax import config as config_lib
-from sgjax import metrics, sharding
+from sgjax import errors, metrics, sharding
 from sgjax.data import latents
 from sgjax.models import vae as vae_lib
 
@@ -129,9 +129,11 @@ def encode(config: ml_collections.ConfigDict) -> str:
   config_lib.validate(config)
   e, v, out_dir = config.encode, config.vae, config.data.dir
   if not out_dir:
-    raise ValueError("data.dir = '': name the folder the latents go to (training reads it)")
+    raise errors.UserError("data.dir = ''", "no output folder",
+                           "name the folder the latents go to (training reads it)")
   if not v.weights:
-    raise ValueError("vae.weights = '': pass the diffusers AutoencoderKL safetensors file")
+    raise errors.UserError("vae.weights = ''", "no VAE weights",
+                           "pass the diffusers AutoencoderKL safetensors file")
   log = (lambda m: print(m, flush=True)) if jax.process_index() == 0 else (lambda m: None)
   source = make_source(e)
   num_shards = -(-len(source) // e.shard_size)
@@ -144,8 +146,9 @@ def encode(config: ml_collections.ConfigDict) -> str:
   mesh = sharding.build_mesh(dict(data=-1, fsdp=1, tensor=1), devices=devices)
   copies = 2 if e.flip else 1
   if (copies * e.batch_size) % len(devices):
-    raise ValueError(f"encode.batch_size = {e.batch_size}: ×{copies} (flip) must be divisible "
-                     f"by this process's device count {len(devices)}")
+    raise errors.UserError(f"encode.batch_size = {e.batch_size}",
+                           f"×{copies} (flip) must be divisible by this process's device count "
+                           f"{len(devices)}")
   model = vae_lib.from_config(v)
   params = jax.device_put(vae_lib.load_params(v), sharding.replicated(mesh))
   encode_fn = vae_lib.make_encode_fn(model, v.scale, mesh, chunk=v.chunk)
@@ -218,4 +221,4 @@ if __name__ == "__main__":
   config_flags.DEFINE_config_file("config", None, "Config file (get_config()).",
                                   lock_config=True)
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  errors.run(main)

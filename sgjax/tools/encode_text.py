@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import time
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from sgjax import config as config_lib
+from sgjax import errors
 from sgjax.data import captions, fashion_mnist
 from sgjax.text import encoder as encoder_lib
 
@@ -25,7 +26,9 @@ def main(argv) -> None:
   config = flags.FLAGS.config
   config_lib.validate(config)
   if config.data.name != captions.NAME:
-    raise ValueError(f"data.name = {config.data.name!r}: encode_text writes {captions.NAME!r}")
+    raise errors.UserError(f"data.name = {config.data.name!r}",
+                           f"encode_text writes {captions.NAME!r}",
+                           f"set data.name={captions.NAME!r}")
   t0 = time.perf_counter()
   enc = encoder_lib.get(config.text.encoder)
   images, labels = fashion_mnist.read_split(config.data.dir, "train")
@@ -37,4 +40,4 @@ if __name__ == "__main__":
   config_flags.DEFINE_config_file("config", None, "Config file (get_config()).",
                                   lock_config=True)
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  errors.run(main)
