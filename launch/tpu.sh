@@ -5,7 +5,11 @@
 # commands a real run would execute (tests/test_launch.py checks them).
 #
 #   bash launch/tpu.sh --name=NAME --zone=ZONE --accelerator-type=v4-32 [options] \
-#       create|setup|train|logs|delete|all [--dry-run]
+#       preflight|create|setup|train|logs|delete|all [--dry-run]
+#
+# `preflight` compiles the config's train step for the slice on this machine (CPU + libtpu,
+# `python -m sgjax.aot`, docs/scaling.md) and fails if it does not fit the chips' HBM; `create`
+# runs it first and creates nothing when it fails (--skip-preflight to skip it).
 #
 # Options (all also accept "--flag value"):
 #   --project=P            gcloud project (default: gcloud's configured one)
@@ -20,13 +24,15 @@
 #                          installed by setup); a local path lives on each worker's disk
 #   --mode=train|sample|demo   sgjax.main mode (default train)
 #   --extra="--config.a=b ..."  more sgjax.main flags, word-split
+#   --skip-preflight       create without compiling for the slice first
 #   --dry-run              print the commands instead of running them
+# Environment: PYTHON = the local interpreter with sgjax and libtpu (default python3).
 #
-# `all` = create, setup, train, logs (until the run ends), delete. `logs` follows worker 0's log;
+# `all` = preflight, create, setup, train, logs (until the run ends), delete. `logs` follows worker 0's log;
 # Ctrl-C stops following, not the run.
 set -euo pipefail
 
-name="" zone="" accel="" project="" version="" queued=0 spot=0 dry_run=0
+name="" zone="" accel="" project="" version="" queued=0 spot=0 dry_run=0 skip_preflight=0
 repo="" ref="" config="configs/imagenet256.py" workdir="" mode="train" extra=""
 remote_dir="sgjax"   # On each worker, relative to the home directory.
 log_file="sgjax_train.log" pid_file="sgjax_train.pid"
@@ -71,7 +77,7 @@ while (($#)); do
   arg=$1; shift
   case "$arg" in
     --*=*) key=${arg%%=*}; val=${arg#*=} ;;
-    --queued|--spot|--dry-run|--help|-h) key=$arg; val="" ;;
+    --queued|--spot|--dry-run|--skip-preflight|--help|-h) key=$arg; val="" ;;
     --*) key=$arg; (($#)) || die "$arg needs a value"; val=$1; shift ;;
     *) key=""; val=$arg ;;
   esac
@@ -90,17 +96,18 @@ while (($#)); do
     --mode) mode=$val ;;
     --extra) extra=$val ;;
     --dry-run) dry_run=1 ;;
+    --skip-preflight) skip_preflight=1 ;;
     --help|-h) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     "") case "$val" in
-          create|setup|train|logs|delete) steps+=("$val") ;;
-          all) steps+=(create setup train logs delete) ;;
-          *) die "unknown subcommand '$val' (create|setup|train|logs|delete|all)" ;;
+          preflight|create|setup|train|logs|delete) steps+=("$val") ;;
+          all) steps+=(preflight create setup train logs delete) ;;
+          *) die "unknown subcommand '$val' (preflight|create|setup|train|logs|delete|all)" ;;
         esac ;;
     *) die "unknown flag $key" ;;
   esac
 done
 
-((${#steps[@]})) || die "no subcommand given (create|setup|train|logs|delete|all)"
+((${#steps[@]})) || die "no subcommand given (preflight|create|setup|train|logs|delete|all)"
 [[ -n $name ]] || die "--name is required"
 [[ -n $zone ]] || die "--zone is required"
 [[ $mode =~ ^(train|sample|demo)$ ]] || die "--mode=$mode: allowed: train, sample, demo"
@@ -110,8 +117,23 @@ gcloud_tpu=(gcloud compute tpus)
 where=(--zone="$zone")
 [[ -n $project ]] && where+=(--project="$project")
 
+preflighted=0
+preflight() {
+  [[ -n $accel ]] || die "preflight needs --accelerator-type"
+  # The run's own config overrides (mesh, batch, remat) are what must fit; other flags are
+  # sgjax.main's.
+  local overrides=() word
+  for word in $extra; do [[ $word == --config.* ]] && overrides+=("$word"); done
+  if ! (cd "$here" && run "${PYTHON:-python3}" -m sgjax.aot --config="$config" \
+      --topology="$accel" --mode=train "${overrides[@]}"); then
+    die "pre-flight: $config does not compile or fit on $accel (see above); nothing created"
+  fi
+  preflighted=1
+}
+
 create() {
   [[ -n $accel ]] || die "create needs --accelerator-type"
+  ((preflighted || skip_preflight)) || preflight
   local runtime=$version
   [[ -n $runtime ]] || runtime=$(runtime_for "$accel")
   local extra_flags=()

@@ -86,6 +86,18 @@ def sample(model: dit.DiT, params: Mapping[str, object], labels: condition.Condi
   return integrate(step_velocity, x0, plan, k_steps, sampler)
 
 
+def guided_step(model: dit.DiT, null: condition.Null, g: guidance_lib.Guidance):
+  """(weights, x, y, key) -> the guided velocity at t = 0.5: one sampling step's model work,
+  as `sample` runs it per step (benchmarks and the TPU pre-flight compile this)."""
+  velocity = make_velocity_fn(model)
+
+  def step(weights, x, y, key):
+    t = jnp.full((x.shape[0],), 0.5)
+    return guidance_lib.guided_velocity(velocity, weights, x, t, y, null, g,
+                                        tuple(jax.random.split(key)))
+  return step
+
+
 def to_uint8(images: jax.Array | np.ndarray) -> np.ndarray:
   """Model units [-1, 1] -> uint8 [0, 255]."""
   images = np.asarray(images, np.float32)

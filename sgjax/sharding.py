@@ -14,6 +14,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -49,11 +50,31 @@ def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> dict[str, in
   return sizes
 
 
+def num_slices(devices) -> int:
+  """TPU slices the devices span (multi-slice pods); 1 on CPU, GPU and a single slice."""
+  return len({getattr(d, "slice_index", 0) for d in devices})
+
+
 def build_mesh(mesh_config: Mapping[str, int], devices=None) -> Mesh:
+  """The (data, fsdp, tensor) mesh laid out along the physical topology.
+
+  Across several TPU slices the data axis spans the slices (their link is the slow data-center
+  network, and data parallelism only all-reduces gradients over it once per step); fsdp and
+  tensor stay inside a slice, on ICI.
+  """
   devices = jax.devices() if devices is None else devices
   shape = mesh_shape(mesh_config, len(devices))
-  return jax.make_mesh(tuple(shape[a] for a in AXES), AXES,
-                       axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
+  sizes = tuple(shape[a] for a in AXES)
+  slices = num_slices(devices)
+  if slices == 1:
+    return jax.make_mesh(sizes, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
+  if shape["data"] % slices:
+    raise ValueError(f"mesh.data = {shape['data']}: must be a multiple of the {slices} slices "
+                     "(the data axis spans the slices over DCN)")
+  ici = (shape["data"] // slices, shape["fsdp"], shape["tensor"])
+  grid = mesh_utils.create_hybrid_device_mesh(ici, (slices, 1, 1), devices,
+                                              allow_split_physical_axes=True)
+  return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -85,3 +106,31 @@ def logical_shardings(abstract_tree: Any, mesh: Mesh) -> Any:
   """
   specs = nn.get_partition_spec(abstract_tree)
   return nn.logical_to_mesh_sharding(specs, mesh, LOGICAL_RULES)
+
+
+def logical_specs(abstract_tree: Any) -> Any:
+  """Mesh-axis PartitionSpecs of a tree of boxed values (the rules applied, no mesh needed)."""
+  specs = nn.get_partition_spec(abstract_tree)
+  return jax.tree.map(lambda s: nn.logical_to_mesh_axes(s, LOGICAL_RULES), specs,
+                      is_leaf=lambda x: isinstance(x, P))
+
+
+def constrain(tree: Any, specs: Any) -> Any:
+  """`with_sharding_constraint` against the mesh set by `jax.set_mesh`; a no-op without one.
+
+  Used on the gradients: pinned to the parameters' FSDP shards, XLA reduces each weight
+  gradient with a reduce-scatter onto the shard the optimizer updates, instead of an
+  all-reduce at full shape followed by a slice (docs/scaling.md, "Where the gradients are
+  reduced").
+  """
+  if jax.sharding.get_abstract_mesh().empty:
+    return tree
+  return jax.tree.map(jax.lax.with_sharding_constraint, tree, specs)
+
+
+def constrain_batch(x: jax.Array) -> jax.Array:
+  """Pins an activation's leading (batch) axis to the data-parallel axes, the rest replicated;
+  a no-op without a mesh set (see `constrain`)."""
+  if jax.sharding.get_abstract_mesh().empty:
+    return x
+  return jax.lax.with_sharding_constraint(x, P(BATCH_AXES))

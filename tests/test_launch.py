@@ -39,7 +39,12 @@ def test_tpu_queued_pod_dry_run_is_the_expected_gcloud_sequence():
   # What the golden file must get right, spelled out.
   cmds = [line for line in out.splitlines() if not line.startswith("#")]
   assert [line[2:] for line in out.splitlines() if line.startswith("#")] == [
-      "create", "setup", "train", "logs", "delete"]
+      "preflight", "create", "setup", "train", "logs", "delete"]
+  # Before anything is created: the train step compiled for the slice here, with the run's
+  # own config overrides (sgjax.aot exits non-zero when it does not fit, and tpu.sh stops).
+  assert cmds[0] == ("python3 -m sgjax.aot --config=configs/imagenet256.py --topology=v4-32 "
+                     "--mode=train --config.train.batch_size=256")
+  cmds = cmds[1:]
   assert all(c.startswith("gcloud compute tpus ") for c in cmds)
   assert all("--zone=us-central2-b --project=my-proj" in c for c in cmds)
   assert "queued-resources create sg-pod --node-id=sg-pod" in cmds[0]
@@ -58,7 +63,7 @@ def test_tpu_queued_pod_dry_run_is_the_expected_gcloud_sequence():
 def test_tpu_local_checkout_is_copied_to_every_worker_and_direct_create(tmp_path):
   out = _tpu("--name=sg", "--zone=europe-west4-a", "--accelerator-type=v5litepod-16",
              f"--repo={tmp_path}", "--workdir=/tmp/w", "create", "setup", "delete",
-             "--dry-run").stdout
+             "--skip-preflight", "--dry-run").stdout
   cmds = [line for line in out.splitlines() if not line.startswith("#")]
   assert cmds[0] == ("gcloud compute tpus tpu-vm create sg --zone=europe-west4-a "
                      "--accelerator-type=v5litepod-16 --version=v2-alpha-tpuv5-lite")
@@ -78,6 +83,18 @@ def test_tpu_launcher_rejects_bad_input_before_any_command(args, message):
   out = _tpu(*args, "--dry-run", check=False)
   assert out.returncode == 2 and message in out.stderr
   assert "gcloud" not in out.stdout
+
+
+def test_tpu_create_refuses_a_slice_the_config_does_not_fit(tmp_path):
+  # A stand-in for the local python: its pre-flight reports DOES NOT FIT (exit 2).
+  fake = tmp_path / "python3"
+  _executable(fake, "#!/bin/sh\necho \"error: train_step: needs 40 GiB per chip\" >&2; exit 2\n")
+  out = subprocess.run(["bash", os.path.join(ROOT, "launch", "tpu.sh"), "--name=sg",
+                        "--zone=z", "--accelerator-type=v5litepod-8", "create"], cwd=ROOT,
+                       env=dict(os.environ, PYTHON=str(fake)), capture_output=True, text=True)
+  assert out.returncode == 2
+  assert "needs 40 GiB per chip" in out.stderr and "nothing created" in out.stderr
+  assert "gcloud" not in out.stdout + out.stderr
 
 
 def _executable(path, text):

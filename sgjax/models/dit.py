@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from einops import rearrange, repeat
 
-from sgjax import flow
+from sgjax import flow, sharding
 from sgjax import sparsity as sp
 
 Dtype = Any
@@ -207,8 +207,10 @@ class DiT(nn.Module):
         route_input, route_idx = x, idx
         self.sow("intermediates", f"route_in{layer}", (x, route_idx))  # For tests/inspection.
         x = sp.gather_tokens(x, route_idx)
+      # Activations stay batch-sharded (FSDP): left free, XLA may shard them along the
+      # weights' sharded width and all-reduce activations instead of gathering weights.
       x = block_cls(d, self.heads, self.mlp_ratio, self.dtype, self.attention,
-                    name=f"block{layer}")(x, c)
+                    name=f"block{layer}")(sharding.constrain_batch(x), sharding.constrain_batch(c))
       if sparsity.route_ending_at(layer) is not None:
         x = sp.scatter_tokens(route_input, x, route_idx)
         self.sow("intermediates", f"route_out{layer}", x)
@@ -250,7 +252,8 @@ class DiT(nn.Module):
     x = x + sincos_pos_embed_2d(dd, grid).astype(self.dtype)
     for layer in range(self.decoder_depth):
       x = block_cls(dd, self.decoder_heads, self.mlp_ratio, self.dtype, self.attention,
-                    name=f"decoder_block{layer}")(x, c)
+                    name=f"decoder_block{layer}")(sharding.constrain_batch(x),
+                                                  sharding.constrain_batch(c))
     return x
 
 

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from einops import rearrange
 
+from sgjax import sharding
 from sgjax import sparsity as sp
 from sgjax.models.dit import (
     ATTENTION_SCOPE,
@@ -227,7 +228,7 @@ class TRDiT(nn.Module):
         x = sp.gather_tokens(x, route_idx)
         positions = sp.gather_tokens(full_positions, route_idx)  # Kept tokens keep their place.
       x = block_cls(self.heads, hidden, self.dtype, self.attention, name=f"block{layer}")(
-          x, mod, positions, text, mask)
+          sharding.constrain_batch(x), mod, positions, text, mask)  # Batch-sharded (see DiT).
       if sparsity.route_ending_at(layer) is not None:
         x = sp.scatter_tokens(route_input, x, route_idx)
         positions = full_positions
