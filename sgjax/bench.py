@@ -210,14 +210,13 @@ def bench_sample(config: ml_collections.ConfigDict, rules: list[str], steps: int
     x = jax.device_put(jax.random.normal(k1, (bs, n, n, ch)), shard)
     y = jax.device_put(condition.synthetic(model, bs, k2, config.data.num_classes), shard)
     null = condition.synthetic_null(model)
-    velocity = sampling.make_velocity_fn(model)
     key = jax.random.key(2)
     for name in rules:
       c = _with(config, **SAMPLE_RULES[name])
       plan = config_lib.sampling_plan(c)
       g = plan.segments[0].guidance
 
-      step = jax.jit(_guided_step(velocity, null, g))
+      step = jax.jit(sampling.guided_step(model, null, g))
       t0 = time.perf_counter()
       compiled = step.lower(weights, x, y, key).compile()
       compile_s = time.perf_counter() - t0
@@ -273,15 +272,6 @@ def bench_route_cost(config: ml_collections.ConfigDict, steps: int, warmup: int)
   t = time_calls(lambda: fwd_bwd(x, ct, jax.random.key(3)), steps, warmup)
   return dict(batch=bs, tokens=n, width=width, routes=[list(r) for r in config.sparsity.routes],
               **t)
-
-
-def _guided_step(velocity, null_label: condition.Null, g: guidance.Guidance):
-  """(weights, x, y, key) -> guided velocity at t = 0.5: one sampling step's model work."""
-  def step(weights, x, y, key):
-    t = jnp.full((x.shape[0],), 0.5)
-    return guidance.guided_velocity(velocity, weights, x, t, y, null_label, g,
-                                    tuple(jax.random.split(key)))
-  return step
 
 
 def print_table(result: dict, peak_tflops: float | None = None) -> None:
