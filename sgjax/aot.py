@@ -29,7 +29,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from sgjax import condition, errors, flops, guidance, hlo, models, sampling, sharding, tpu  # noqa: E402
@@ -323,7 +323,6 @@ _JSON = flags.DEFINE_string("json", None, "Also write the reports here as JSON."
 _DUMP_HLO = flags.DEFINE_string("dump_hlo", None, "Write each optimised HLO module here.")
 
 
-@errors.guard
 def main(argv) -> None:
   del argv
   if not _TOPOLOGY.value:
@@ -346,4 +345,4 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
   flags.mark_flag_as_required("config")
-  app.run(main)
+  errors.run(main)
