@@ -189,6 +189,9 @@ def output_dir(base: str, settings: dict[str, Any], log=print) -> str:
       path = f"{base}_{digest(settings)}"
       if jax.process_index() == 0:
         log(f"{base} holds outputs of other settings: writing beside it, to {path}")
+  if jax.process_count() > 1:  # Every process decides before process 0 writes anything.
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("workdir.output_dir")
   if jax.process_index() == 0:
     files.makedirs(path)
     if not files.exists(os.path.join(path, SETTINGS)):

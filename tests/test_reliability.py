@@ -336,3 +336,20 @@ def test_the_converter_refuses_a_folder_that_holds_anything(tmp_path):
     json.dump({}, f)
   with pytest.raises(errors.UserError, match="holds a file"):
     dit_checkpoint.check_out(str(tmp_path / "a_file"))
+
+
+def test_outputs_of_other_settings_go_beside_never_over(tmp_path, capsys):
+  base = str(tmp_path / "sweep")
+  assert workdir.output_dir(base, {"step": 4, "per_class": 16}) == base
+  with open(os.path.join(base, "results.jsonl"), "w") as f:
+    f.write('{"rule": "cfg"}\n')
+  assert workdir.output_dir(base, {"step": 4, "per_class": 16}) == base  # Same: resumes.
+  other = workdir.output_dir(base, {"step": 8, "per_class": 16})  # A later checkpoint.
+  assert other == f"{base}_{workdir.digest({'step': 8, 'per_class': 16})}"
+  assert f"{base} holds outputs of other settings: writing beside it, to {other}" in \
+      capsys.readouterr().out
+  assert open(os.path.join(base, "results.jsonl")).read() == '{"rule": "cfg"}\n'
+  legacy = tmp_path / "old"  # Outputs from before settings files: treated as other settings.
+  legacy.mkdir()
+  (legacy / "results.jsonl").write_text("")
+  assert workdir.output_dir(str(legacy), {"step": 4}) != str(legacy)
