@@ -321,10 +321,55 @@ _MODE = flags.DEFINE_enum("mode", "all", MODES, "train: the train step; sample: 
                           "sampling step and CFG's; all: both.")
 _JSON = flags.DEFINE_string("json", None, "Also write the reports here as JSON.")
 _DUMP_HLO = flags.DEFINE_string("dump_hlo", None, "Write each optimised HLO module here.")
+_SUMMARIZE = flags.DEFINE_multi_string("summarize", [], "Instead of compiling: print a markdown "
+                                       "table of these --json reports (docs/scaling.md).")
+
+
+def report_doc(config: ml_collections.ConfigDict, topology: tpu.Topology,
+               reports: list[Report]) -> dict[str, Any]:
+  """What --json writes: the slice, the mesh, the versions and every report."""
+  return dict(topology=topology.name, accelerator_type=topology.accelerator_type,
+              slices=topology.slices, chips=topology.chips, jax=jax.__version__,
+              chip=dataclasses.asdict(topology.chip),
+              mesh=sharding.mesh_shape(config.mesh, topology.chips),
+              reports=[r.as_dict() for r in reports])
+
+
+def markdown_table(docs: list[dict[str, Any]], names: list[str]) -> str:
+  """One row per function of each saved report: slice, mesh, memory, verdict, estimate."""
+  lines = ["| row | slice (chips) | mesh d×f×t | function | batch | peak GiB/chip | HBM | verdict "
+           "| compiled / analytic FLOPs | collectives MiB sent | est. step ms | est. img/s |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  for name, doc in zip(names, docs, strict=True):
+    mesh = "×".join(str(doc["mesh"][a]) for a in sharding.AXES)
+    for r in doc["reports"]:
+      verdict = "FITS" if r["fits"] else "DOES NOT FIT"
+      peak = r["memory_bytes"]["peak"] / tpu.GIB
+      if r.get("compiled", True):
+        ratio = f"{r['flops_per_chip'] / r['analytic_flops_per_chip']:.3f}"
+        sent = sum(c["wire_bytes"] for c in r["collectives"].values()) / 2**20
+        e = r["estimate"]
+        est = (f"{sent:,.0f} | {e['step_s'] * 1e3:,.1f} | {e['images_per_s']:,.0f}")
+      else:
+        ratio, est = "not compiled", "– | – | –"
+      lines.append(f"| {name} | {doc['accelerator_type']} ({doc['chips']}) | {mesh} | "
+                   f"{r['name']} | {r['batch']} | {peak:.2f} | {doc['chip']['hbm_gib']:g} | "
+                   f"{verdict} | {ratio} | {est} |")
+  return "\n".join(lines)
 
 
 def main(argv) -> None:
   del argv
+  if _SUMMARIZE.value:
+    paths = sorted(_SUMMARIZE.value)
+    docs = []
+    for path in paths:
+      with open(path) as f:
+        docs.append(json.load(f))
+    print(markdown_table(docs, [os.path.splitext(os.path.basename(p))[0] for p in paths]))
+    return
+  if _CONFIG.value is None:
+    raise errors.UserError("--config", "missing", "e.g. --config=configs/imagenet256.py")
   if not _TOPOLOGY.value:
     raise errors.UserError("--topology", "missing", f"e.g. {', '.join(tpu.EXAMPLES[:4])}")
   topology = tpu.parse(_TOPOLOGY.value, _SLICES.value)
@@ -335,14 +380,9 @@ def main(argv) -> None:
   if _JSON.value:
     os.makedirs(os.path.dirname(os.path.abspath(_JSON.value)), exist_ok=True)
     with open(_JSON.value, "w") as f:
-      json.dump(dict(topology=topology.name, accelerator_type=topology.accelerator_type,
-                     slices=topology.slices, chips=topology.chips, jax=jax.__version__,
-                     chip=dataclasses.asdict(topology.chip),
-                     mesh=sharding.mesh_shape(config.mesh, topology.chips),
-                     reports=[r.as_dict() for r in reports]), f, indent=2)
+      json.dump(report_doc(config, topology, reports), f, indent=2)
   check_fit(reports, topology)
 
 
 if __name__ == "__main__":
-  flags.mark_flag_as_required("config")
   errors.run(main)

@@ -92,6 +92,16 @@ def test_preflight_compiles_train_and_both_sampling_steps(fsdp_reports):
   assert train.memory["alias"] > 0.9 * train.memory["argument"]  # The state is donated.
 
 
+def test_saved_reports_make_the_docs_table(fsdp_reports):
+  c, topology, reports = fsdp_reports
+  doc = json.loads(json.dumps(aot.report_doc(c, topology, reports)))  # As --json writes it.
+  rows = aot.markdown_table([doc], ["tiny"]).splitlines()[2:]
+  assert len(rows) == 3
+  cells = [x.strip() for x in rows[0].split("|")[1:-1]]
+  assert cells[:5] == ["tiny", "v5litepod-8 (8)", "2×4×1", "train_step", "16"]
+  assert cells[7] == "FITS" and float(cells[5]) == round(reports[0].peak_bytes / tpu.GIB, 2)
+
+
 def test_fsdp_collectives_are_the_intended_ones(fsdp_reports):
   """Weights gathered in bf16 over fsdp, gradients reduced once in bf16, activations never.
 
