@@ -1,8 +1,8 @@
 """Data: the idx reader, the tfds ArrayRecord packing, and grain's determinism and resume."""
 
 import gzip
-import json
 import os
+import time
 
 import ml_collections
 import numpy as np
@@ -139,7 +139,12 @@ def test_device_prefetch_reads_ahead_but_checkpoints_what_was_consumed(tmp_path)
   it = prefetch.DevicePrefetch(pipeline.make_train_iterator(cfg, 8, seed=0), put, depth=3)
   plain = _take(pipeline.make_train_iterator(cfg, 8, seed=0), 9)
   assert _same(_take(it, 2), plain[:2])
-  assert len(placed) == 4  # Two consumed, two more already on the devices.
+  # grain's thread fills its queue of 3 and blocks holding a 4th: 2 + 3 + 1 placed, no more.
+  deadline = time.monotonic() + 20
+  while len(placed) < 6 and time.monotonic() < deadline:
+    time.sleep(0.01)
+  time.sleep(0.2)
+  assert len(placed) == 6
 
   # Async save, then the loop reads on before the save finishes: the checkpoint still holds
   # the position after batch 2, not the host iterator's (4) nor the loop's later one.
@@ -151,6 +156,8 @@ def test_device_prefetch_reads_ahead_but_checkpoints_what_was_consumed(tmp_path)
   checkpoint.restore(mngr, {"x": ocp.utils.to_shape_dtype_struct(np.zeros(2))}, fresh)
   assert _same(_take(fresh, 4), plain[2:6])
   mngr.close()
+  it.close()  # Stops the threads: nothing more is placed.
+  fresh.close()
 
   # A state taken from the wrapper restores a bare grain iterator the same way, and depth 0
   # places each batch only when asked for.
@@ -159,7 +166,7 @@ def test_device_prefetch_reads_ahead_but_checkpoints_what_was_consumed(tmp_path)
   _take(lazy, 3)
   assert len(placed) == 3
   bare = pipeline.make_train_iterator(cfg, 8, seed=0)
-  bare.set_state(json.loads(lazy.get_state()))
+  bare.set_state(lazy.get_state())
   assert _same(_take(bare, 2), plain[3:5])
   with pytest.raises(ValueError, match=r"data.prefetch = -1"):
     prefetch.DevicePrefetch(pipeline.make_train_iterator(cfg, 8, seed=0), put, depth=-1)
