@@ -182,7 +182,7 @@ setup() {
     on_all_workers "rm -rf $remote_dir && mkdir -p $remote_dir && tar -xzf sgjax-src.tar.gz -C $remote_dir"
   fi
   # jax[tpu] brings libtpu; gcsfs lets orbax and tfds read and write gs:// paths.
-  on_all_workers "python3 -m pip install -q --user uv && python3 -m uv venv -q --python 3.12 ~/$venv && cd $remote_dir && python3 -m uv pip install -q --python ~/$venv/bin/python 'jax[tpu]>=0.10,<0.12' -r requirements.txt gcsfs"
+  on_all_workers "python3 -m pip install -q --user uv && python3 -m uv venv -q --python 3.12 ~/$venv && cd $remote_dir && python3 -m uv pip install -q --python ~/$venv/bin/python 'jax[tpu]>=0.10,<0.13' -r requirements.txt gcsfs"
 }
 
 train() {
