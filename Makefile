@@ -6,10 +6,12 @@ ARGS ?=
 
 .PHONY: setup setup-dev data device-data shellcheck demo test lint clean
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt
+# The project installed editable (its dependencies are requirements.txt, read by pyproject.toml),
+# plus the test tools.
+$(VENV)/.installed: pyproject.toml requirements.txt requirements-dev.txt
 	$(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -r requirements-dev.txt
+	$(VENV)/bin/pip install -q -e . -r requirements-dev.txt
 	touch $@
 
 setup: $(VENV)/.installed

@@ -103,9 +103,11 @@ def _unreadable(mngr: ocp.CheckpointManager, step: int, cause: BaseException) ->
                           f"({errors.first_line(cause)})", action)
 
 
-def check_fits(mngr: ocp.CheckpointManager, step: int, abstract_state: Any) -> None:
+def check_fits(mngr: ocp.CheckpointManager, step: int, abstract_state: Any,
+               parts: Sequence[str] | None = None) -> None:
   """Refuses a checkpoint whose arrays are not the model's (names the first differences), and
-  one whose metadata cannot be read (damaged)."""
+  one whose metadata cannot be read (damaged). `parts`: compare only these top-level entries
+  of the state (a restore of the params alone)."""
   path = os.path.join(str(mngr.directory), str(step), "state")
   absl_logger = logging.getLogger("absl")
   level = absl_logger.level
@@ -119,6 +121,8 @@ def check_fits(mngr: ocp.CheckpointManager, step: int, abstract_state: Any) -> N
     absl_logger.setLevel(level)
   if not saved:  # Orbax reads a step without its _METADATA as an empty tree.
     raise _unreadable(mngr, step, "its array metadata is missing")
+  if parts is not None:
+    saved = {k: v for k, v in saved.items() if k.split("/")[0] in parts}
   wanted = _paths_and_shapes(abstract_state)
   order = lambda keys: sorted(keys, key=lambda k: (not k.startswith("params/"), k))
   diff = [f"{k} missing" for k in order(set(wanted) - set(saved))]
@@ -153,3 +157,25 @@ def restore(mngr: ocp.CheckpointManager, abstract_state: Any, data_iter: Any | N
   except Exception as err:  # the arrays fit (checked above): the files are bad.
     raise _unreadable(mngr, step, err) from err
   return restored["state"]
+
+
+def restore_parts(mngr: ocp.CheckpointManager, abstract_parts: dict[str, Any],
+                  step: int | None = None) -> dict[str, Any]:
+  """Only some top-level entries of a saved state (e.g. {"step", "ema"}): the rest, the
+  optimizer state above all, is neither read nor needs an abstract tree. Same checks as
+  `restore`."""
+  step = mngr.latest_step() if step is None else step
+  if step is None:
+    raise errors.UserError(str(mngr.directory), "no checkpoint there",
+                           "train first (--mode=train) or point --workdir at a trained run")
+  check_fits(mngr, step, abstract_parts, parts=tuple(abstract_parts))
+  # The PyTree handler, not the Standard one the manager saved with: only it restores a part.
+  path = mngr.directory / str(step) / "state"
+  args = ocp.args.PyTreeRestore(
+      item=abstract_parts, restore_args=ocp.checkpoint_utils.construct_restore_args(
+          abstract_parts), partial_restore=True)
+  try:
+    with ocp.PyTreeCheckpointer() as reader:
+      return reader.restore(path, args=args)
+  except Exception as err:  # the arrays fit (checked above): the files are bad.
+    raise _unreadable(mngr, step, err) from err

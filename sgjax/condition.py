@@ -50,36 +50,31 @@ def concat(a: Condition, b: Condition) -> Condition:
 
 def example(model, batch: int) -> Condition:
   """Zeros of the shapes `model` is conditioned on (what init traces with)."""
-  if hasattr(model, "example_condition"):
-    return model.example_condition(batch)
-  return jnp.zeros((batch,), jnp.int32)
+  return model.example_condition(batch)
+
+
+def is_labels(cond: Condition) -> bool:
+  """Class labels (one int array) rather than a text pytree."""
+  return not isinstance(cond, dict)
 
 
 def default_null(model) -> Null:
   """The null a model defines by itself: DiT's null label. Text models have none: their null is
   the empty prompt's features, which come with the data (sgjax.data.captions.null_condition)."""
-  if hasattr(model, "num_classes"):
-    return int(model.num_classes)
-  raise ValueError(f"{type(model).__name__} has no built-in null condition: pass the empty "
-                   "prompt's features (sgjax.data.captions.null_condition)")
-
-
-def null_from_data(config) -> Null | None:
-  """The null condition a config's data provides: None (use the model's own) for class labels,
-  the empty prompt's recorded features for text."""
-  if config.model.get("kind", "dit") != "trdit":
-    return None
-  from sgjax.data import captions  # Local: data code is not needed by class models.
-  return captions.null_condition(config)
+  null = model.builtin_null()
+  if null is None:
+    raise ValueError(f"{type(model).__name__} has no built-in null condition: pass the empty "
+                     "prompt's features (sgjax.data.captions.null_condition)")
+  return null
 
 
 def synthetic(model, batch: int, key: jax.Array, num_classes: int = 1) -> Condition:
   """Random conditions of `model`'s shapes (benchmarks): labels < num_classes, or random text
   features with 2..L real tokens."""
-  if not hasattr(model, "example_condition"):
+  ex = model.example_condition(batch)
+  if is_labels(ex):
     return jax.random.randint(key, (batch,), 0, num_classes)
   k1, k2 = jax.random.split(key)
-  ex = model.example_condition(batch)
   length = jax.random.randint(k2, (batch, 1), 2, ex["text_mask"].shape[1] + 1)
   return {"text": jax.random.normal(k1, ex["text"].shape),
           "text_mask": jnp.arange(ex["text_mask"].shape[1])[None] < length}
@@ -87,7 +82,7 @@ def synthetic(model, batch: int, key: jax.Array, num_classes: int = 1) -> Condit
 
 def synthetic_null(model) -> Null:
   """A stand-in null for benchmarks: the model's own, or zero features with [CLS] [SEP] only."""
-  if not hasattr(model, "example_condition"):
-    return default_null(model)
   ex = model.example_condition(1)
+  if is_labels(ex):
+    return default_null(model)
   return {"text": ex["text"][0], "text_mask": jnp.arange(ex["text_mask"].shape[1]) < 2}

@@ -14,7 +14,9 @@ import os
 
 import ml_collections
 
-from sgjax import errors
+from sgjax import configs, errors, flow, guidance, models, sampling, sharding
+from sgjax.eval import inception, metrics
+from sgjax.models import dit
 from sgjax.sparsity import Sparsity
 
 # DiT/SiT sizes (Peebles & Xie, Table 1). A preset "XL/2" is size XL with patch 2.
@@ -27,30 +29,37 @@ MODEL_SIZES = {
 PATCH_SIZES = (2, 4, 8)
 PRESETS = tuple(f"{s}/{p}" for s in MODEL_SIZES for p in PATCH_SIZES)
 DTYPES = ("float32", "bfloat16")
-ATTENTION_IMPLS = ("auto", "xla", "cudnn")  # Mirrors sgjax.models.dit.
-REMAT_POLICIES = ("none", "full", "dots")
-PREDICTIONS = ("velocity", "eps_vp")  # Mirrors sgjax.models.dit.PREDICTIONS.
-MODEL_KINDS = ("dit", "trdit")  # Mirrors sgjax.models.KINDS.
-SAMPLERS = ("euler", "heun")  # Mirrors sgjax.sampling.SAMPLERS.
 EVAL_FEATURE_NETS = ("inception", "fmnist")
 ENCODE_SOURCES = ("folder", "tfds")
 LATENT_DTYPES = ("float16", "float32")
 
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-
-
 def load_config_file(path: str) -> ml_collections.ConfigDict:
-  """`get_config()` of a config file: a path, or a name under configs/ ("imagenet256").
+  """`get_config()` of a config file: a path, or a shipped config's name ("imagenet256"; see
+  sgjax.configs.resolve).
 
   What `--config=` does, for code and config files that build on another config.
   """
-  if os.sep not in path and not path.endswith(".py"):
-    path = os.path.join(CONFIG_DIR, path + ".py")
+  path = configs.resolve(path)
   spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config()
+
+
+def replace(config: ml_collections.ConfigDict, fields: dict[str, object]
+            ) -> ml_collections.ConfigDict:
+  """A copy of `config` with dotted fields set, e.g. {"sample.guidance.rule": "sg"} (a job's
+  variant of the user's config: a demo rule, a sweep point)."""
+  c = config.copy_and_resolve_references()
+  with c.unlocked():
+    for name, value in fields.items():
+      *path, last = name.split(".")
+      node = c
+      for key in path:
+        node = node[key]
+      node[last] = value
+  return c
 
 
 def apply_preset(model: ml_collections.ConfigDict) -> None:
@@ -103,12 +112,12 @@ def _validate(config: ml_collections.ConfigDict, num_devices: int | None) -> Non
   _check(m.heads >= 1, "model.heads", m.heads, "must be >= 1")
   _check(m.mlp_ratio > 0, "model.mlp_ratio", m.mlp_ratio, "must be > 0")
   _check(m.patch_size >= 1, "model.patch_size", m.patch_size, "must be >= 1")
-  _check(m.attention in ATTENTION_IMPLS, "model.attention", m.attention,
-         f"allowed: {ATTENTION_IMPLS}")
-  _check(m.remat in REMAT_POLICIES, "model.remat", m.remat, f"allowed: {REMAT_POLICIES}")
+  _check(m.attention in dit.ATTENTION_IMPLS, "model.attention", m.attention,
+         f"allowed: {dit.ATTENTION_IMPLS}")
+  _check(m.remat in dit.REMAT_POLICIES, "model.remat", m.remat, f"allowed: {dit.REMAT_POLICIES}")
   _check(m.time_scale > 0, "model.time_scale", m.time_scale, "must be > 0")
-  _check(m.prediction in PREDICTIONS, "model.prediction", m.prediction,
-         f"allowed: {PREDICTIONS}")
+  _check(m.prediction in dit.PREDICTIONS, "model.prediction", m.prediction,
+         f"allowed: {dit.PREDICTIONS}")
   _check(m.decoder_depth >= 0, "model.decoder_depth", m.decoder_depth,
          "must be >= 0 (0 = no decoder, not a masked model)")
   if m.decoder_depth > 0:
@@ -117,7 +126,7 @@ def _validate(config: ml_collections.ConfigDict, num_devices: int | None) -> Non
            and m.decoder_width % 4 == 0, "model.decoder_width", m.decoder_width,
            f"must be a positive multiple of 4 (sin-cos embedding) and of model.decoder_heads "
            f"= {m.decoder_heads}")
-  _check(m.kind in MODEL_KINDS, "model.kind", m.kind, f"allowed: {MODEL_KINDS}")
+  _check(m.kind in models.KINDS, "model.kind", m.kind, f"allowed: {models.KINDS}")
   if m.kind == "trdit":
     _check((m.width // m.heads) % 4 == 0, "model.heads", m.heads,
            f"model.width / model.heads must be divisible by 4 (2-D RoPE), width = {m.width}")
@@ -172,7 +181,6 @@ def _validate(config: ml_collections.ConfigDict, num_devices: int | None) -> Non
     size = config.mesh[name]
     _check(size == -1 or size >= 1, f"mesh.{name}", size, "must be >= 1, or -1 for the rest")
   if num_devices is not None:
-    from sgjax import sharding  # Local: sharding imports jax device state.
     shape = sharding.mesh_shape(config.mesh, num_devices)
     batch_shards = shape["data"] * shape["fsdp"]
     micro = t.batch_size // t.grad_accum
@@ -184,9 +192,8 @@ def _validate(config: ml_collections.ConfigDict, num_devices: int | None) -> Non
            f"must be divisible by the data-parallel size mesh.data*mesh.fsdp = {batch_shards}")
 
   w = config.sweep
-  from sgjax.guidance import RULES  # Local: guidance imports jax.
   for name, ok, allowed in (
-      ("rules", all(r in RULES for r in w.rules), f"each in {RULES}"),
+      ("rules", all(r in guidance.RULES for r in w.rules), f"each in {guidance.RULES}"),
       ("omegas", all(o >= 0 for o in w.omegas), "each >= 0"),
       ("gammas_strong", all(0 <= g < 1 for g in w.gammas_strong), "each in [0, 1)"),
       ("gammas_weak", all(0 <= g < 1 for g in w.gammas_weak), "each in [0, 1)"),
@@ -198,7 +205,8 @@ def _validate(config: ml_collections.ConfigDict, num_devices: int | None) -> Non
   _validate_eval(config, num_devices)
   s = config.sample
   _check(s.steps >= 1, "sample.steps", s.steps, "must be >= 1")
-  _check(s.sampler in SAMPLERS, "sample.sampler", s.sampler, f"allowed: {SAMPLERS}")
+  _check(s.sampler in sampling.SAMPLERS, "sample.sampler", s.sampler,
+         f"allowed: {sampling.SAMPLERS}")
   _check(s.time_shift > 0, "sample.time_shift", s.time_shift, "must be > 0 (1 = uniform grid)")
   _check(s.batch_size >= 1, "sample.batch_size", s.batch_size, "must be >= 1")
   _check(s.per_class >= 1, "sample.per_class", s.per_class,
@@ -211,22 +219,18 @@ def _validate(config: ml_collections.ConfigDict, num_devices: int | None) -> Non
          "must be >= 0 (0 = exact token counts)")
   # The schedule check walks every step (γ ranges, γ_strong < γ_weak where required).
   sampling_plan(config)
-  strong_ever_sparse = g.gamma_strong > 0 or (g.schedule == "cosine" and g.gamma_strong_end > 0)
-  # CFG's branches are dense whatever γ says; every other rule runs γ_strong.
-  if g.rule in ("sg", "cfg_sg", "ag_sg") or (g.rule == "none" and strong_ever_sparse):
+  if guidance.strong_is_sparse(g):
     _check(len(config.sparsity.routes) > 0 or m.decoder_depth > 0, "sparsity.routes",
            config.sparsity.routes,
            "sparse guidance needs at least one route (the layers whose tokens γ thins) "
            "or a masked model (model.decoder_depth > 0)")
-  if g.rule == "ag_sg":
+  if guidance.uses_guide(g.rule):
     _check(g.guide_step >= 0, "sample.guidance.guide_step", g.guide_step,
            "rule 'ag_sg' needs the guide checkpoint's step (>= 0), e.g. an early checkpoint "
            "kept with train.keep_period")
 
 
 def _validate_eval(config: ml_collections.ConfigDict, num_devices: int | None) -> None:
-  from sgjax.eval.inception import PREPROCESS  # Local: imports jax.
-  from sgjax.eval.metrics import METRICS
   e = config.eval
   _check(e.num_samples >= 2, "eval.num_samples", e.num_samples, "must be >= 2 (a covariance)")
   _check(e.feature_net in EVAL_FEATURE_NETS, "eval.feature_net", e.feature_net,
@@ -235,9 +239,10 @@ def _validate_eval(config: ml_collections.ConfigDict, num_devices: int | None) -
     _check(config.data.name == "fashion_mnist", "eval.feature_net", e.feature_net,
            f"'fmnist' scores Fashion-MNIST samples; data.name = {config.data.name!r} needs "
            "'inception'")
-  _check(e.preprocess in PREPROCESS, "eval.preprocess", e.preprocess, f"allowed: {PREPROCESS}")
-  _check(len(e.metrics) > 0 and all(k in METRICS for k in e.metrics), "eval.metrics",
-         e.metrics, f"must be a non-empty tuple, each in {METRICS}")
+  _check(e.preprocess in inception.PREPROCESS, "eval.preprocess", e.preprocess,
+         f"allowed: {inception.PREPROCESS}")
+  _check(len(e.metrics) > 0 and all(k in metrics.METRICS for k in e.metrics), "eval.metrics",
+         e.metrics, f"must be a non-empty tuple, each in {metrics.METRICS}")
   _check(e.nearest_k >= 1, "eval.nearest_k", e.nearest_k, "must be >= 1")
   if any(k in e.metrics for k in ("precision", "recall")):
     _check(e.num_samples > e.nearest_k, "eval.num_samples", e.num_samples,
@@ -246,7 +251,6 @@ def _validate_eval(config: ml_collections.ConfigDict, num_devices: int | None) -
   _check(e.pr_block_size >= 1, "eval.pr_block_size", e.pr_block_size, "must be >= 1")
   _check(e.batch_size >= 1, "eval.batch_size", e.batch_size, "must be >= 1")
   if num_devices is not None and e.feature_net == "inception":  # Only Inception shards it.
-    from sgjax import sharding  # Local: sharding imports jax device state.
     shape = sharding.mesh_shape(config.mesh, num_devices)
     shards = shape["data"] * shape["fsdp"]
     _check(e.batch_size % shards == 0, "eval.batch_size", e.batch_size,
@@ -283,8 +287,6 @@ def _validate_vae(config: ml_collections.ConfigDict) -> None:
 
 def sampling_plan(config: ml_collections.ConfigDict):
   """The per-step guidance plan of `config.sample` (see sgjax.guidance.plan)."""
-  # Local: these import jax, and config files import this module.
-  from sgjax import flow, guidance
   num_tokens = (config.data.image_size // config.model.patch_size) ** 2
   times = flow.time_grid(config.sample.steps, config.sample.time_shift)
   return guidance.plan(config.sample.guidance, Sparsity.from_config(config.sparsity),

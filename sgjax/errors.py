@@ -26,6 +26,8 @@ from typing import Any, NoReturn
 
 from absl import app, flags
 
+from sgjax import configs
+
 EXIT_USAGE = 2
 HELP_FLAGS = ("--help", "-h", "-?", "--helpshort", "--helpfull", "--helpxml")
 # The config's top-level names: a ValueError whose message starts with one of them names the
@@ -194,8 +196,11 @@ def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) ->
   """absl's flag parsing with every failure as one `error:` line and status 2; --help exits 0.
 
   Config files load lazily in ml_collections (a missing file only fails when read), so each
-  config flag is read once here.
+  config flag is read once here. A `--config=` that names no file where the command runs but a
+  shipped config (a name, or configs/<name>.py from another directory) loads that one.
   """
+  argv = [f"--config={configs.resolve(a.split('=', 1)[1])}" if a.startswith("--config=") else a
+          for a in argv]
   try:
     rest = flag_values(argv)
   except SystemExit as stop:  # absl's --help prints the usage, then exits 1.

@@ -35,6 +35,7 @@ from collections.abc import Sequence
 import ml_collections
 
 from sgjax import config as config_lib
+from sgjax import models
 from sgjax.sparsity import DENSE, Sparsity
 
 
@@ -64,7 +65,7 @@ def forward_macs(config: ml_collections.ConfigDict, sparsity: Sparsity = DENSE) 
   """MACs of one forward pass of one image at `sparsity`."""
   m, d = config.model, config.data
   config_lib.apply_preset(m)
-  if m.get("kind", "dit") == "trdit":
+  if models.is_text(config):
     return trdit_forward_macs(config, sparsity)
   width, p, ch = m.width, m.patch_size, d.channels
   n = (d.image_size // p) ** 2
@@ -180,7 +181,8 @@ def main(argv) -> None:
     print(f"{name:20s} {v['with_attention']:15.2f} {v['linear_only']:12.2f}")
 
 
-if __name__ == "__main__":
+def cli() -> None:
+  """`python -m sgjax.flops --config=…` (flags defined here)."""
   from absl import flags
   from ml_collections import config_flags
 
@@ -189,3 +191,7 @@ if __name__ == "__main__":
   flags.DEFINE_bool("json", False, "Print JSON instead of a table.")
   flags.mark_flag_as_required("config")
   errors.run(main)
+
+
+if __name__ == "__main__":
+  cli()

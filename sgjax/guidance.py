@@ -39,10 +39,61 @@ from sgjax.sparsity import Sparsity
 # (params, x_t, t, y, sparsity, token_key) -> velocity
 VelocityFn = Callable[..., jax.Array]
 
-RULES = ("none", "cfg", "sg", "cfg_sg", "ag_sg")
 SCHEDULES = ("constant", "cosine")
 # Which weights a branch evaluates: the model being sampled, or AG+SG's guide checkpoint.
 MAIN, GUIDE = "main", "guide"
+
+
+@dataclasses.dataclass(frozen=True)
+class RuleBranches:
+  """What a rule's two branches are (the table above, stated once; everything asks here)."""
+
+  weak: bool  # A weak branch at all (`none` has only the strong one).
+  sparse: bool  # Branches at their γ (False: CFG, dense whatever γ says).
+  weak_conditional: bool = True  # The weak branch sees c (False: ∅).
+  weak_weights: str = MAIN
+  ordered: bool = False  # Same weights, so γ_strong < γ_weak (the weak one is the sparser).
+
+
+RULE_BRANCHES = {
+    "none": RuleBranches(weak=False, sparse=True),
+    "cfg": RuleBranches(weak=True, sparse=False, weak_conditional=False),
+    "sg": RuleBranches(weak=True, sparse=True, ordered=True),
+    "cfg_sg": RuleBranches(weak=True, sparse=True, weak_conditional=False, ordered=True),
+    "ag_sg": RuleBranches(weak=True, sparse=True, weak_weights=GUIDE),
+}
+RULES = tuple(RULE_BRANCHES)
+
+
+def uses_guide(rule: str) -> bool:
+  """Whether the rule's weak branch evaluates the guide checkpoint's weights (AG+SG)."""
+  return RULE_BRANCHES[rule].weak_weights == GUIDE
+
+
+def setting(rule: str, omega: float, gamma_strong: float, gamma_weak: float) -> dict | None:
+  """A constant guidance setting with the fields its rule ignores set to one value (so settings
+  that run the same sampler compare equal), or None where the rule refuses it (γ_strong ≥
+  γ_weak for an ordered rule)."""
+  b = RULE_BRANCHES[rule]
+  if not b.sparse:
+    gamma_strong = gamma_weak = 0.0
+  if not b.weak:
+    omega, gamma_weak = 1.0, 0.0
+  if b.ordered and not gamma_strong < gamma_weak:
+    return None
+  return dict(rule=rule, omega=float(omega), gamma_strong=float(gamma_strong),
+              gamma_weak=float(gamma_weak))
+
+
+def strong_is_sparse(g: ml_collections.ConfigDict) -> bool:
+  """Whether the configured guidance ever runs a branch at γ > 0 (then it needs routes or a
+  masked model)."""
+  b = RULE_BRANCHES[g.rule]
+  if not b.sparse:
+    return False
+  if b.weak:
+    return True
+  return g.gamma_strong > 0 or (g.schedule == "cosine" and g.gamma_strong_end > 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +186,7 @@ def plan(g: ml_collections.ConfigDict, routes: Sparsity, num_tokens: int,
          "must be (t_lo, t_hi) with 0 <= t_lo <= t_hi <= 1 (t = 0 is noise, 1 is data)")
   steps = len(times) - 1
   dense = Sparsity()
+  rb = RULE_BRANCHES[g.rule]
   per_step = []
   for i in range(steps):
     gs = gamma_at(g.gamma_strong, g.gamma_strong_end, g.schedule, i, steps)
@@ -142,22 +194,19 @@ def plan(g: ml_collections.ConfigDict, routes: Sparsity, num_tokens: int,
     for name, value in (("gamma_strong", gs), ("gamma_weak", gw)):
       _check(0.0 <= value < 1.0, name, value, f"must be in [0, 1) (value at sampling step {i})")
     # CFG is dense-vs-dense: its γ fields do not apply, also at steps outside its interval.
-    strong = Branch(True, Sparsity() if g.rule == "cfg"
-                    else _sparsity(routes, gs, num_tokens, g.gamma_quantum))
-    guided = g.rule != "none" and t_lo <= times[i] <= t_hi
+    strong = Branch(True, _sparsity(routes, gs, num_tokens, g.gamma_quantum) if rb.sparse
+                    else dense)
+    guided = rb.weak and t_lo <= times[i] <= t_hi
     if not guided:
       per_step.append(Guidance("none", 1.0, strong, None))
       continue
-    if g.rule == "cfg":
-      per_step.append(Guidance("cfg", g.omega, Branch(True, dense), Branch(False, dense)))
-      continue
-    if g.rule in ("sg", "cfg_sg"):
+    if rb.ordered:
       # Same weights: the weak branch must be the sparser one, at every step.
       _check(gs < gw, "gamma_weak", gw,
              f"must be > gamma_strong = {gs} at step {i} for rule {g.rule!r} "
              "(gamma_strong < gamma_weak; the weak branch is the sparser one)")
-    weak_sp = _sparsity(routes, gw, num_tokens, g.gamma_quantum)
-    weak = Branch(g.rule != "cfg_sg", weak_sp, GUIDE if g.rule == "ag_sg" else MAIN)
+    weak_sp = _sparsity(routes, gw, num_tokens, g.gamma_quantum) if rb.sparse else dense
+    weak = Branch(rb.weak_conditional, weak_sp, rb.weak_weights)
     per_step.append(Guidance(g.rule, g.omega, strong, weak))
 
   segments, start = [], 0

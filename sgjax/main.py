@@ -51,10 +51,12 @@ def main(argv) -> None:
   # Before any other JAX call: the backend must start knowing every process.
   distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
                          _PROCESS_ID.value)
-  import jax  # Local: XLA flags must be in place first.
+  # Local imports from here on: XLA flags must be in place before anything imports jax.
+  import jax
 
   from sgjax import config as config_lib
-  from sgjax import sampling_job, train
+  from sgjax import train
+  from sgjax.jobs import demo, evaluate, sample
 
   config = _CONFIG.value
   workdir = _WORKDIR.value
@@ -62,16 +64,20 @@ def main(argv) -> None:
   if _MODE.value in ("train", "demo"):
     train.train(config, workdir)
   if _MODE.value == "sample":
-    sampling_job.run(config, workdir)
+    sample.run(config, workdir)
   if _MODE.value == "eval":
-    from sgjax import eval_job  # Local: only this mode needs the feature nets.
-    eval_job.run(config, workdir)
+    evaluate.run(config, workdir)
   if _MODE.value == "demo":
-    paths, _ = sampling_job.demo(config, workdir)
+    paths, _ = demo.run(config, workdir)
     print("\nDemo samples (rows = classes):")
     for p in paths:
       print("  " + os.path.abspath(p))
 
 
-if __name__ == "__main__":
+def cli() -> None:
+  """The `sgjax` console command (= python -m sgjax.main)."""
   errors.run(main)  # A user's error: one line, exit 2 (--verbose: with the traceback).
+
+
+if __name__ == "__main__":
+  cli()

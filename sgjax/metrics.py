@@ -19,6 +19,12 @@ from clu import parameter_overview as clu_overview
 from etils import epath
 
 
+def print0(message: str) -> None:
+  """A console line from process 0 only (every process runs the same job)."""
+  if jax.process_index() == 0:
+    print(message, flush=True)
+
+
 def _fmt_duration(seconds: float) -> str:
   seconds = int(max(seconds, 0))
   h, rem = divmod(seconds, 3600)

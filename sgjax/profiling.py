@@ -29,6 +29,9 @@ from collections.abc import Callable
 
 import jax
 
+from sgjax import sparsity, train
+from sgjax.models import dit
+
 KINDS = ("route", "attention", "collective", "matmul", "optimizer", "other")
 _COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 _HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s+(?:\(.*\)\s+->\s+.*)?\{\s*$")
@@ -74,8 +77,6 @@ def instruction_kinds(hlo_text: str) -> dict[str, str]:
 
 def _instruction_table(hlo_text: str) -> dict[str, tuple[str, str]]:
   """Instruction name -> (kind, the JAX op name it came from)."""
-  from sgjax import sparsity, train  # Local: the scope names live with the code they mark.
-  from sgjax.models import dit
   computations = _parse(hlo_text)
   memo: dict[str, set[str]] = {}
 

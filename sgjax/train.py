@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -21,30 +20,18 @@ import optax
 from sgjax import checkpoint, condition, errors, flow, models, preemption, sharding
 from sgjax import config as config_lib
 from sgjax import metrics as metrics_lib
+from sgjax import state as state_lib
 from sgjax import workdir as workdir_lib
-from sgjax.models import dit
+from sgjax.data import pipeline, prefetch
 from sgjax.sparsity import Sparsity
 
-TrainState = dict[str, Any]  # {"step", "params", "ema", "opt_state", "rng"}
+TrainState = state_lib.TrainState
+# The state's builders live in sgjax.state; these names stay for callers not yet moved there
+# (sgjax/aot.py as committed).
+make_schedule, make_optimizer = state_lib.make_schedule, state_lib.make_optimizer
+init_state = state_lib.init_state
+abstract_state_and_shardings = state_lib.abstract_state_and_shardings
 OPTIMIZER_SCOPE = "optimizer"  # Named scope of the AdamW and EMA updates (profiles).
-
-
-def make_schedule(tc: ml_collections.ConfigDict) -> optax.Schedule:
-  """The learning rate by step: the optimizer's and the logged one, so they cannot disagree.
-
-  A schedule even when constant: AdamW then keeps a step count in its state (one int32 leaf),
-  the same state layout with or without warmup.
-  """
-  if tc.warmup_steps:
-    return optax.linear_schedule(0.0, tc.lr, tc.warmup_steps)
-  return optax.constant_schedule(tc.lr)
-
-
-def make_optimizer(tc: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  parts = [optax.clip_by_global_norm(tc.grad_clip)] if tc.grad_clip > 0 else []
-  parts.append(optax.adamw(make_schedule(tc), b1=tc.b1, b2=tc.b2,
-                           weight_decay=tc.weight_decay))
-  return optax.chain(*parts)
 
 
 def ema_decay(tc: ml_collections.ConfigDict, step: jax.Array) -> jax.Array:
@@ -54,27 +41,7 @@ def ema_decay(tc: ml_collections.ConfigDict, step: jax.Array) -> jax.Array:
   return jnp.asarray(tc.ema_decay, jnp.float32)
 
 
-def init_state(model: dit.DiT, tx: optax.GradientTransformation, seed: int) -> TrainState:
-  """Fresh train state (params boxed with logical axis names, for sharding lookup)."""
-  rng = jax.random.key(seed)
-  n, c = model.image_size, model.channels
-  variables = model.init(jax.random.fold_in(rng, 0), jnp.zeros((1, n, n, c)),
-                         jnp.zeros((1,)), condition.example(model, 1))
-  params = variables["params"]
-  return dict(step=jnp.zeros((), jnp.int32), params=params, ema=params,
-              opt_state=tx.init(params), rng=jax.random.key_data(rng))
-
-
-def abstract_state_and_shardings(model, tx, seed: int, mesh) -> tuple[Any, Any]:
-  """Shapes of the state without allocating it, and the NamedShardings it will live in."""
-  boxed = jax.eval_shape(lambda: init_state(model, tx, seed))
-  shardings = sharding.logical_shardings(boxed, mesh)
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          nn.unbox(boxed), shardings)
-  return abstract, shardings
-
-
-def make_train_step(config: ml_collections.ConfigDict, model: dit.DiT,
+def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
                     tx: optax.GradientTransformation, null: condition.Null = None):
   """(state, batch) -> (state, metrics). Pure; the caller jits it with shardings.
 
@@ -87,7 +54,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: dit.DiT,
   compute_dtype = jnp.dtype(config.dtype)
   # Where each parameter (hence its gradient) lives: the FSDP shard of the logical rules.
   param_specs = sharding.logical_specs(
-      jax.eval_shape(lambda: init_state(model, tx, config.seed))["params"])
+      jax.eval_shape(lambda: state_lib.init_params(model, config.seed)))
 
   def loss_fn(params, images, noise, t, labels, token_key):
     if getattr(model, "masked", False):
@@ -146,7 +113,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: dit.DiT,
       d = ema_decay(tc, state["step"])
       ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state["ema"], params)
     metrics = dict(loss=loss, grad_norm=optax.tree.norm(grads),
-                   lr=jnp.asarray(make_schedule(tc)(state["step"]), jnp.float32))
+                   lr=jnp.asarray(state_lib.make_schedule(tc)(state["step"]), jnp.float32))
     new_state = dict(step=state["step"] + 1, params=params, ema=ema, opt_state=opt_state,
                      rng=state["rng"])
     return new_state, metrics
@@ -174,7 +141,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   # ---- Data: each process reads only the rows of every global batch its devices hold.
   # Batches are placed on the devices `data.prefetch` steps ahead; the checkpointed position is
   # the last batch a step consumed (sgjax.data.prefetch).
-  from sgjax.data import pipeline, prefetch  # Local: keeps model-only imports light.
   data_iter = prefetch.DevicePrefetch(
       pipeline.make_train_iterator(config.data, tc.batch_size, seed=config.seed,
                                    rows=sharding.process_batch_rows(mesh, tc.batch_size)),
@@ -182,8 +148,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
 
   # ---- Model, optimizer, abstract state and shardings.
   model = models.from_config(config)
-  tx = make_optimizer(tc)
-  abstract, state_shardings = abstract_state_and_shardings(model, tx, config.seed, mesh)
+  tx = state_lib.make_optimizer(tc)
+  abstract, state_shardings = state_lib.abstract_state_and_shardings(model, tx, config.seed, mesh)
   n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(abstract["params"]))
   if jax.process_index() == 0:
     print(f"model: {n_params / 1e6:.2f}M params; mesh {dict(mesh.shape)}; "
@@ -203,7 +169,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   with jax.set_mesh(mesh):
     if ckpt.latest_step() is not None:
       try:
-        state = checkpoint.restore(ckpt, abstract, data_iter)
+        state = state_lib.restore(ckpt, abstract, data_iter)
       except BaseException:  # A damaged or foreign checkpoint: release the files, then say so.
         ckpt.close()
         writer.close()
@@ -211,12 +177,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
       if jax.process_index() == 0:
         print(f"resumed from step {int(state['step'])} in {workdir}", flush=True)
     else:
-      init = jax.jit(lambda: nn.unbox(init_state(model, tx, config.seed)),
-                     out_shardings=state_shardings)
-      state = init()
+      state = state_lib.fresh_state(model, tx, config.seed, state_shardings)
 
     # ---- The jitted step: state donated, shardings pinned on both sides.
-    step_fn = jax.jit(make_train_step(config, model, tx, condition.null_from_data(config)),
+    step_fn = jax.jit(make_train_step(config, model, tx, pipeline.null_condition(config)),
                       in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
                       out_shardings=(state_shardings, sharding.replicated(mesh)),
                       donate_argnums=(0,))

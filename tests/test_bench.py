@@ -4,11 +4,11 @@ import os
 
 import pytest
 
-from sgjax import bench, flops, platform
+from sgjax import flops, platform
 from sgjax.data import latents
+from sgjax.jobs import bench
 from sgjax.sparsity import Sparsity
-from tests.configs.tiny_latents import latent_config
-from tests.test_train import tiny_config
+from tests.builders import latent_config, tiny_config
 
 
 def test_train_and_sample_benchmarks_run_and_count_flops():

@@ -14,10 +14,11 @@ import pytest
 import torch
 
 from sgjax import config as config_lib
-from sgjax import errors, sampling, sampling_job, sharding, workdir
+from sgjax import errors, sampling, sharding, workdir
 from sgjax import guidance as gl
+from sgjax import state as state_lib
+from sgjax.convert import dit_checkpoint as ckpt
 from sgjax.models import dit
-from third_party import dit_checkpoint as ckpt
 
 DEPTH, WIDTH, HEADS, PATCH, SIZE, CHANNELS, CLASSES = 2, 64, 4, 2, 8, 4, 10
 
@@ -202,7 +203,7 @@ def test_written_workdir_samples_with_our_sampler(reference, tmp_path):
   assert (config.model.prediction, config.model.time_scale) == ("eps_vp", 1.0)
   mesh = sharding.build_mesh(config.mesh)
   with jax.set_mesh(mesh):
-    model, loaded, step = sampling_job.load_params(config, out, mesh)
+    model, loaded, step = state_lib.restore_params(config, out, mesh)
   assert step == 0
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), loaded, params)
   plan = config_lib.sampling_plan(config)

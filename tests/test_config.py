@@ -1,18 +1,17 @@
 """Bad config values fail at start, naming the field and the allowed range."""
 
-import os
 
 import pytest
 
 from sgjax import config as config_lib
+from sgjax import configs
 
 
 def _load(name):
   return config_lib.load_config_file(name)
 
 
-@pytest.mark.parametrize("name", sorted(f[:-3] for f in os.listdir(config_lib.CONFIG_DIR)
-                                         if f.endswith(".py")))
+@pytest.mark.parametrize("name", configs.names())
 def test_shipped_configs_validate(name):
   config_lib.validate(_load(name), num_devices=8)
 

@@ -11,12 +11,13 @@ import pytest
 from PIL import Image
 
 from sgjax import config as config_lib
-from sgjax import sampling_job, train
+from sgjax import train
+from sgjax.convert import sd_vae
 from sgjax.data import latents, pipeline
+from sgjax.jobs import sample as sample_job
 from sgjax.models import vae
 from sgjax.tools import encode_latents
-from tests import test_vae
-from tests.configs.tiny_latents import CROP, VAE, latent_config
+from tests.builders import CROP, VAE, apply, latent_config, write_weights
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # (height, width) per image, class folder by class folder; one PNG among the JPEGs.
@@ -37,7 +38,7 @@ def inputs(tmp_path_factory):
       name = f"img{i}.png" if (cls, i) == ("n03", 1) else f"img{i}.JPEG"
       Image.fromarray(pixels).save(root / "images" / cls / name)
   (root / "images" / "n01" / "notes.txt").write_text("not an image")  # Ignored.
-  weights = test_vae.write_weights(root / "diffusion_pytorch_model.safetensors", seed=5, **VAE)
+  weights = write_weights(root / "diffusion_pytorch_model.safetensors", seed=5, **VAE)
   return root, str(root / "images"), weights
 
 
@@ -98,11 +99,11 @@ def test_records_hold_the_scaled_posterior_of_the_cropped_images(inputs, encoded
   src = latents.LatentSource(encoded.data.dir)
   assert len(src) == 16 and src.metadata["class_names"] == ["n01", "n02", "n03", "n04"]
   vc = encoded.vae
-  model, params = vae.from_config(vc), vae.load_params(vc)
+  model, params = vae.from_config(vc), sd_vae.load_params(vc)
   folder = encode_latents.FolderSource(images)
   crops = np.stack([encode_latents.center_crop(folder.load(i)[0], CROP) for i in range(8)])
   both = np.stack([crops, crops[:, :, ::-1]], 1).reshape(16, CROP, CROP, 3)
-  mean, logvar = test_vae.apply(model, params, both / 127.5 - 1.0, vae.AutoencoderKL.encode)
+  mean, logvar = apply(model, params, both / 127.5 - 1.0, vae.AutoencoderKL.encode)
   records = [src[i] for i in range(16)]
   assert [r["label"] for r in records] == [0] * 4 + [1] * 4 + [2] * 4 + [3] * 4
   got_mean = np.stack([r["mean"] for r in records]).astype(np.float32)
@@ -145,7 +146,7 @@ def test_train_on_latents_then_sample_decodes_to_pixels(encoded, tmp_path):
   workdir = str(tmp_path / "run")
   state = train.train(c, workdir)
   assert int(state["step"]) == 2
-  png = sampling_job.run(c, workdir)
+  png = sample_job.run(c, workdir)
   samples = np.load(os.path.join(workdir, "samples_sg.npz"))["arr_0"]
   assert samples.shape == (8, CROP, CROP, 3) and samples.dtype == np.uint8
   assert np.asarray(Image.open(png)).shape[-1] == 3 and samples.std() > 0
@@ -153,4 +154,4 @@ def test_train_on_latents_then_sample_decodes_to_pixels(encoded, tmp_path):
   with c.unlocked():
     c.vae.weights = ""
   with pytest.raises(ValueError, match="vae.weights = '': a model trained on latents"):
-    vae.to_pixels(c, None, np.zeros((1, 16, 16, 1), np.float32))
+    sd_vae.to_pixels(c, None, np.zeros((1, 16, 16, 1), np.float32))

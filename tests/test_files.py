@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 from etils.epath import testing as epath_testing
 
-from sgjax import eval_job, files, sampling, sweep
+from sgjax import files, sampling
+from sgjax.jobs import evaluate as eval_job
+from sgjax.jobs import sweep
 
 
 @contextlib.contextmanager

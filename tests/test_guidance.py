@@ -11,17 +11,11 @@ from sgjax import config as config_lib
 from sgjax import flops, flow, sampling, sharding
 from sgjax import guidance as gl
 from sgjax.sparsity import Sparsity
-from tests.test_model import _inputs, _model, _random_params
+from tests.builders import dit_inputs, dit_model, dit_random_params, guidance_config
 
 ROUTES = Sparsity.from_routes([(1, 2, 0.0)])
 NULL = 5
 TOKENS = 100  # γ·100 is a whole token count for every γ used here: canonical γ = γ.
-
-
-def _cfg(rule, omega=2.0, gs=0.25, gw=0.75, **kw):
-  g = config_lib.base_config().sample.guidance
-  g.update(dict(rule=rule, omega=omega, gamma_strong=gs, gamma_weak=gw, guide_step=0, **kw))
-  return g
 
 
 def _first(g_cfg, routes=ROUTES, tokens=TOKENS):
@@ -41,7 +35,7 @@ def _label_probe(params, x, t, y, sparsity, key):
     ("ag_sg", "cond", 0.75, 1000.0)])
 def test_branches_receive_the_right_labels_sparsity_and_weights(rule, weak_label, weak_gamma,
                                                                 weak_weights):
-  g = _first(_cfg(rule, omega=3.0))
+  g = _first(guidance_config(rule, omega=3.0))
   y = jnp.array([0, 1, 4])
   x = jnp.zeros((3, 2, 2, 1))
   keys = tuple(jax.random.split(jax.random.key(0)))
@@ -56,7 +50,7 @@ def test_branches_receive_the_right_labels_sparsity_and_weights(rule, weak_label
 def test_sg_keeps_class_label_in_both_branches():
   # The public reference drops the label in both SG branches; with that bug the branches
   # would see NULL and this combination would not cancel to the label.
-  g = _first(_cfg("sg", omega=2.0, gs=0.5, gw=0.51))
+  g = _first(guidance_config("sg", omega=2.0, gs=0.5, gw=0.51))
   y = jnp.array([0, 3])
   v = gl.guided_velocity(lambda p, x, t, yy, s, k: _label_probe(p, x, t, yy, Sparsity(), k),
                          {gl.MAIN: 0.0}, jnp.zeros((2, 1, 1, 1)), jnp.zeros(2), y, NULL, g,
@@ -66,13 +60,13 @@ def test_sg_keeps_class_label_in_both_branches():
 
 @pytest.mark.parametrize("rule", ["none", "cfg", "sg", "cfg_sg", "ag_sg"])
 def test_omega_one_is_the_strong_branch(rule):
-  model = _model()
-  params = {gl.MAIN: _random_params(model), gl.GUIDE: _random_params(model, seed=5)}
-  x, t, y = _inputs(model)
+  model = dit_model()
+  params = {gl.MAIN: dit_random_params(model), gl.GUIDE: dit_random_params(model, seed=5)}
+  x, t, y = dit_inputs(model)
   y = y % model.num_classes
   velocity = sampling.make_velocity_fn(model)
   routes = Sparsity.from_routes([(1, 2, 0.5)])
-  g = _first(_cfg(rule, omega=1.0, gs=0.25, gw=0.5), routes, model.num_tokens)
+  g = _first(guidance_config(rule, omega=1.0, gs=0.25, gw=0.5), routes, model.num_tokens)
   keys = tuple(jax.random.split(jax.random.key(7)))
   guided = gl.guided_velocity(velocity, params, x, t, y, model.num_classes, g, keys)
   strong = velocity(params[gl.MAIN], x, t, y, g.strong.sparsity, keys[0])
@@ -82,12 +76,12 @@ def test_omega_one_is_the_strong_branch(rule):
 
 
 def test_ag_sg_guides_with_the_second_weights():
-  model = _model()
-  main, guide = _random_params(model), _random_params(model, seed=5)
-  x, t, y = _inputs(model)
+  model = dit_model()
+  main, guide = dit_random_params(model), dit_random_params(model, seed=5)
+  x, t, y = dit_inputs(model)
   velocity = sampling.make_velocity_fn(model)
   routes = Sparsity.from_routes([(1, 2, 0.5)])
-  g = _first(_cfg("ag_sg", omega=1.8, gs=0.25, gw=0.5), routes, model.num_tokens)
+  g = _first(guidance_config("ag_sg", omega=1.8, gs=0.25, gw=0.5), routes, model.num_tokens)
   k0, k1 = jax.random.split(jax.random.key(7))
   got = gl.guided_velocity(velocity, {gl.MAIN: main, gl.GUIDE: guide}, x, t, y,
                            model.num_classes, g, (k0, k1))
@@ -100,9 +94,9 @@ def test_ag_sg_guides_with_the_second_weights():
 
 
 def test_sg_with_equal_gamma_and_keys_is_the_unguided_model():
-  model = _model()
-  params = _random_params(model)
-  x, t, y = _inputs(model)
+  model = dit_model()
+  params = dit_random_params(model)
+  x, t, y = dit_inputs(model)
   velocity = sampling.make_velocity_fn(model)
   s = Sparsity.from_routes([(1, 2, 0.5)])
   g = gl.Guidance("sg", 1.7, gl.Branch(True, s), gl.Branch(True, s))
@@ -114,7 +108,7 @@ def test_sg_with_equal_gamma_and_keys_is_the_unguided_model():
 
 def test_sg_rejects_gamma_order():
   with pytest.raises(ValueError, match="gamma_weak = 0.5: must be > gamma_strong = 0.5"):
-    _first(_cfg("sg", gs=0.5, gw=0.5))
+    _first(guidance_config("sg", gs=0.5, gw=0.5))
 
 
 def _plan(g_cfg, steps=8, tokens=TOKENS, routes=ROUTES):
@@ -122,7 +116,7 @@ def _plan(g_cfg, steps=8, tokens=TOKENS, routes=ROUTES):
 
 
 def test_interval_guides_only_inside_and_spends_no_weak_flops_outside():
-  p = _plan(_cfg("sg", gs=0.25, gw=0.75, interval=(0.25, 0.5)))
+  p = _plan(guidance_config("sg", gs=0.25, gw=0.75, interval=(0.25, 0.5)))
   rules = [g.rule for g in p.step_guidance()]
   # t = 0, 1/8, …, 7/8: steps with t in [0.25, 0.5] are 2, 3, 4.
   assert rules == ["none", "none", "sg", "sg", "sg", "none", "none", "none"]
@@ -138,13 +132,14 @@ def test_interval_guides_only_inside_and_spends_no_weak_flops_outside():
 
 def test_cfg_is_dense_at_every_step_whatever_gamma_says():
   # Outside the interval CFG runs its strong branch alone: still the dense v(c).
-  p = _plan(_cfg("cfg", gs=0.25, gw=0.75, interval=(0.25, 0.5)))
+  p = _plan(guidance_config("cfg", gs=0.25, gw=0.75, interval=(0.25, 0.5)))
   assert {g.rule for g in p.step_guidance()} == {"cfg", "none"}
   assert all(b.sparsity.is_dense for g in p.step_guidance() for b in g.branches)
 
 
 def test_cosine_schedule_runs_end_to_end_and_merges_equal_token_counts():
-  g = _cfg("ag_sg", gs=0.0, gw=0.6, schedule="cosine", gamma_strong_end=0.6, gamma_weak_end=0.0)
+  g = guidance_config("ag_sg", gs=0.0, gw=0.6, schedule="cosine", gamma_strong_end=0.6,
+                      gamma_weak_end=0.0)
   p = _plan(g, steps=40, tokens=16)
   gammas = [(s.guidance.strong.sparsity, s.guidance.weak.sparsity) for s in p.segments]
   assert gl.gamma_at(0.0, 0.6, "cosine", 0, 40) == 0.0
@@ -160,7 +155,8 @@ def test_cosine_schedule_runs_end_to_end_and_merges_equal_token_counts():
 
 
 def test_schedule_that_breaks_gamma_order_names_the_step():
-  g = _cfg("sg", gs=0.0, gw=0.6, schedule="cosine", gamma_strong_end=0.6, gamma_weak_end=0.0)
+  g = guidance_config("sg", gs=0.0, gw=0.6, schedule="cosine", gamma_strong_end=0.6,
+                      gamma_weak_end=0.0)
   with pytest.raises(ValueError, match=r"gamma_weak = .*must be > gamma_strong = .* at step"):
     _plan(g, steps=10)
 
@@ -182,9 +178,9 @@ def test_heun_is_second_order_and_euler_first_order():
 
 
 def test_splitting_a_plan_into_segments_changes_nothing():
-  model = _model(depth=3)
-  params = {gl.MAIN: _random_params(model)}
-  g = _first(_cfg("sg", omega=1.5, gs=0.0, gw=0.5), Sparsity.from_routes([(1, 1, 0.0)]),
+  model = dit_model(depth=3)
+  params = {gl.MAIN: dit_random_params(model)}
+  g = _first(guidance_config("sg", omega=1.5, gs=0.0, gw=0.5), Sparsity.from_routes([(1, 1, 0.0)]),
              model.num_tokens)
   times = flow.time_grid(4)
   one = gl.Plan(times, (gl.Segment(0, 4, g),))
@@ -197,25 +193,25 @@ def test_splitting_a_plan_into_segments_changes_nothing():
 
 
 def test_interval_outside_all_steps_is_the_unguided_sampler():
-  model = _model(depth=3)
-  params = {gl.MAIN: _random_params(model)}
+  model = dit_model(depth=3)
+  params = {gl.MAIN: dit_random_params(model)}
   routes = Sparsity.from_routes([(1, 1, 0.0)])
   labels = jnp.arange(4) % model.num_classes
   key = jax.random.key(2)
-  never = _plan(_cfg("sg", omega=3.0, gs=0.0, gw=0.5, interval=(1.0, 1.0)), 4,
+  never = _plan(guidance_config("sg", omega=3.0, gs=0.0, gw=0.5, interval=(1.0, 1.0)), 4,
                 model.num_tokens, routes)
-  plain = _plan(_cfg("none", gs=0.0), 4, model.num_tokens, routes)
+  plain = _plan(guidance_config("none", gs=0.0), 4, model.num_tokens, routes)
   assert never == plain
   a = sampling.sample(model, params, labels, key, plan=never)
-  guided = _plan(_cfg("sg", omega=3.0, gs=0.0, gw=0.5), 4, model.num_tokens, routes)
+  guided = _plan(guidance_config("sg", omega=3.0, gs=0.0, gw=0.5), 4, model.num_tokens, routes)
   b = sampling.sample(model, params, labels, key, plan=guided)
   assert float(jnp.abs(a - b).max()) > 1e-2
 
 
 def test_sampling_is_deterministic_and_device_count_independent():
-  model = _model(depth=3)
-  params = {gl.MAIN: _random_params(model)}
-  plan = _plan(_cfg("sg", omega=1.5, gs=0.0, gw=0.5), 4, model.num_tokens,
+  model = dit_model(depth=3)
+  params = {gl.MAIN: dit_random_params(model)}
+  plan = _plan(guidance_config("sg", omega=1.5, gs=0.0, gw=0.5), 4, model.num_tokens,
                Sparsity.from_routes([(1, 1, 0.0)]))
   labels = jnp.arange(8) % model.num_classes
   key = jax.random.key(11)

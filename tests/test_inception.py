@@ -12,7 +12,6 @@ import os
 import subprocess
 import sys
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,10 +21,12 @@ import torch.nn.functional as F
 from ml_collections import ConfigDict
 from PIL import Image
 
-from sgjax import checkpoint, eval_job, models, train
+from sgjax import checkpoint, models
+from sgjax import state as state_lib
+from sgjax.convert import inception_fid
 from sgjax.eval import inception
-from tests.test_train import tiny_config
-from third_party import inception_fid
+from sgjax.jobs import evaluate as eval_job
+from tests.builders import tiny_config
 
 
 # name -> (in, out, kh, kw, stride, pad_h, pad_w): torchvision's Inception-v3 as patched by
@@ -252,9 +253,9 @@ def test_eval_mode_samples_scores_resumes_and_scores_a_set_against_itself(tmp_pa
   workdir = str(tmp_path / "run")
   # An untrained step-0 checkpoint: eval only needs weights, and this skips compiling the
   # train step (the slowest part of this test otherwise).
-  model, tx = models.from_config(c), train.make_optimizer(c.train)
+  model, tx = models.from_config(c), state_lib.make_optimizer(c.train)
   mngr = checkpoint.manager(os.path.join(workdir, "checkpoints"), async_save=False)
-  checkpoint.save(mngr, 0, jax.jit(lambda: nn.unbox(train.init_state(model, tx, c.seed)))(),
+  checkpoint.save(mngr, 0, state_lib.fresh_state(model, tx, c.seed),
                   None)
   mngr.wait_until_finished()
   mngr.close()

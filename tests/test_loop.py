@@ -7,8 +7,10 @@ import jax
 import numpy as np
 import pytest
 
-from sgjax import checkpoint, errors, sampling_job, train
-from tests.test_train import tiny_config
+from sgjax import checkpoint, errors, generate, train
+from sgjax.jobs import demo as demo_job
+from sgjax.jobs import sample as sample_job
+from tests.builders import tiny_config
 
 
 def _leaves(state):
@@ -68,7 +70,7 @@ def test_sampling_a_trained_workdir_writes_grid_and_npz(tmp_path):
   c = tiny_config()
   c.train.num_steps = 2
   train.train(c, str(tmp_path))
-  png = sampling_job.run(c, str(tmp_path))
+  png = sample_job.run(c, str(tmp_path))
   assert os.path.exists(png)
   data = np.load(str(tmp_path / "samples_sg.npz"))
   n = c.data.num_classes * c.sample.per_class
@@ -83,7 +85,7 @@ def test_eval_set_is_sharded_resumable_and_ag_sg_reads_the_kept_guide(tmp_path):
   c.sample.guidance.update(rule="ag_sg", omega=1.5, gamma_strong=0.0, gamma_weak=0.5,
                            guide_step=2)  # Kept by keep_period although max_to_keep is 1.
   c.sample.update(num_samples=20, shard_batches=1, batch_size=8)  # 3 shards, the last short.
-  sampling_job.run(c, str(tmp_path), name="eval")
+  sample_job.run(c, str(tmp_path), name="eval")
   out = tmp_path / "eval_20"
   merged = np.load(str(tmp_path / "eval_20.npz"))
   assert merged["arr_0"].shape == (20, 16, 16, 1) and merged["arr_0"].dtype == np.uint8
@@ -98,13 +100,13 @@ def test_eval_set_is_sharded_resumable_and_ag_sg_reads_the_kept_guide(tmp_path):
   os.remove(out / "shard_00002.npz")
   os.remove(tmp_path / "eval_20.npz")
   kept = os.path.getmtime(out / "shard_00000.npz")
-  sampling_job.run(c, str(tmp_path), name="eval")
+  sample_job.run(c, str(tmp_path), name="eval")
   assert os.path.getmtime(out / "shard_00000.npz") == kept
   np.testing.assert_array_equal(np.load(str(tmp_path / "eval_20.npz"))["arr_0"], first)
 
   c.sample.guidance.guide_step = 1  # Deleted by max_to_keep: a clear error, not a fallback.
   with pytest.raises(errors.UserError, match=r"no checkpoint of step 1 .*\[2, 4\]"):
-    sampling_job.run(c, str(tmp_path), name="eval2")
+    sample_job.run(c, str(tmp_path), name="eval2")
 
 
 def test_demo_writes_cfg_and_sg_grids_from_one_sampling_pass(tmp_path):
@@ -112,7 +114,7 @@ def test_demo_writes_cfg_and_sg_grids_from_one_sampling_pass(tmp_path):
   c.train.num_steps = 2
   c.demo.update(omega_cfg=2.0, omega_sg=2.0, eval_per_class=3)
   train.train(c, str(tmp_path))
-  paths, metrics = sampling_job.demo(c, str(tmp_path))
+  paths, metrics = demo_job.run(c, str(tmp_path))
   assert [os.path.basename(p) for p in paths] == ["samples_cfg.png", "samples_sg.png"]
   assert metrics == {}  # Synthetic data: no FD-FMNIST classifier to judge it.
   cfg, sg = (np.load(str(tmp_path / f"samples_{r}.npz")) for r in ("cfg", "sg"))
@@ -125,7 +127,7 @@ def test_demo_writes_cfg_and_sg_grids_from_one_sampling_pass(tmp_path):
 
 
 def test_sweep_grid_skips_done_points_and_plots(tmp_path):
-  from sgjax import sweep
+  from sgjax.jobs import sweep
   c = tiny_config()
   c.sweep.update(rules=("cfg", "sg", "cfg_sg"), omegas=(1.0, 2.0), gammas_strong=(0.0, 0.5),
                  gammas_weak=(0.5, 0.7), steps=(3,))
@@ -167,13 +169,13 @@ def test_long_sampling_runs_report_progress_and_keep_batch_keys(monkeypatch, cap
   c.sample.batch_size = 4
   keys = []
 
-  def fake_batch(config, model, weights, labels, plan, mesh, key):
+  def fake_batch(config, model, weights, labels, plan, mesh, key, null=None):
     keys.append(int(jax.random.key_data(key)[-1]))
     return np.full((len(labels), 2, 2, 1), labels[:, None, None, None], np.uint8)
 
-  monkeypatch.setattr(sampling_job, "_batch", fake_batch)
+  monkeypatch.setattr(generate, "batch", fake_batch)
   labels = np.arange(38, dtype=np.int32) % 7  # 10 batches, the last one short.
-  images = sampling_job.generate(c, None, None, labels, None, None, seed=3)
+  images = generate.images(c, None, None, labels, None, None, seed=3)
   np.testing.assert_array_equal(images[:, 0, 0, 0], labels)
   assert keys == [int(jax.random.key_data(jax.random.fold_in(jax.random.key(3), i))[-1])
                   for i in range(10)]

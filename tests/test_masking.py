@@ -13,11 +13,11 @@ import pytest
 from sgjax import config as config_lib
 from sgjax import flops, flow, sampling
 from sgjax import guidance as gl
+from sgjax import state as state_lib
 from sgjax import train as train_lib
 from sgjax.models import dit
 from sgjax.sparsity import Sparsity
-from tests.test_guidance import _cfg
-from tests.test_model import _all_shapes
+from tests.builders import all_shapes, guidance_config
 
 SIZE, CH, P, WIDTH, DEC = 8, 4, 2, 64, 32
 N = (SIZE // P) ** 2  # 16 tokens.
@@ -120,7 +120,7 @@ def test_masked_shapes_are_static_under_jit():
   fn = jax.jit(lambda p, x, t, y, k: model.apply({"params": p}, x, t, y,
                                                    sparsity=Sparsity(mask_gamma=0.75),
                                                    token_key=k))
-  shapes = _all_shapes(jax.make_jaxpr(fn)(params, x, t, y, jax.random.key(0)).jaxpr)
+  shapes = all_shapes(jax.make_jaxpr(fn)(params, x, t, y, jax.random.key(0)).jaxpr)
   keep = N - int(N * 0.75)
   assert (3, keep, WIDTH) in shapes  # The encoder runs on the kept tokens only.
   assert (3, N, DEC) in shapes  # The decoder on all of them.
@@ -158,7 +158,7 @@ def test_masked_train_step_reaches_mask_token_and_decoder():
   c.train.update(batch_size=4, warmup_steps=0)
   config_lib.validate(c)
   model = dit.from_config(c)
-  tx = train_lib.make_optimizer(c.train)
+  tx = state_lib.make_optimizer(c.train)
   params = _random_params(model)
   state = dict(step=jnp.zeros((), jnp.int32), params=params, ema=params,
                opt_state=jax.jit(tx.init)(params), rng=jax.random.key_data(jax.random.key(0)))
@@ -179,7 +179,7 @@ def test_sg_on_mask_gamma_runs_in_guidance_and_sampling():
   assert template.with_gamma(0.3) == Sparsity(mask_gamma=0.3)
   model = _model()
   params = {gl.MAIN: _random_params(model)}
-  plan = gl.plan(_cfg("sg", omega=2.0, gs=0.0, gw=0.5), template, N, flow.time_grid(3))
+  plan = gl.plan(guidance_config("sg", omega=2.0, gs=0.0, gw=0.5), template, N, flow.time_grid(3))
   g = plan.segments[0].guidance
   assert (g.strong.sparsity, g.weak.sparsity) == (Sparsity(), Sparsity(mask_gamma=0.5))
   x, t, y = _inputs()

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from sgjax.eval import metrics
+from tests.builders import tiny_config
 
 BIG = 60.0  # A logit gap that makes a softmax one-hot to ~1e-26.
 
@@ -96,7 +97,6 @@ def test_manifold_needs_more_points_than_k():
     ("nearest_k", 0, r"eval.nearest_k = 0: must be >= 1")])
 def test_eval_config_errors_name_the_field_and_range(field, value, message):
   from sgjax import config as config_lib
-  from tests.test_train import tiny_config
   c = tiny_config()
   c.eval[field] = value
   with pytest.raises(ValueError, match=message):

@@ -6,38 +6,13 @@ import numpy as np
 import pytest
 
 from sgjax import sparsity as sp
-from sgjax.models import dit
-
-
-def _model(depth=4, **kw):
-  return dit.DiT(image_size=16, channels=3, num_classes=5, depth=depth, width=64, heads=4,
-                 patch_size=2, **kw)
-
-
-def _random_params(model, seed=0):
-  """Init, then replace every leaf with noise: zero-init adaLN would make every block identity."""
-  x = jnp.zeros((1, model.image_size, model.image_size, model.channels))
-  params = model.init(jax.random.key(seed), x, jnp.zeros((1,)), jnp.zeros((1,), jnp.int32))
-  params = jax.tree.map(lambda a: a.value if hasattr(a, "value") else a, params["params"],
-                        is_leaf=lambda a: hasattr(a, "value"))
-  leaves, tree = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-  noisy = [0.1 * jax.random.normal(k, a.shape) for k, a in zip(keys, leaves, strict=True)]
-  return jax.tree.unflatten(tree, noisy)
-
-
-def _inputs(model, batch=3, seed=2):
-  k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
-  x = jax.random.normal(k1, (batch, model.image_size, model.image_size, model.channels))
-  t = jax.random.uniform(k2, (batch,))
-  y = jax.random.randint(k3, (batch,), 0, model.num_classes + 1)
-  return x, t, y
+from tests.builders import all_shapes, dit_inputs, dit_model, dit_random_params
 
 
 def test_gamma_zero_routing_equals_dense_exactly():
-  model = _model()
-  params = _random_params(model)
-  x, t, y = _inputs(model)
+  model = dit_model()
+  params = dit_random_params(model)
+  x, t, y = dit_inputs(model)
   dense = model.apply({"params": params}, x, t, y)
   routed0 = model.apply({"params": params}, x, t, y,
                         sparsity=sp.Sparsity.from_routes([(1, 2, 0.0)]),
@@ -47,9 +22,9 @@ def test_gamma_zero_routing_equals_dense_exactly():
 
 
 def test_routing_changes_output_and_depends_on_key():
-  model = _model()
-  params = _random_params(model)
-  x, t, y = _inputs(model)
+  model = dit_model()
+  params = dit_random_params(model)
+  x, t, y = dit_inputs(model)
   s = sp.Sparsity.from_routes([(1, 2, 0.5)])
   dense = model.apply({"params": params}, x, t, y)
   a = model.apply({"params": params}, x, t, y, sparsity=s, token_key=jax.random.key(0))
@@ -61,9 +36,9 @@ def test_routing_changes_output_and_depends_on_key():
 
 
 def test_skipped_tokens_leave_route_unchanged():
-  model = _model(depth=5)
-  params = _random_params(model)
-  x, t, y = _inputs(model)
+  model = dit_model(depth=5)
+  params = dit_random_params(model)
+  x, t, y = dit_inputs(model)
   s = sp.Sparsity.from_routes([(1, 3, 0.5)])
   _, inter = model.apply({"params": params}, x, t, y, sparsity=s, token_key=jax.random.key(3),
                          mutable=["intermediates"])
@@ -80,29 +55,17 @@ def test_skipped_tokens_leave_route_unchanged():
   assert not all(np.array_equal(kept[0], kept[i]) for i in range(1, 3))
 
 
-def _all_shapes(jaxpr) -> set:
-  """Output shapes of every equation, descending into nested jaxprs (jit, remat, ...)."""
-  out = set()
-  for e in jaxpr.eqns:
-    out |= {tuple(v.aval.shape) for v in e.outvars if hasattr(v.aval, "shape")}
-    for p in e.params.values():
-      sub = getattr(p, "jaxpr", p)
-      if hasattr(sub, "eqns"):
-        out |= _all_shapes(sub)
-  return out
-
-
 def test_routed_shapes_are_static_under_jit():
-  model = _model()
-  params = _random_params(model)
-  x, t, y = _inputs(model)
+  model = dit_model()
+  params = dit_random_params(model)
+  x, t, y = dit_inputs(model)
   s = sp.Sparsity.from_routes([(0, 3, 0.75)])
   fn = jax.jit(lambda p, x, t, y, k: model.apply({"params": p}, x, t, y, sparsity=s,
                                                    token_key=k))
   jaxpr = jax.make_jaxpr(fn)(params, x, t, y, jax.random.key(0))
   n = (16 // 2) ** 2
   keep = n - int(n * 0.75)
-  shapes = _all_shapes(jaxpr.jaxpr)
+  shapes = all_shapes(jaxpr.jaxpr)
   assert (3, keep, 64) in shapes  # Blocks run on the kept tokens only, a static count.
   assert fn(params, x, t, y, jax.random.key(1)).shape == x.shape
 

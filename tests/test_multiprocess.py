@@ -13,8 +13,9 @@ import jax
 import numpy as np
 import pytest
 
-from sgjax import checkpoint, distributed, models, sharding, train
-from tests.test_train import tiny_config
+from sgjax import checkpoint, distributed, models, sharding
+from sgjax import state as state_lib
+from tests.builders import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 3
@@ -66,8 +67,8 @@ def _metrics(workdir: str) -> list[dict]:
 def _restore(workdir: str, mesh):
   c = tiny_config()
   model = models.from_config(c)
-  abstract, _ = train.abstract_state_and_shardings(model, train.make_optimizer(c.train), c.seed,
-                                                   mesh)
+  abstract, _ = state_lib.abstract_state_and_shardings(
+      model, state_lib.make_optimizer(c.train), c.seed, mesh)
   mngr = checkpoint.manager(os.path.join(workdir, "checkpoints"))
   assert mngr.latest_step() == STEPS
   with jax.set_mesh(mesh):

@@ -7,8 +7,9 @@ import sys
 import jax
 import numpy as np
 
-from sgjax import metrics, models, sharding, train
-from tests.test_train import tiny_config
+from sgjax import metrics, models, sharding
+from sgjax import state as state_lib
+from tests.builders import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -16,8 +17,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_table_of_abstract_params_lists_shapes_specs_and_total():
   c = tiny_config()
   mesh = sharding.build_mesh(dict(data=2, fsdp=2, tensor=2))
-  abstract, _ = train.abstract_state_and_shardings(models.from_config(c),
-                                                   train.make_optimizer(c.train), c.seed, mesh)
+  abstract, _ = state_lib.abstract_state_and_shardings(models.from_config(c),
+                                                   state_lib.make_optimizer(c.train), c.seed, mesh)
   table = metrics.parameter_overview(abstract["params"])
   rows = {line.split("|")[1].strip(): [f.strip() for f in line.split("|")[2:-1]]
           for line in table.splitlines() if line.startswith("| ")}

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from sgjax import checkpoint, train
-from tests.test_train import tiny_config
+from tests.builders import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, EVERY = 40, 10

@@ -6,8 +6,9 @@ import os
 
 import pytest
 
-from sgjax import bench, profiling
-from tests.test_train import tiny_config
+from sgjax import profiling
+from sgjax.jobs import bench
+from tests.builders import tiny_config
 
 # Post-optimisation HLO in XLA's text format: a fusion whose gather sits inside (route), a GEMM
 # call (matmul), a fused-attention call, an optimizer update, a collective and a plain add.

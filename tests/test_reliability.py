@@ -10,10 +10,13 @@ import sys
 import numpy as np
 import pytest
 
-from sgjax import checkpoint, errors, eval_job, sampling_job, sweep, train, workdir
+from sgjax import checkpoint, errors, train, workdir
 from sgjax import config as config_lib
-from tests.test_train import tiny_config
-from third_party import dit_checkpoint
+from sgjax.convert import dit_checkpoint
+from sgjax.jobs import evaluate as eval_job
+from sgjax.jobs import sample as sample_job
+from sgjax.jobs import sweep
+from tests.builders import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -97,7 +100,7 @@ def test_cli_refusals_are_one_line_without_traceback(tmp_path):
       "empty_grid": ["-m", "sgjax.sweep", *tiny, f"--workdir={missing}",
                      "--config.sweep.rules=('sg',)", "--config.sweep.gammas_strong=(0.5,)",
                      "--config.sweep.gammas_weak=(0.3,)"],
-      "converter": ["-m", "third_party.dit_checkpoint", "--src=nothing.pt", f"--out={used}"],
+      "converter": ["-m", "sgjax.convert.dit_checkpoint", "--src=nothing.pt", f"--out={used}"],
       "help": ["-m", "sgjax.flops", "--help"],
   })
   for name in ("unknown_key", "sample_missing", "empty_grid", "converter"):
@@ -204,21 +207,21 @@ def test_sampling_refuses_another_model_and_never_overwrites_another_setting(tra
   c = tiny_config()
   c.model.heads = 2
   with pytest.raises(errors.UserError, match=r"model.heads = 4 there, 2 requested"):
-    sampling_job.run(c, path)
+    sample_job.run(c, path)
   c = tiny_config()
   c.data.num_classes = 6  # More classes than the model has.
   with pytest.raises(errors.UserError, match=r"data.num_classes = 4 there, 6 requested"):
-    sampling_job.run(c, path)
+    sample_job.run(c, path)
   assert not os.path.exists(os.path.join(path, "samples_sg.png"))
   c = tiny_config()
   c.train.lr = 5e-4  # A training-only field: readers may differ.
   c.sample.update(num_samples=8, shard_batches=1)
-  sampling_job.run(c, path)
+  sample_job.run(c, path)
   first_set = os.path.join(path, "samples_sg_8")
   shards = sorted(os.listdir(first_set))
   first = np.load(os.path.join(path, "samples_sg_8.npz"))["arr_0"]
   c.sample.guidance.omega = 3.0
-  sampling_job.run(c, path)
+  sample_job.run(c, path)
   out = capsys.readouterr().out
   assert f"replacing {path}/samples_sg.png and its .npz (made with other settings: " \
          "sample.guidance.omega)" in out
@@ -272,7 +275,7 @@ def test_a_damaged_checkpoint_is_named_never_skipped_nor_deleted(trained, tmp_pa
   with pytest.raises(errors.UserError, match=message):
     train.train(c, path)
   with pytest.raises(errors.UserError, match=message):
-    sampling_job.run(tiny_config(), path)
+    sample_job.run(tiny_config(), path)
   assert checkpoint.saved_steps(os.path.join(path, "checkpoints")) == [2, 4]
   # The metadata gone too: named the same way, before any array is read.
   os.remove(os.path.join(step4, "state", "_METADATA"))

@@ -11,7 +11,7 @@ from sgjax import condition
 from sgjax import config as config_lib
 from sgjax.data import captions, pipeline
 from sgjax.text import encoder as encoder_lib
-from tests.test_t2i_model import _load
+from tests.builders import load_config
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ class _HashEncoder:
 
 
 def test_caption_dataset_roundtrip(tmp_path):
-  c = _load("fashion_mnist_t2i")
+  c = load_config("fashion_mnist_t2i")
   c.data.cache_dir = str(tmp_path)
   c.text.width = 8
   config_lib.validate(c)

@@ -4,10 +4,10 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from sgjax import bench, flops, models
+from sgjax import flops, models
+from sgjax.jobs import bench
 from sgjax.sparsity import Sparsity
-from tests.test_t2i_guidance import tiny_t2i_config
-from tests.test_t2i_model import _load
+from tests.builders import load_config, tiny_t2i_config
 
 
 def _tiny():
@@ -50,7 +50,7 @@ def test_trdit_macs_match_xla_cost_analysis():
 
 
 def test_2p5b_flops_run():
-  c = _load("t2i_2p5b")
+  c = load_config("t2i_2p5b")
   report = flops.report(c)
   dense = report["dense model"]["with_attention"]
   print("TR-DiT-2.5B GMACs per image:", {k: round(v["with_attention"], 1)

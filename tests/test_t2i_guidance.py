@@ -2,9 +2,7 @@
 branch gets the empty prompt, text dropout, the train step on the 8-device mesh, and sampling."""
 
 import os
-import zlib
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,8 +11,18 @@ import pytest
 from sgjax import condition, flow, models, sampling, sharding, train
 from sgjax import config as config_lib
 from sgjax import guidance as gl
+from sgjax import state as state_lib
 from sgjax.sparsity import Sparsity
-from tests.test_t2i_model import _inputs, _model, _random_params
+from tests.builders import (
+  CROP,
+  VAE,
+  WordEncoder,
+  tiny_t2i_config,
+  trdit_inputs,
+  trdit_model,
+  trdit_random_params,
+  write_weights,
+)
 
 L, D = 4, 3
 NULL_VALUE = -50.0  # Every entry of the "empty prompt" features in the probes below.
@@ -73,9 +81,9 @@ def test_drop_condition_on_text_and_labels():
 
 
 def test_trdit_sg_and_cfg_sg_branches_on_the_real_model():
-  model = _model()
-  params = _random_params(model)
-  x, t, c = _inputs(model)
+  model = trdit_model()
+  params = trdit_random_params(model)
+  x, t, c = trdit_inputs(model)
   null = {"text": jax.random.normal(jax.random.key(9), (model.text_tokens, model.text_width)),
           "text_mask": jnp.arange(model.text_tokens) < 2}
   velocity = sampling.make_velocity_fn(model)
@@ -105,20 +113,6 @@ def test_trdit_sg_and_cfg_sg_branches_on_the_real_model():
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
-def tiny_t2i_config():
-  c = config_lib.base_config()
-  c.dtype = "float32"
-  c.model.update(kind="trdit", preset="", depth=2, width=64, heads=4, patch_size=4)
-  c.text.update(width=24, max_tokens=6, layers=1)
-  c.data.update(name="synthetic", image_size=16, channels=1, num_classes=4)
-  c.sparsity.routes = ((1, 1, 0.5),)
-  c.train.update(batch_size=16, num_steps=4, lr=1e-3, grad_clip=1.0, ema_decay=0.9,
-                 label_dropout=0.25)
-  c.sample.update(batch_size=8, steps=3, per_class=2)
-  c.sample.guidance.update(rule="cfg_sg", omega=1.5, gamma_strong=0.0, gamma_weak=0.5)
-  return c
-
-
 def _t2i_batch(c, seed):
   k1, k2 = jax.random.split(jax.random.key(seed))
   b, n, tx = c.train.batch_size, c.data.image_size, c.text
@@ -132,14 +126,13 @@ def test_train_step_on_the_8_device_mesh():
   config_lib.validate(c, 8)
   mesh = sharding.build_mesh(dict(data=2, fsdp=2, tensor=2))
   model = models.from_config(c)
-  tx = train.make_optimizer(c.train)
-  _, shardings = train.abstract_state_and_shardings(model, tx, c.seed, mesh)
+  tx = state_lib.make_optimizer(c.train)
+  _, shardings = state_lib.abstract_state_and_shardings(model, tx, c.seed, mesh)
   null = {"text": jnp.zeros((c.text.max_tokens, c.text.width)),
           "text_mask": jnp.arange(c.text.max_tokens) < 2}
   batch = _t2i_batch(c, 0)
   with jax.set_mesh(mesh):
-    state = jax.jit(lambda: nn.unbox(train.init_state(model, tx, c.seed)),
-                    out_shardings=shardings)()
+    state = state_lib.fresh_state(model, tx, c.seed, shardings)
     step = jax.jit(train.make_train_step(c, model, tx, null),
                    in_shardings=(shardings, sharding.batch_sharding(mesh)),
                    out_shardings=(shardings, sharding.replicated(mesh)))
@@ -161,7 +154,7 @@ def test_sampling_with_text_is_deterministic_and_uses_the_null():
   c = tiny_t2i_config()
   config_lib.validate(c, 8)
   model = models.from_config(c)
-  params = {gl.MAIN: _random_params(model)}
+  params = {gl.MAIN: trdit_random_params(model)}
   batch = _t2i_batch(c, 1)
   cond = {"text": batch["text"][:8], "text_mask": batch["text_mask"][:8]}
   null = {"text": jnp.zeros((c.text.max_tokens, c.text.width)),
@@ -177,43 +170,32 @@ def test_sampling_with_text_is_deterministic_and_uses_the_null():
   assert float(jnp.abs(a - d).max()) > 1e-4  # CFG+SG's weak branch reads the null text.
 
 
-class _WordEncoder:
-  """A deterministic stand-in for MiniLM: one feature row per word plus two end tokens."""
-
-  name, width = "words", 24
-
-  def encode(self, texts, max_tokens):
-    from sgjax.text import encoder as encoder_lib
-    rows = [np.stack([np.random.default_rng(zlib.crc32(w.encode())).standard_normal(self.width)
-                      for w in ["[CLS]", *t.split(), "[SEP]"]]) for t in texts]
-    return encoder_lib.pad_features(rows, max_tokens, self.width)
-
-
 def test_sample_mode_draws_each_prompt_through_the_encoder(tmp_path, monkeypatch):
-  from sgjax import checkpoint, sampling_job
+  from sgjax import checkpoint
+  from sgjax.jobs import sample as sample_job
   from sgjax.text import encoder as encoder_lib
-  monkeypatch.setitem(encoder_lib.ENCODERS, "words", _WordEncoder)
+  monkeypatch.setitem(encoder_lib.ENCODERS, "words", WordEncoder)
   c = tiny_t2i_config()
   c.text.encoder = "words"
   c.sample.update(prompts=("a pullover", "an ankle boot"), per_class=3)  # 6 images, batch 8.
   c.mesh.update(data=-1, fsdp=1, tensor=1)
   model = models.from_config(c)
-  weights = _random_params(model)  # Non-zero adaLN: the text changes the images.
+  weights = trdit_random_params(model)  # Non-zero adaLN: the text changes the images.
   mesh = sharding.build_mesh(c.mesh)
-  state = jax.jit(lambda: nn.unbox(train.init_state(model, train.make_optimizer(c.train), 0)))()
+  state = state_lib.fresh_state(model, state_lib.make_optimizer(c.train), 0)
   state = dict(state, params=weights, ema=weights, step=jnp.asarray(4, jnp.int32))
   mngr = checkpoint.manager(str(tmp_path / "checkpoints"), async_save=False)
   checkpoint.save(mngr, 4, state, None)
   mngr.close()
 
-  png = sampling_job.run(c, str(tmp_path))
+  png = sample_job.run(c, str(tmp_path))
   out = np.load(str(tmp_path / "samples_cfg_sg.npz"))
   assert png.endswith("samples_cfg_sg.png") and os.path.exists(png)
   assert list(out["prompts"]) == ["a pullover"] * 3 + ["an ankle boot"] * 3
   assert int(out["step"]) == 4
 
   # The same images as sampling the encoder's features directly, with ∅ = the empty prompt.
-  text, mask = _WordEncoder().encode(["a pullover"] * 3 + ["an ankle boot"] * 3 + [""] * 3, 6)
+  text, mask = WordEncoder().encode(["a pullover"] * 3 + ["an ankle boot"] * 3 + [""] * 3, 6)
   cond = {"text": text[:8], "text_mask": mask[:8]}
   cond["text"][6:], cond["text_mask"][6:] = text[5], mask[5]  # Padding repeats the last row.
   with jax.set_mesh(mesh):
@@ -226,4 +208,45 @@ def test_sample_mode_draws_each_prompt_through_the_encoder(tmp_path, monkeypatch
 
   c.sample.prompts = ()
   with pytest.raises(ValueError, match=r"sample.prompts = \(\)"):
-    sampling_job.run(c, str(tmp_path))
+    sample_job.run(c, str(tmp_path))
+
+
+def test_a_latent_text_model_samples_pixels_through_the_generation_path(tmp_path, monkeypatch):
+  """Prompts -> guided sampler -> SD-VAE decode -> uint8: a text model on latents writes
+  images, not latents (the text path once skipped the decode)."""
+  from sgjax import checkpoint
+  from sgjax.convert import sd_vae
+  from sgjax.jobs import sample as sample_job
+  from sgjax.text import encoder as encoder_lib
+  monkeypatch.setitem(encoder_lib.ENCODERS, "words", WordEncoder)
+  c = tiny_t2i_config()
+  c.text.encoder = "words"
+  c.data.update(name="latents", image_size=CROP // 2, channels=VAE["latent_channels"])
+  c.vae.update(VAE, weights=write_weights(tmp_path / "vae.safetensors", **VAE), chunk=4)
+  c.encode.image_size = CROP
+  c.sample.update(prompts=("a pullover", "an ankle boot"), per_class=3)
+  config_lib.validate(c, jax.device_count())
+  model = models.from_config(c)
+  weights = trdit_random_params(model)
+  mesh = sharding.build_mesh(c.mesh)
+  state = state_lib.fresh_state(model, state_lib.make_optimizer(c.train), 0)
+  mngr = checkpoint.manager(str(tmp_path / "checkpoints"), async_save=False)
+  checkpoint.save(mngr, 4, dict(state, params=weights, ema=weights), None)
+  mngr.close()
+
+  sample_job.run(c, str(tmp_path))
+  out = np.load(str(tmp_path / "samples_cfg_sg.npz"))["arr_0"]
+  assert out.shape == (6, CROP, CROP, 3) and out.dtype == np.uint8  # Pixels, RGB, 2x the latents.
+  assert len(np.unique(out)) > 10 and not np.array_equal(out[0], out[3])
+
+  # The same pixels as sampling the latents directly and decoding them with the VAE.
+  text, mask = WordEncoder().encode(["a pullover"] * 3 + ["an ankle boot"] * 3 + [""], 6)
+  cond = {"text": np.concatenate([text[:6], text[5:6].repeat(2, 0)]),
+          "text_mask": np.concatenate([mask[:6], mask[5:6].repeat(2, 0)])}
+  with jax.set_mesh(mesh):
+    z = sampling.sample(model, {gl.MAIN: weights}, cond,
+                        jax.random.fold_in(jax.random.key(c.sample.seed), 0),
+                        plan=config_lib.sampling_plan(c),
+                        null={"text": text[-1], "text_mask": mask[-1]})
+    want = sd_vae.to_pixels(c, mesh, jax.device_put(z, sharding.batch_sharding(mesh)))
+  np.testing.assert_array_equal(out, sampling.to_uint8(np.asarray(want))[:6])

@@ -10,38 +10,13 @@ from sgjax import config as config_lib
 from sgjax import models
 from sgjax import sparsity as sp
 from sgjax.models import trdit
-
-
-def _model(depth=3, **kw):
-  return trdit.TRDiT(image_size=16, channels=3, depth=depth, width=64, heads=4, patch_size=2,
-                     text_width=24, text_tokens=6, text_layers=1, **kw)
-
-
-def _random_params(model, seed=0):
-  """Init, then noise on every leaf: zero-init modulation would make every block identity."""
-  x = jnp.zeros((1, model.image_size, model.image_size, model.channels))
-  params = model.init(jax.random.key(seed), x, jnp.zeros((1,)), model.example_condition(1))
-  params = jax.tree.map(lambda a: a.value if hasattr(a, "value") else a, params["params"],
-                        is_leaf=lambda a: hasattr(a, "value"))
-  leaves, tree = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-  noisy = [0.2 * jax.random.normal(k, a.shape) for k, a in zip(keys, leaves, strict=True)]
-  return jax.tree.unflatten(tree, noisy)
-
-
-def _inputs(model, batch=3, seed=2):
-  k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
-  x = jax.random.normal(k1, (batch, model.image_size, model.image_size, model.channels))
-  t = jax.random.uniform(k2, (batch,))
-  text = jax.random.normal(k3, (batch, model.text_tokens, model.text_width))
-  mask = jnp.arange(model.text_tokens)[None] < jnp.array([[2], [4], [6]])[:batch]
-  return x, t, {"text": text, "text_mask": mask}
+from tests.builders import load_config, trdit_inputs, trdit_model, trdit_random_params
 
 
 def test_gamma_zero_routing_equals_dense_exactly():
-  model = _model()
-  params = _random_params(model)
-  x, t, c = _inputs(model)
+  model = trdit_model()
+  params = trdit_random_params(model)
+  x, t, c = trdit_inputs(model)
   dense = model.apply({"params": params}, x, t, c)
   routed0 = model.apply({"params": params}, x, t, c,
                         sparsity=sp.Sparsity.from_routes([(1, 1, 0.0)]),
@@ -51,9 +26,9 @@ def test_gamma_zero_routing_equals_dense_exactly():
 
 
 def test_positions_inside_a_route_are_the_tokens_own():
-  model = _model(depth=3)
-  params = _random_params(model)
-  x, t, c = _inputs(model)
+  model = trdit_model(depth=3)
+  params = trdit_random_params(model)
+  x, t, c = trdit_inputs(model)
   s = sp.Sparsity.from_routes([(1, 1, 0.5)])
   _, inter = model.apply({"params": params}, x, t, c, sparsity=s, token_key=jax.random.key(3),
                          mutable=["intermediates"])
@@ -87,9 +62,9 @@ def test_rope_scores_depend_only_on_relative_position():
 
 
 def test_text_and_its_mask_reach_the_output():
-  model = _model(depth=2)
-  params = _random_params(model)
-  x, t, c = _inputs(model)
+  model = trdit_model(depth=2)
+  params = trdit_random_params(model)
+  x, t, c = trdit_inputs(model)
   base = model.apply({"params": params}, x, t, c)
   other = dict(c, text=c["text"].at[0, 0].add(1.0))  # A real (unmasked) token of sample 0.
   changed = model.apply({"params": params}, x, t, other)
@@ -100,12 +75,8 @@ def test_text_and_its_mask_reach_the_output():
                              np.asarray(base), atol=1e-5)
 
 
-def _load(name):
-  return config_lib.load_config_file(name)
-
-
 def test_2p5b_config_has_2p5b_params():
-  c = _load("t2i_2p5b")
+  c = load_config("t2i_2p5b")
   config_lib.validate(c)
   model = models.from_config(c)
   n = model.image_size

@@ -7,20 +7,9 @@ import optax
 
 from sgjax import config as config_lib
 from sgjax import sharding, train
+from sgjax import state as state_lib
 from sgjax.models import dit
-
-
-def tiny_config():
-  c = config_lib.base_config()
-  c.dtype = "float32"
-  c.model.update(preset="", depth=3, width=64, heads=4, patch_size=4)
-  c.data.update(name="synthetic", image_size=16, channels=1, num_classes=4)
-  c.sparsity.routes = ((1, 1, 0.5),)
-  c.train.update(batch_size=16, num_steps=4, lr=1e-3, grad_clip=1.0, ema_decay=0.9,
-                 log_every=2, checkpoint_every=2, async_checkpoint=False)
-  c.sample.update(batch_size=8, steps=3, per_class=2)
-  c.sample.guidance.update(rule="sg", omega=1.5, gamma_strong=0.0, gamma_weak=0.5)
-  return c
+from tests.builders import tiny_config
 
 
 def _batch(c, seed=0):
@@ -32,11 +21,10 @@ def _batch(c, seed=0):
 
 def _run_steps(c, mesh, steps=2):
   model = dit.from_config(c)
-  tx = train.make_optimizer(c.train)
-  _, shardings = train.abstract_state_and_shardings(model, tx, c.seed, mesh)
+  tx = state_lib.make_optimizer(c.train)
+  _, shardings = state_lib.abstract_state_and_shardings(model, tx, c.seed, mesh)
   with jax.set_mesh(mesh):
-    state = jax.jit(lambda: nn.unbox(train.init_state(model, tx, c.seed)),
-                    out_shardings=shardings)()
+    state = state_lib.fresh_state(model, tx, c.seed, shardings)
     step = jax.jit(train.make_train_step(c, model, tx),
                    in_shardings=(shardings, sharding.batch_sharding(mesh)),
                    out_shardings=(shardings, sharding.replicated(mesh)))
@@ -80,11 +68,10 @@ def test_loss_decreases_on_a_fixed_batch():
   c.sparsity.routes = ()
   mesh = sharding.build_mesh(dict(data=-1, fsdp=1, tensor=1))
   model = dit.from_config(c)
-  tx = train.make_optimizer(c.train)
-  _, shardings = train.abstract_state_and_shardings(model, tx, c.seed, mesh)
+  tx = state_lib.make_optimizer(c.train)
+  _, shardings = state_lib.abstract_state_and_shardings(model, tx, c.seed, mesh)
   with jax.set_mesh(mesh):
-    state = jax.jit(lambda: nn.unbox(train.init_state(model, tx, c.seed)),
-                    out_shardings=shardings)()
+    state = state_lib.fresh_state(model, tx, c.seed, shardings)
     step = jax.jit(train.make_train_step(c, model, tx))
     batch = jax.device_put(_batch(c), sharding.batch_sharding(mesh))
     losses = []
@@ -100,8 +87,8 @@ def test_grad_accumulation_matches_full_batch_step():
   c = tiny_config()
   c.sparsity.routes = ()
   model = dit.from_config(c)
-  tx = train.make_optimizer(c.train)
-  state = nn.unbox(train.init_state(model, tx, c.seed))
+  tx = state_lib.make_optimizer(c.train)
+  state = nn.unbox(state_lib.init_state(model, tx, c.seed))
   batch = _batch(c)
   s1, m1 = jax.jit(train.make_train_step(c, model, tx))(state, batch)
   c.train.grad_accum = 4
@@ -120,8 +107,8 @@ def test_logged_lr_is_the_schedule_the_optimizer_steps_with():
   c.sparsity.routes = ()
   c.train.update(warmup_steps=4, weight_decay=0.01)
   model = dit.from_config(c)
-  tx = train.make_optimizer(c.train)
-  state = nn.unbox(train.init_state(model, tx, c.seed))
+  tx = state_lib.make_optimizer(c.train)
+  state = nn.unbox(state_lib.init_state(model, tx, c.seed))
   init_params = jax.device_get(state["params"])
   step = jax.jit(train.make_train_step(c, model, tx))
   lrs, params = [], []
@@ -138,6 +125,7 @@ def test_logged_lr_is_the_schedule_the_optimizer_steps_with():
   sched = [s for s in jax.tree.leaves(state["opt_state"], is_leaf=is_sched) if is_sched(s)]
   assert [int(s.count) for s in sched] == [3]
   c.train.warmup_steps = 0
-  _, m = jax.jit(train.make_train_step(c, model, train.make_optimizer(c.train)))(
-      nn.unbox(train.init_state(model, train.make_optimizer(c.train), c.seed)), _batch(c))
+  _, m = jax.jit(train.make_train_step(c, model, state_lib.make_optimizer(c.train)))(
+      nn.unbox(state_lib.init_state(model, state_lib.make_optimizer(c.train), c.seed)),
+      _batch(c))
   np.testing.assert_allclose(float(m["lr"]), c.train.lr, rtol=1e-7)

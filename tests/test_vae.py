@@ -7,7 +7,6 @@ the converter's tables), with random values; the reference is written with torch
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 import torch
@@ -16,101 +15,18 @@ from safetensors.numpy import save_file
 
 from sgjax import config as config_lib
 from sgjax import sharding
+from sgjax.convert import sd_vae
 from sgjax.models import vae
-from third_party import sd_vae
-
-TINY = dict(block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, in_channels=3,
-            norm_groups=4)
-ATTN_NEW = ("to_q", "to_k", "to_v", "to_out.0")
-ATTN_OLD = ("query", "key", "value", "proj_attn")
-
-
-def diffusers_shapes(block_out_channels, layers_per_block, latent_channels, in_channels,
-                     old_attention=False, conv_attention=False, **_):
-  """{key: shape} of a diffusers AutoencoderKL state dict (Encoder/Decoder of diffusers' vae.py)."""
-  shapes = {}
-
-  def conv(name, out, inp, k):
-    shapes[f"{name}.weight"], shapes[f"{name}.bias"] = (out, inp, k, k), (out,)
-
-  def norm(name, c):
-    shapes[f"{name}.weight"], shapes[f"{name}.bias"] = (c,), (c,)
-
-  def resnet(name, inp, out):
-    norm(f"{name}.norm1", inp)
-    conv(f"{name}.conv1", out, inp, 3)
-    norm(f"{name}.norm2", out)
-    conv(f"{name}.conv2", out, out, 3)
-    if inp != out:
-      conv(f"{name}.conv_shortcut", out, inp, 1)
-
-  def mid(name, c):
-    resnet(f"{name}.resnets.0", c, c)
-    norm(f"{name}.attentions.0.group_norm", c)
-    for proj in ATTN_OLD if old_attention else ATTN_NEW:
-      p = f"{name}.attentions.0.{proj}"
-      shapes[f"{p}.weight"] = (c, c, 1, 1) if conv_attention else (c, c)
-      shapes[f"{p}.bias"] = (c,)
-    resnet(f"{name}.resnets.1", c, c)
-
-  ch, last = tuple(block_out_channels), len(block_out_channels) - 1
-  conv("encoder.conv_in", ch[0], in_channels, 3)
-  prev = ch[0]
-  for i, c in enumerate(ch):
-    for j in range(layers_per_block):
-      resnet(f"encoder.down_blocks.{i}.resnets.{j}", prev, c)
-      prev = c
-    if i < last:
-      conv(f"encoder.down_blocks.{i}.downsamplers.0.conv", c, c, 3)
-  mid("encoder.mid_block", ch[-1])
-  norm("encoder.conv_norm_out", ch[-1])
-  conv("encoder.conv_out", 2 * latent_channels, ch[-1], 3)
-  conv("quant_conv", 2 * latent_channels, 2 * latent_channels, 1)
-  conv("post_quant_conv", latent_channels, latent_channels, 1)
-  rev = ch[::-1]
-  conv("decoder.conv_in", rev[0], latent_channels, 3)
-  mid("decoder.mid_block", rev[0])
-  prev = rev[0]
-  for i, c in enumerate(rev):
-    for j in range(layers_per_block + 1):
-      resnet(f"decoder.up_blocks.{i}.resnets.{j}", prev, c)
-      prev = c
-    if i < last:
-      conv(f"decoder.up_blocks.{i}.upsamplers.0.conv", c, c, 3)
-  norm("decoder.conv_norm_out", ch[0])
-  conv("decoder.conv_out", in_channels, ch[0], 3)
-  return shapes
-
-
-def random_state_dict(seed=0, **arch):
-  rng = np.random.default_rng(seed)
-  state = {}
-  for name, shape in diffusers_shapes(**arch).items():
-    if name.endswith(".bias"):
-      v = 0.1 * rng.standard_normal(shape)
-    elif len(shape) == 1:  # GroupNorm scale.
-      v = 1.0 + 0.1 * rng.standard_normal(shape)
-    else:  # Fan-in scaled, so activations stay O(1) through the blocks.
-      v = rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))
-    state[name] = v.astype(np.float32)
-  return state
-
-
-def write_weights(path, seed=0, **arch) -> str:
-  save_file(random_state_dict(seed, **(arch or TINY)), str(path))
-  return str(path)
-
-
-def apply(model, params, x, method):
-  """model.apply jitted (one compile instead of an eager compile per op)."""
-  return jax.jit(model.apply, static_argnames="method")({"params": params}, x, method=method)
-
-
-def vae_config(weights="", **arch) -> ml_collections.ConfigDict:
-  vc = config_lib.base_config().vae
-  vc.update(dict(TINY, **arch), weights=weights)
-  return vc
-
+from tests.builders import (
+  ATTN_NEW,
+  ATTN_OLD,
+  TINY,
+  apply,
+  diffusers_shapes,
+  random_state_dict,
+  vae_config,
+  write_weights,
+)
 
 # ---- The PyTorch reference, straight from the state dict (NCHW, float64).
 
@@ -183,7 +99,7 @@ def test_converted_flax_vae_equals_torch_reference(tmp_path, naming):
   path = tmp_path / "diffusion_pytorch_model.safetensors"
   save_file(state, str(path))
   vc = vae_config(str(path))
-  model, params = vae.from_config(vc), vae.load_params(vc)
+  model, params = vae.from_config(vc), sd_vae.load_params(vc)
 
   rng = np.random.default_rng(2)
   x = rng.uniform(-1, 1, (2, 16, 12, 3)).astype(np.float32)  # Non-square: catches H/W swaps.
@@ -236,7 +152,7 @@ def test_converter_names_missing_unused_and_misshaped_keys():
 
 def test_sharded_chunked_decode_equals_plain_decode(tmp_path):
   vc = vae_config(write_weights(tmp_path / "w.safetensors"))
-  model, params = vae.from_config(vc), vae.load_params(vc)
+  model, params = vae.from_config(vc), sd_vae.load_params(vc)
   z = np.random.default_rng(3).standard_normal((16, 4, 4, 4)).astype(np.float32)
   expected = apply(model, params, z / vc.scale, vae.AutoencoderKL.decode)
   mesh = sharding.build_mesh(dict(data=2, fsdp=4, tensor=1))

@@ -26,6 +26,8 @@ import grain
 import ml_collections
 import numpy as np
 
+from sgjax.data import fashion_mnist
+
 NAME = "fashion_mnist_captions"
 FEATURES, METADATA, RECORDS = "text_features.npz", "metadata.json", "train.array_record"
 # Each Fashion-MNIST class as a noun phrase with its article (index = label).
@@ -68,8 +70,7 @@ def unpack(record: bytes) -> tuple[np.ndarray, int, int]:
 
 
 def _cache_root(config: ml_collections.ConfigDict) -> str:
-  from sgjax.data import pipeline  # Local: pipeline imports this module.
-  return config.data.cache_dir or pipeline.DEFAULT_CACHE
+  return config.data.cache_dir or fashion_mnist.DEFAULT_CACHE
 
 
 def check_written(config: ml_collections.ConfigDict) -> str:

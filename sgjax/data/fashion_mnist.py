@@ -13,6 +13,9 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 
+# Where packed ArrayRecord datasets go when data.cache_dir is '' (ours and the captioned set).
+DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "sgjax", "tfds")
+
 DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
 FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),

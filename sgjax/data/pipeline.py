@@ -11,7 +11,6 @@ resumed run sees exactly the batches an uninterrupted run would.
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,7 +21,7 @@ import numpy as np
 from sgjax.data import captions, fashion_mnist, latents
 
 DATASETS = ("fashion_mnist", "synthetic", "latents", "fashion_mnist_captions")
-DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "sgjax", "tfds")
+DEFAULT_CACHE = fashion_mnist.DEFAULT_CACHE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +117,14 @@ class _RowsOfEveryBlock(grain.MapDataset):
       return self.slice(index)
     block, i = divmod(index, len(self._rows))
     return self._parent[block * self._period + self._rows[i]]
+
+
+def null_condition(config: ml_collections.ConfigDict):
+  """CFG's ∅ that the data provide for condition dropout: the empty prompt's recorded
+  features for captioned data, None (the model's own null label) otherwise."""
+  if config.data.name == captions.NAME:
+    return captions.null_condition(config)
+  return None
 
 
 def make_train_iterator(dc: ml_collections.ConfigDict, global_batch_size: int, seed: int,

@@ -18,11 +18,13 @@ import os
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from flax import serialization
 
 from sgjax import files
+from sgjax.data import pipeline
 from sgjax.eval import frechet
 
 MIN_TEST_ACCURACY = 0.90
@@ -132,3 +134,17 @@ def sample_metrics(params, ref_stats, images_uint8: np.ndarray, labels: np.ndarr
   return dict(fd_fmnist=frechet.frechet_distance(mu, sigma, *ref_stats),
               class_accuracy=float((logits.argmax(-1) == labels).mean()),
               num_samples=int(len(labels)))
+
+
+def for_workdir(dc: ml_collections.ConfigDict, workdir: str, *, log=print):
+  """(classifier params, test-split statistics, test split) for scoring a workdir's samples:
+  the classifier cached in the workdir (trained on first use) on the raw Fashion-MNIST idx
+  files whatever `data.name` (also the captioned set) reads them through."""
+  raw = dc.copy_and_resolve_references()
+  with raw.unlocked():
+    raw.name = "fashion_mnist"
+  train_split = pipeline.load_split_arrays(raw, "train")
+  test_split = pipeline.load_split_arrays(raw, "test")
+  clf = train_or_load(os.path.join(workdir, "fmnist_classifier.msgpack"), train_split,
+                      test_split, log=log)
+  return clf, reference_statistics(clf, test_split[0]), test_split

@@ -6,7 +6,7 @@ structure is torchvision's Inception-v3 with the FID patches: the pooling branch
 first E blocks averages without counting the zero padding (TF's `SAME` average pool), the last E
 block max-pools there, BatchNorm ε = 1e-3, 1008 classes, no auxiliary head. Module and parameter
 names mirror the PyTorch state dict (`Mixed_6d/branch1x1/conv/kernel` <-> `Mixed_6d.branch1x1.
-conv.weight`), so the converter (`third_party/inception_fid.py`) is a renaming plus transposes.
+conv.weight`), so the converter (`sgjax/convert/inception_fid.py`) is a renaming plus transposes.
 
 Outputs (NHWC in, any size (resized to 299 inside), 1 or 3 channels, uint8 or [0, 255] floats):
   pool     (B, 2048)  `pool_3`: global average of the last block (FID, precision/recall).
@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from sgjax import files, metrics, sharding
+from sgjax import metrics, sharding
 
 INPUT_SIZE = 299
 NUM_CLASSES = 1008
@@ -239,15 +239,6 @@ def variables_template():
   """Shapes of every variable ({"params", "batch_stats"}), without computing anything."""
   return jax.eval_shape(InceptionV3().init, jax.random.key(0),
                         jax.ShapeDtypeStruct((1, INPUT_SIZE, INPUT_SIZE, 3), jnp.uint8))
-
-
-def load_variables(path: str):
-  """Converted weights (.npz from third_party/inception_fid.py) or a .pth directly."""
-  if not path or not files.exists(path):
-    raise FileNotFoundError(f"Inception weights {path!r} not found (convert "
-                            "pt_inception-2015-12-05-6726825d.pth, see docs/eval.md)")
-  from third_party import inception_fid  # Local: the converter imports torch for .pth only.
-  return inception_fid.load(path)
 
 
 @functools.lru_cache(maxsize=8)

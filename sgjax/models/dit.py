@@ -64,6 +64,7 @@ def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
   return x * (1 + scale[:, None]) + shift[:, None]
 
 
+TEXT = False  # Conditioned on class labels (sgjax.models).
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 ATTENTION_SCOPE = "attention_core"  # Named scope of the score/softmax/value part (profiles).
 REMAT_POLICIES = ("none", "full", "dots")
@@ -153,6 +154,14 @@ class DiT(nn.Module):
   @property
   def masked(self) -> bool:
     return self.decoder_depth > 0
+
+  def example_condition(self, batch: int) -> jax.Array:
+    """Zeros of the condition's shapes (what init traces with): class labels."""
+    return jnp.zeros((batch,), jnp.int32)
+
+  def builtin_null(self) -> int:
+    """CFG's ∅: the extra "null class" row of the label embedding."""
+    return int(self.num_classes)
 
   @nn.compact
   def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array, *,

@@ -41,6 +41,8 @@ Dtype = Any
 Condition = dict[str, jax.Array]  # {"text": (B, L, D_text), "text_mask": (B, L) bool}
 
 
+TEXT = True  # Conditioned on text features (sgjax.models).
+
 def _dense(features, axes, *, name, dtype, zero=False):
   init = nn.initializers.zeros_init() if zero else nn.initializers.xavier_uniform()
   return nn.Dense(features, use_bias=False, dtype=dtype, param_dtype=jnp.float32, name=name,
@@ -182,6 +184,10 @@ class TRDiT(nn.Module):
     """Zeros of the condition's shapes (what init traces with)."""
     return {"text": jnp.zeros((batch, self.text_tokens, self.text_width), jnp.float32),
             "text_mask": jnp.ones((batch, self.text_tokens), bool)}
+
+  def builtin_null(self) -> None:
+    """None: the null is the empty prompt's features, which come with the data or encoder."""
+    return None
 
   @nn.compact
   def __call__(self, x: jax.Array, t: jax.Array, cond: Condition, *,

@@ -3,14 +3,13 @@
 Only what the latent models need: `encode` (pixels in [-1, 1] -> posterior mean and log-variance)
 and `decode` (latents -> pixels). Module names mirror the diffusers state dict
 (`down_blocks_0/resnets_1/conv1` <-> `down_blocks.0.resnets.1.conv1`), so the converter in
-`third_party/sd_vae.py` is a rename plus layout transposes. Latents are stored and generated
-multiplied by `scale` (0.18215), so they have roughly unit variance; `to_pixels` divides it out.
+`sgjax/convert/sd_vae.py` is a rename plus layout transposes. Latents are stored and generated
+multiplied by `scale` (0.18215), so they have roughly unit variance; the decode
+(sgjax.convert.sd_vae.to_pixels) divides it out.
 """
 
 from __future__ import annotations
 
-import functools
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -228,17 +227,6 @@ def abstract_params(model: AutoencoderKL) -> Any:
   return jax.eval_shape(model.init, jax.random.key(0), x)["params"]
 
 
-def load_params(vc: ml_collections.ConfigDict) -> Any:
-  """Params from `vc.weights`, a diffusers `diffusion_pytorch_model.safetensors` (nothing is
-  downloaded); every key and shape is checked against the configured architecture."""
-  from third_party import sd_vae  # Local: the converter needs only numpy and safetensors.
-  if not os.path.exists(vc.weights):
-    raise FileNotFoundError(f"vae.weights = {vc.weights!r}: no such file; pass the diffusers "
-                            "AutoencoderKL file (e.g. sd-vae-ft-ema/diffusion_pytorch_model"
-                            ".safetensors)")
-  return sd_vae.load(vc.weights, abstract_params(from_config(vc)))
-
-
 # ---- Sharded encode / decode over a mesh's batch axes.
 
 
@@ -275,33 +263,3 @@ def make_decode_fn(model: AutoencoderKL, scale: float, mesh, chunk: int):
   batch = sharding.batch_sharding(mesh)
   return jax.jit(_per_device(decode, mesh, chunk),
                  in_shardings=(sharding.replicated(mesh), batch), out_shardings=batch)
-
-
-_ARCH_FIELDS = ("block_out_channels", "layers_per_block", "latent_channels", "in_channels",
-                "norm_groups")
-
-
-@functools.lru_cache(maxsize=2)
-def _decoder(weights: str, mtime: float, arch: tuple, scale: float, chunk: int, mesh):
-  """The jitted decode with its weights on the mesh; cached per file (and its mtime) and mesh."""
-  del mtime  # Only part of the cache key: a rewritten file is read again.
-  vc = ml_collections.ConfigDict(dict(zip(_ARCH_FIELDS, arch, strict=True)))
-  vc.weights = weights
-  params = jax.device_put(load_params(vc), sharding.replicated(mesh))
-  fn = make_decode_fn(from_config(vc), scale, mesh, chunk)
-  return lambda z: fn(params, z)
-
-
-def to_pixels(config: ml_collections.ConfigDict, mesh, x: jax.Array) -> jax.Array:
-  """Samples in model units -> pixels in [-1, 1]: the SD-VAE decode when `vae.weights` is set,
-  the identity for pixel-space models. The weights load once per (file, mesh)."""
-  vc = config.vae
-  if not vc.weights:
-    if config.data.name == "latents":
-      raise ValueError("vae.weights = '': a model trained on latents needs the SD-VAE file to "
-                       "decode its samples (--config.vae.weights=.../diffusion_pytorch_model"
-                       ".safetensors)")
-    return x
-  arch = tuple(tuple(vc[k]) if k == "block_out_channels" else vc[k] for k in _ARCH_FIELDS)
-  mtime = os.path.getmtime(vc.weights) if os.path.exists(vc.weights) else 0.0
-  return _decoder(vc.weights, mtime, arch, float(vc.scale), int(vc.chunk), mesh)(x)

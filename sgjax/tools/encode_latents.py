@@ -31,6 +31,7 @@ from PIL import Image
 
 from sgjax import config as config_lib
 from sgjax import errors, metrics, sharding
+from sgjax.convert import sd_vae
 from sgjax.data import latents
 from sgjax.models import vae as vae_lib
 
@@ -150,7 +151,7 @@ def encode(config: ml_collections.ConfigDict) -> str:
                            f"×{copies} (flip) must be divisible by this process's device count "
                            f"{len(devices)}")
   model = vae_lib.from_config(v)
-  params = jax.device_put(vae_lib.load_params(v), sharding.replicated(mesh))
+  params = jax.device_put(sd_vae.load_params(v), sharding.replicated(mesh))
   encode_fn = vae_lib.make_encode_fn(model, v.scale, mesh, chunk=v.chunk)
 
   path = lambda s: os.path.join(out_dir, latents.shard_name(s, num_shards))
@@ -216,9 +217,14 @@ def main(argv) -> None:
   encode(flags.FLAGS.config)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+  """`python -m sgjax.tools.encode_latents --config=…` (flags defined here)."""
   # Defined here, not at import: tests import this module beside sgjax.main's own --config.
   config_flags.DEFINE_config_file("config", None, "Config file (get_config()).",
                                   lock_config=True)
   flags.mark_flags_as_required(["config"])
   errors.run(main)
+
+
+if __name__ == "__main__":
+  cli()

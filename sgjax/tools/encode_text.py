@@ -36,8 +36,13 @@ def main(argv) -> None:
   print(f"done in {time.perf_counter() - t0:.1f}s", flush=True)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+  """`python -m sgjax.tools.encode_text --config=…` (flags defined here)."""
   config_flags.DEFINE_config_file("config", None, "Config file (get_config()).",
                                   lock_config=True)
   flags.mark_flags_as_required(["config"])
   errors.run(main)
+
+
+if __name__ == "__main__":
+  cli()

@@ -1,6 +1,6 @@
 """The tiny synthetic-data config of the tests, as a config file for subprocess runs."""
 
-from tests.test_train import tiny_config
+from tests.builders import tiny_config
 
 
 def get_config():

@@ -1,6 +1,6 @@
 """`--mode=eval`: sample `eval.num_samples` images with the configured guidance, score them.
 
-  1. samples: class-balanced, through sampling_job.write_samples (sharded over the mesh,
+  1. samples: class-balanced, through sgjax.generate.write_samples (sharded over the mesh,
      resumable .npz shards) into <workdir>/eval/<set>/, where <set> names the rule, the
      checkpoint step, N and a hash of config.sample: a changed setting never reuses old shards.
   2. features: Inception (or the FD-FMNIST classifier) over the shards, cached beside them per
@@ -24,8 +24,9 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from sgjax import config as config_lib
-from sgjax import errors, files, flops, sampling_job, sharding
-from sgjax.eval import frechet, inception
+from sgjax import errors, files, flops, generate, metrics, sharding
+from sgjax.convert import inception_fid
+from sgjax.eval import fmnist, frechet, inception
 from sgjax.eval import metrics as metrics_lib
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".JPEG", ".PNG", ".JPG")
@@ -36,11 +37,6 @@ IMAGES_EXPECTED = ("expected uint8 NHWC images (N >= 1, H, W, 1 or 3), as the AD
 STATISTICS = {"mu": (inception.POOL_DIM,), "sigma": (inception.POOL_DIM, inception.POOL_DIM),
               "mu_s": (inception.SPATIAL_DIM,),
               "sigma_s": (inception.SPATIAL_DIM, inception.SPATIAL_DIM)}
-
-
-def _log(msg: str) -> None:
-  if jax.process_index() == 0:
-    print(msg, flush=True)
 
 
 def _sync(name: str) -> None:
@@ -172,7 +168,7 @@ def reference_statistics(e: ml_collections.ConfigDict, variables, mesh, cache_di
   cache = os.path.join(cache_dir, "reference_" + _digest(
       files.identity(e.reference), files.identity(e.inception_weights), e.preprocess) + ".npz")
   if files.exists(cache):
-    _log(f"reference statistics from the cache {cache}")
+    metrics.print0(f"reference statistics from the cache {cache}")
     return files.load_npz(cache)
   stats, has_images = {}, True
   check_reference(e.reference, need_pool)
@@ -206,7 +202,7 @@ def sample_features(e: ml_collections.ConfigDict, variables, mesh, sample_dir: s
   cache = os.path.join(sample_dir, "features_" + _digest(
       files.identity(e.inception_weights), e.preprocess) + ".npz")
   if files.exists(cache):
-    _log(f"sample features from the cache {cache}")
+    metrics.print0(f"sample features from the cache {cache}")
     return files.load_npz(cache)
 
   def batches():
@@ -222,7 +218,7 @@ def sample_features(e: ml_collections.ConfigDict, variables, mesh, sample_dir: s
 
 def _inception_metrics(config, workdir: str, sample_dir: str, mesh) -> dict[str, float]:
   e = config.eval
-  variables = inception.load_variables(e.inception_weights)
+  variables = inception_fid.load_variables(e.inception_weights)
   feats = sample_features(e, variables, mesh, sample_dir)
   ref = (reference_statistics(e, variables, mesh, os.path.join(workdir, "eval"))
          if _needs_reference(e) else {})
@@ -233,17 +229,12 @@ def _inception_metrics(config, workdir: str, sample_dir: str, mesh) -> dict[str,
 def _fmnist_metrics(config, workdir: str, sample_dir: str) -> dict[str, float]:
   """FD-FMNIST and class accuracy (sgjax.eval.fmnist) against the test split; precision and
   recall in the classifier's 64-d features when eval.metrics asks for them."""
-  from sgjax.data import pipeline
-  from sgjax.eval import fmnist
   e = config.eval
-  train = pipeline.load_split_arrays(config.data, "train")
-  test = pipeline.load_split_arrays(config.data, "test")
-  clf = fmnist.train_or_load(os.path.join(workdir, "fmnist_classifier.msgpack"), train, test,
-                             log=_log)
+  clf, ref, test = fmnist.for_workdir(config.data, workdir, log=metrics.print0)
   parts = [files.load_npz(p) for p in _shards(sample_dir)]
   images = np.concatenate([p["arr_0"] for p in parts])
   labels = np.concatenate([p["labels"] for p in parts])
-  out = fmnist.sample_metrics(clf, fmnist.reference_statistics(clf, test[0]), images, labels)
+  out = fmnist.sample_metrics(clf, ref, images, labels)
   if any(m in e.metrics for m in ("precision", "recall")):
     p, r = metrics_lib.precision_recall(fmnist.apply_in_batches(clf, test[0])[0],
                                         fmnist.apply_in_batches(clf, images)[0],
@@ -266,11 +257,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   plan = config_lib.sampling_plan(config)
   g = config.sample.guidance
   with jax.set_mesh(mesh):
-    model, weights, step = sampling_job.load_weights(config, workdir, mesh)
+    model, weights, step = generate.load_weights(config, workdir, mesh)
     sample_dir = os.path.join(workdir, "eval", sample_set_name(config, step))
-    _log(f"eval: {e.num_samples} samples ({g.rule}, ω={g.omega:g}) of step {step} -> "
-         f"{sample_dir}")
-    sampling_job.write_samples(config, model, weights, plan, mesh, sample_dir, e.num_samples,
+    metrics.print0(f"eval: {e.num_samples} samples ({g.rule}, ω={g.omega:g}) of step {step} "
+                   f"-> {sample_dir}")
+    generate.write_samples(config, model, weights, plan, mesh, sample_dir, e.num_samples,
                                e.seed)
     del weights
     _sync("eval_samples_written")
@@ -289,9 +280,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     if files.exists(latest):
       before = json.loads(files.read_text(latest)).get("samples")
       if before and before != sample_dir:
-        _log(f"replacing {latest} (it held {before}, whose metrics stay in its metrics.json)")
+        metrics.print0(f"replacing {latest} (it held {before}, whose metrics stay in its "
+                       "metrics.json)")
     for path in (os.path.join(sample_dir, "metrics.json"), latest):
       files.write_text(path, json.dumps(results, indent=2))
-    _log("\n".join(f"  {k:16s} {v:.4f}" if isinstance(v, float) else f"  {k:16s} {v}"
-                   for k, v in results.items()))
+    metrics.print0("\n".join(f"  {k:16s} {v:.4f}" if isinstance(v, float)
+                             else f"  {k:16s} {v}" for k, v in results.items()))
   return results

@@ -1,0 +1,244 @@
+"""Builders the tests share: tiny configs, tiny models with random (non-zero) params, inputs.
+
+The one place test files take helpers from (no test module imports another).
+"""
+
+import zlib
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from safetensors.numpy import save_file
+
+from sgjax import config as config_lib
+from sgjax.models import dit, trdit
+from sgjax.text import encoder as encoder_lib
+
+
+def tiny_config():
+  c = config_lib.base_config()
+  c.dtype = "float32"
+  c.model.update(preset="", depth=3, width=64, heads=4, patch_size=4)
+  c.data.update(name="synthetic", image_size=16, channels=1, num_classes=4)
+  c.sparsity.routes = ((1, 1, 0.5),)
+  c.train.update(batch_size=16, num_steps=4, lr=1e-3, grad_clip=1.0, ema_decay=0.9,
+                 log_every=2, checkpoint_every=2, async_checkpoint=False)
+  c.sample.update(batch_size=8, steps=3, per_class=2)
+  c.sample.guidance.update(rule="sg", omega=1.5, gamma_strong=0.0, gamma_weak=0.5)
+  return c
+
+
+def dit_model(depth=4, **kw):
+  return dit.DiT(image_size=16, channels=3, num_classes=5, depth=depth, width=64, heads=4,
+                 patch_size=2, **kw)
+
+
+def random_params(model, seed=0, scale=0.1):
+  """Init, then replace every leaf with noise: zero-init adaLN (modulation) would make every
+  block the identity."""
+  x = jnp.zeros((1, model.image_size, model.image_size, model.channels))
+  params = model.init(jax.random.key(seed), x, jnp.zeros((1,)), model.example_condition(1))
+  params = jax.tree.map(lambda a: a.value if hasattr(a, "value") else a, params["params"],
+                        is_leaf=lambda a: hasattr(a, "value"))
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+  noisy = [scale * jax.random.normal(k, a.shape) for k, a in zip(keys, leaves, strict=True)]
+  return jax.tree.unflatten(tree, noisy)
+
+
+def dit_random_params(model, seed=0):
+  return random_params(model, seed, scale=0.1)
+
+
+def dit_inputs(model, batch=3, seed=2):
+  k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+  x = jax.random.normal(k1, (batch, model.image_size, model.image_size, model.channels))
+  t = jax.random.uniform(k2, (batch,))
+  y = jax.random.randint(k3, (batch,), 0, model.num_classes + 1)
+  return x, t, y
+
+
+def all_shapes(jaxpr) -> set:
+  """Output shapes of every equation, descending into nested jaxprs (jit, remat, ...)."""
+  out = set()
+  for e in jaxpr.eqns:
+    out |= {tuple(v.aval.shape) for v in e.outvars if hasattr(v.aval, "shape")}
+    for p in e.params.values():
+      sub = getattr(p, "jaxpr", p)
+      if hasattr(sub, "eqns"):
+        out |= all_shapes(sub)
+  return out
+
+
+def trdit_model(depth=3, **kw):
+  return trdit.TRDiT(image_size=16, channels=3, depth=depth, width=64, heads=4, patch_size=2,
+                     text_width=24, text_tokens=6, text_layers=1, **kw)
+
+
+def trdit_random_params(model, seed=0):
+  return random_params(model, seed, scale=0.2)
+
+
+def trdit_inputs(model, batch=3, seed=2):
+  k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+  x = jax.random.normal(k1, (batch, model.image_size, model.image_size, model.channels))
+  t = jax.random.uniform(k2, (batch,))
+  text = jax.random.normal(k3, (batch, model.text_tokens, model.text_width))
+  mask = jnp.arange(model.text_tokens)[None] < jnp.array([[2], [4], [6]])[:batch]
+  return x, t, {"text": text, "text_mask": mask}
+
+
+def load_config(name):
+  return config_lib.load_config_file(name)
+
+
+def guidance_config(rule, omega=2.0, gs=0.25, gw=0.75, **kw):
+  g = config_lib.base_config().sample.guidance
+  g.update(dict(rule=rule, omega=omega, gamma_strong=gs, gamma_weak=gw, guide_step=0, **kw))
+  return g
+
+
+def tiny_t2i_config():
+  c = config_lib.base_config()
+  c.dtype = "float32"
+  c.model.update(kind="trdit", preset="", depth=2, width=64, heads=4, patch_size=4)
+  c.text.update(width=24, max_tokens=6, layers=1)
+  c.data.update(name="synthetic", image_size=16, channels=1, num_classes=4)
+  c.sparsity.routes = ((1, 1, 0.5),)
+  c.train.update(batch_size=16, num_steps=4, lr=1e-3, grad_clip=1.0, ema_decay=0.9,
+                 label_dropout=0.25)
+  c.sample.update(batch_size=8, steps=3, per_class=2)
+  c.sample.guidance.update(rule="cfg_sg", omega=1.5, gamma_strong=0.0, gamma_weak=0.5)
+  return c
+
+
+class WordEncoder:
+  """A deterministic stand-in for MiniLM: one feature row per word plus two end tokens."""
+
+  name, width = "words", 24
+
+  def encode(self, texts, max_tokens):
+    rows = [np.stack([np.random.default_rng(zlib.crc32(w.encode())).standard_normal(self.width)
+                      for w in ["[CLS]", *t.split(), "[SEP]"]]) for t in texts]
+    return encoder_lib.pad_features(rows, max_tokens, self.width)
+
+
+# ---- SD-VAE weights in diffusers' layout, and the tiny latent setup.
+
+
+TINY = dict(block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, in_channels=3,
+            norm_groups=4)
+
+
+ATTN_NEW = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+ATTN_OLD = ("query", "key", "value", "proj_attn")
+
+
+def diffusers_shapes(block_out_channels, layers_per_block, latent_channels, in_channels,
+                     old_attention=False, conv_attention=False, **_):
+  """{key: shape} of a diffusers AutoencoderKL state dict (Encoder/Decoder of diffusers' vae.py)."""
+  shapes = {}
+
+  def conv(name, out, inp, k):
+    shapes[f"{name}.weight"], shapes[f"{name}.bias"] = (out, inp, k, k), (out,)
+
+  def norm(name, c):
+    shapes[f"{name}.weight"], shapes[f"{name}.bias"] = (c,), (c,)
+
+  def resnet(name, inp, out):
+    norm(f"{name}.norm1", inp)
+    conv(f"{name}.conv1", out, inp, 3)
+    norm(f"{name}.norm2", out)
+    conv(f"{name}.conv2", out, out, 3)
+    if inp != out:
+      conv(f"{name}.conv_shortcut", out, inp, 1)
+
+  def mid(name, c):
+    resnet(f"{name}.resnets.0", c, c)
+    norm(f"{name}.attentions.0.group_norm", c)
+    for proj in ATTN_OLD if old_attention else ATTN_NEW:
+      p = f"{name}.attentions.0.{proj}"
+      shapes[f"{p}.weight"] = (c, c, 1, 1) if conv_attention else (c, c)
+      shapes[f"{p}.bias"] = (c,)
+    resnet(f"{name}.resnets.1", c, c)
+
+  ch, last = tuple(block_out_channels), len(block_out_channels) - 1
+  conv("encoder.conv_in", ch[0], in_channels, 3)
+  prev = ch[0]
+  for i, c in enumerate(ch):
+    for j in range(layers_per_block):
+      resnet(f"encoder.down_blocks.{i}.resnets.{j}", prev, c)
+      prev = c
+    if i < last:
+      conv(f"encoder.down_blocks.{i}.downsamplers.0.conv", c, c, 3)
+  mid("encoder.mid_block", ch[-1])
+  norm("encoder.conv_norm_out", ch[-1])
+  conv("encoder.conv_out", 2 * latent_channels, ch[-1], 3)
+  conv("quant_conv", 2 * latent_channels, 2 * latent_channels, 1)
+  conv("post_quant_conv", latent_channels, latent_channels, 1)
+  rev = ch[::-1]
+  conv("decoder.conv_in", rev[0], latent_channels, 3)
+  mid("decoder.mid_block", rev[0])
+  prev = rev[0]
+  for i, c in enumerate(rev):
+    for j in range(layers_per_block + 1):
+      resnet(f"decoder.up_blocks.{i}.resnets.{j}", prev, c)
+      prev = c
+    if i < last:
+      conv(f"decoder.up_blocks.{i}.upsamplers.0.conv", c, c, 3)
+  norm("decoder.conv_norm_out", ch[0])
+  conv("decoder.conv_out", in_channels, ch[0], 3)
+  return shapes
+
+
+def random_state_dict(seed=0, **arch):
+  rng = np.random.default_rng(seed)
+  state = {}
+  for name, shape in diffusers_shapes(**arch).items():
+    if name.endswith(".bias"):
+      v = 0.1 * rng.standard_normal(shape)
+    elif len(shape) == 1:  # GroupNorm scale.
+      v = 1.0 + 0.1 * rng.standard_normal(shape)
+    else:  # Fan-in scaled, so activations stay O(1) through the blocks.
+      v = rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))
+    state[name] = v.astype(np.float32)
+  return state
+
+
+def write_weights(path, seed=0, **arch) -> str:
+  save_file(random_state_dict(seed, **(arch or TINY)), str(path))
+  return str(path)
+
+
+def apply(model, params, x, method):
+  """model.apply jitted (one compile instead of an eager compile per op)."""
+  return jax.jit(model.apply, static_argnames="method")({"params": params}, x, method=method)
+
+
+def vae_config(weights="", **arch) -> ml_collections.ConfigDict:
+  vc = config_lib.base_config().vae
+  vc.update(dict(TINY, **arch), weights=weights)
+  return vc
+
+
+CROP = 32  # The tiny VAE (channels (8, 16), 1 latent channel) downsamples x2: 16x16x1 latents.
+
+
+VAE = dict(block_out_channels=(8, 16), layers_per_block=1, latent_channels=1, in_channels=3,
+           norm_groups=4)
+
+
+def latent_config(image_dir="", data_dir="", weights=""):
+  """tiny_config on encoded latents: 16x16x1 in 4 classes, so the DiT, its train step and its
+  sampler are exactly tiny_config's and share compiled programs with tests/test_train.py and
+  test_loop.py through the test run's compilation cache."""
+  c = tiny_config()
+  c.data.update(name="latents", dir=data_dir, image_size=CROP // 2, channels=1, num_classes=4)
+  c.vae.update(VAE, weights=weights, chunk=4)
+  c.encode.update(source="folder", source_dir=image_dir, image_size=CROP, flip=True,
+                  batch_size=4, shard_size=3)  # 8 images -> shards of 3, 3, 2 (last is short).
+  c.train.update(num_steps=2)
+  return c
