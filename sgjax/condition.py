@@ -71,7 +71,8 @@ def default_null(model) -> Null:
 def synthetic(model, batch: int, key: jax.Array, num_classes: int = 1) -> Condition:
   """Random conditions of `model`'s shapes (benchmarks): labels < num_classes, or random text
   features with 2..L real tokens."""
-  ex = model.example_condition(batch)
+  # Shapes only: the pre-flight calls this with no device able to run a computation.
+  ex = jax.eval_shape(lambda: model.example_condition(batch))
   if is_labels(ex):
     return jax.random.randint(key, (batch,), 0, num_classes)
   k1, k2 = jax.random.split(key)
@@ -82,7 +83,8 @@ def synthetic(model, batch: int, key: jax.Array, num_classes: int = 1) -> Condit
 
 def synthetic_null(model) -> Null:
   """A stand-in null for benchmarks: the model's own, or zero features with [CLS] [SEP] only."""
-  ex = model.example_condition(1)
+  ex = jax.eval_shape(lambda: model.example_condition(1))  # Shapes only, as in `synthetic`.
   if is_labels(ex):
     return default_null(model)
-  return {"text": ex["text"][0], "text_mask": jnp.arange(ex["text_mask"].shape[1]) < 2}
+  return {"text": jnp.zeros(ex["text"].shape[1:], ex["text"].dtype),
+          "text_mask": jnp.arange(ex["text_mask"].shape[1]) < 2}
