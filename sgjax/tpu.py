@@ -67,6 +67,9 @@ SHAPES_2D = {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8)
 SHAPES_3D = {4: (2, 2, 1), 8: (2, 2, 2), 16: (2, 2, 4), 32: (2, 4, 4), 64: (4, 4, 4),
              128: (4, 4, 8), 256: (4, 8, 8), 512: (8, 8, 8), 1024: (8, 8, 16),
              2048: (8, 16, 16), 4096: (16, 16, 16)}
+# What TPU devices call themselves (`device.device_kind`) -> generation.
+DEVICE_KINDS = {"TPU v4": "v4", "TPU v5 lite": "v5e", "TPU v5e": "v5e", "TPU v5": "v5p",
+                "TPU v5p": "v5p", "TPU v6 lite": "v6e", "TPU v6e": "v6e"}
 EXAMPLES = ("v5p-8", "v5p-64", "v5litepod-16", "v5e-8", "v6e-8", "v6e-256", "v4-32",
             "v5p:4x4x2", "v5e:4x4", "v6e:2x4")
 
@@ -105,6 +108,18 @@ class Topology:
     if self.chips_per_slice < 4:
       return shape3
     return (2, 2, 1)
+
+
+def for_devices(devices: list[Any]) -> Topology | None:
+  """The slice these (real) devices form, e.g. a Colab or TPU VM runtime's; None if they are
+  not TPU chips of a known generation or count."""
+  gen = DEVICE_KINDS.get(devices[0].device_kind) if devices else None
+  if gen is None or devices[0].platform != "tpu":
+    return None
+  chip = CHIPS[gen]
+  shapes = SHAPES_3D if chip.torus_dims == 3 else SHAPES_2D
+  # Megacore chips (v4, v5p) show one device per chip.
+  return Topology(chip, shapes[len(devices)]) if len(devices) in shapes else None
 
 
 def _unknown(name: str, what: str) -> UserError:

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from sgjax import aot, errors, flops, models, sharding, tpu
-from sgjax import train as train_lib
-from tests.test_train import tiny_config
+from sgjax import state as state_lib
+from tests.builders import tiny_config, tiny_t2i_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -54,6 +54,14 @@ def test_missing_libtpu_gives_the_install_line(monkeypatch):
   with pytest.raises(errors.UserError) as e:
     tpu.devices(tpu.parse("v5e-4"))
   assert f'pip install "jax[tpu]=={jax.__version__}"' in str(e.value)
+
+
+def test_the_slice_of_live_tpu_devices():
+  v5e8 = tpu.devices(tpu.parse("v5e-8"))
+  assert tpu.for_devices(v5e8).accelerator_type == "v5litepod-8"
+  assert tpu.for_devices(tpu.devices(tpu.parse("v5p-64"))).shape == (2, 4, 4)
+  assert tpu.for_devices(jax.devices()) is None  # CPU devices.
+  assert tpu.for_devices(v5e8[:3]) is None  # No slice of 3 chips.
 
 
 def test_multislice_mesh_puts_the_data_axis_across_slices():
@@ -111,8 +119,8 @@ def test_fsdp_collectives_are_the_intended_ones(fsdp_reports):
   c, _, reports = fsdp_reports
   train = reports[0]
   model = models.from_config(c)
-  abstract, _ = train_lib.abstract_state_and_shardings(
-      model, train_lib.make_optimizer(c.train), c.seed, sharding.build_mesh(
+  abstract, _ = state_lib.abstract_state_and_shardings(
+      model, state_lib.make_optimizer(c.train), c.seed, sharding.build_mesh(
           c.mesh, tpu.devices(tpu.parse("v5e:2x4"))))
   bf16_param_bytes = 2 * sum(a.size for a in jax.tree.leaves(abstract["params"]))
   col = train.collectives
@@ -147,6 +155,30 @@ def test_compiled_flops_match_the_analytic_count(fsdp_reports):
   sg = by_name["sample_step_sg"]
   expected = sg.analytic_flops - 2 * block * c.sample.batch_size / topology.chips
   assert 0.97 < sg.flops / expected < 1.10, (sg.flops, expected, sg.analytic_flops)
+
+
+def test_text_model_compiles_for_tpu():
+  # TR-DiT's null condition is arrays (the empty prompt), made on the host beside the TPU mesh.
+  c = tiny_t2i_config()
+  c.dtype = "bfloat16"
+  c.mesh.update(data=1, fsdp=4, tensor=1)
+  reports = aot.preflight(c, tpu.parse("v5e:2x2"), "all", log=lambda *_: None)
+  assert [r.name for r in reports] == ["train_step", "sample_step_cfg_sg", "sample_step_cfg"]
+  assert all(r.fits and r.flops > 0 for r in reports)
+
+
+def test_gradient_accumulation_loop_is_counted_per_trip():
+  c = _fsdp_config()
+  c.train.grad_accum = 4
+  c.mesh.update(data=1, fsdp=4)
+  topology = tpu.parse("v5e:2x2")
+  (r,) = aot.preflight(c, topology, "train", log=lambda *_: None)
+  assert r.repeats == 4
+  # XLA's cost analysis sees the loop body (one micro-batch) once.
+  assert 0.97 < 4 * r.flops / r.analytic_flops < 1.10
+  e = r.estimate
+  assert np.isclose(e["hbm_s"], 4 * r.bytes_accessed / (topology.chip.hbm_gbps * 1e9))
+  assert "multiply it by its 4 trips" in aot.format_table([r], topology)
 
 
 def test_too_big_for_the_chip_does_not_fit_and_exits_nonzero(tmp_path):

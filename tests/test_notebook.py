@@ -29,15 +29,19 @@ def test_colab_notebook_executes_on_cpu(tmp_path, monkeypatch):
   assert all(not any(o.output_type == "error" for o in c.outputs) for c in code)
 
   assert "backend cpu: 8 device(s)" in _text(code[1])
-  assert "trained to step 2" in _text(code[3])
+  # The pre-flight on a CPU runtime: the train step compiled for Colab's TPU (v5e-1), fitting.
+  preflight = _text(code[3])
+  assert "pre-flight for v5litepod-1" in preflight
+  assert re.search(r"^train_step .* FITS \(\+[\d.]+ GiB of 16\)$", preflight, re.M), preflight
+  assert "trained to step 2" in _text(code[4])
   # Both grids shown inline and written: 10 class rows of 28-pixel images (saved at 2x).
-  shown = [o for o in code[4].outputs if o.output_type == "display_data"]
+  shown = [o for o in code[5].outputs if o.output_type == "display_data"]
   assert len(shown) == 2 and all("image/png" in o.data for o in shown)
   for rule in ("cfg", "sg"):
     grid = np.asarray(Image.open(workdir / f"samples_{rule}.png"))
     assert grid.shape[0] >= 10 * 28 * 2
   # The FLOP table: SG's guided step (one routed forward) costs less than CFG's (two dense).
-  table = _text(code[5])
+  table = _text(code[6])
   rows = {m[1]: (float(m[2]), float(m[3]))
           for m in re.finditer(r"^(guided step|sampler per image)\s+([\d.]+)\s+([\d.]+)$", table,
                                re.M)}
