@@ -26,11 +26,6 @@ from sgjax.data import pipeline, prefetch
 from sgjax.sparsity import Sparsity
 
 TrainState = state_lib.TrainState
-# The state's builders live in sgjax.state; these names stay for callers not yet moved there
-# (sgjax/aot.py as committed).
-make_schedule, make_optimizer = state_lib.make_schedule, state_lib.make_optimizer
-init_state = state_lib.init_state
-abstract_state_and_shardings = state_lib.abstract_state_and_shardings
 OPTIMIZER_SCOPE = "optimizer"  # Named scope of the AdamW and EMA updates (profiles).
 
 
