@@ -26,20 +26,19 @@ TrainState = dict[str, Any]  # {"step", "params", "ema", "opt_state", "rng"}
 
 
 def make_schedule(tc: ml_collections.ConfigDict) -> optax.Schedule:
-  """The learning rate by step: the optimizer's and the logged one, so they cannot disagree.
-
-  A schedule even when constant: AdamW then keeps a step count in its state (one int32 leaf),
-  the same state layout with or without warmup.
-  """
+  """The learning rate by step, as an optax schedule: the optimizer's and the logged one."""
   if tc.warmup_steps:
     return optax.linear_schedule(0.0, tc.lr, tc.warmup_steps)
   return optax.constant_schedule(tc.lr)
 
 
 def make_optimizer(tc: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  # A constant lr goes in as the number, not its schedule: AdamW then keeps no schedule step
+  # count, the state layout every checkpoint written before the schedule existed has (demo
+  # workdirs, imported DiT/SiT weights). The logged lr still comes from `make_schedule`.
+  lr = make_schedule(tc) if tc.warmup_steps else tc.lr
   parts = [optax.clip_by_global_norm(tc.grad_clip)] if tc.grad_clip > 0 else []
-  parts.append(optax.adamw(make_schedule(tc), b1=tc.b1, b2=tc.b2,
-                           weight_decay=tc.weight_decay))
+  parts.append(optax.adamw(lr, b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay))
   return optax.chain(*parts)
 
 

@@ -125,7 +125,11 @@ def test_logged_lr_is_the_schedule_the_optimizer_steps_with():
   sched = [s for s in jax.tree.leaves(state["opt_state"], is_leaf=is_sched) if is_sched(s)]
   assert [int(s.count) for s in sched] == [3]
   c.train.warmup_steps = 0
+  constant = nn.unbox(state_lib.init_state(model, state_lib.make_optimizer(c.train), c.seed))
   _, m = jax.jit(train.make_train_step(c, model, state_lib.make_optimizer(c.train)))(
-      nn.unbox(state_lib.init_state(model, state_lib.make_optimizer(c.train), c.seed)),
-      _batch(c))
+      constant, _batch(c))
   np.testing.assert_allclose(float(m["lr"]), c.train.lr, rtol=1e-7)
+  # A constant lr keeps the optimizer state of checkpoints made before the schedule existed:
+  # no schedule step count.
+  assert not [s for s in jax.tree.leaves(constant["opt_state"], is_leaf=is_sched)
+              if is_sched(s)]
