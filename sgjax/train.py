@@ -8,6 +8,7 @@ abort, atomic checkpoints, auto-resume from the workdir).
 from __future__ import annotations
 
 import os
+import shutil
 import time
 
 import flax.linen as nn
@@ -124,7 +125,21 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Arra
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-  """Trains to `config.train.num_steps`, resuming from the latest checkpoint in `workdir`."""
+  """Trains to `config.train.num_steps`, resuming from the latest checkpoint in `workdir`.
+
+  A run that fails before its first checkpoint removes the workdir if this call created it:
+  no half-made workdir (metrics of a run that holds nothing) is left behind.
+  """
+  created = "://" not in workdir and not os.path.exists(workdir)
+  try:
+    return _train(config, workdir)
+  except BaseException:
+    if created and not checkpoint.saved_steps(os.path.join(workdir, "checkpoints")):
+      shutil.rmtree(workdir, ignore_errors=True)
+    raise
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   # ---- Config and mesh.
   config_lib.validate(config, jax.device_count())
   tc = config.train

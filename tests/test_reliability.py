@@ -356,3 +356,21 @@ def test_outputs_of_other_settings_go_beside_never_over(tmp_path, capsys):
   legacy.mkdir()
   (legacy / "results.jsonl").write_text("")
   assert workdir.output_dir(str(legacy), {"step": 4}) != str(legacy)
+
+
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_workdir(tmp_path):
+  c = tiny_config()
+  # Data that is not there: found only once the run has made its workdir and metric writer.
+  c.data.update(name="fashion_mnist", dir=str(tmp_path / "no-such-data"), image_size=28,
+                num_classes=10)
+  new = tmp_path / "new_run"
+  with pytest.raises(FileNotFoundError, match="Fashion-MNIST file"):
+    train.train(c, str(new))
+  assert not new.exists()
+  # A workdir that was there before keeps everything it held.
+  old = tmp_path / "old_run"
+  old.mkdir()
+  (old / "notes.txt").write_text("mine")
+  with pytest.raises(FileNotFoundError, match="Fashion-MNIST file"):
+    train.train(c, str(old))
+  assert (old / "notes.txt").read_text() == "mine"
