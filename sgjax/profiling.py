@@ -126,9 +126,13 @@ def _events(trace_dir: str) -> list[dict]:
     data = json.load(f)
   events = data["traceEvents"] if isinstance(data, dict) else data
   # On GPU the kernels are on "/device:…" processes; host threads also carry launch events with
-  # the same names, which must not be counted twice. On CPU the host runs the program.
+  # the same names, which must not be counted twice. On CPU the host runs the program. Device
+  # processes without events don't count: a loaded plugin (libtpu, after a TPU pre-flight in the
+  # same process) adds an empty "/device:TPU…" process to a CPU trace.
+  ran = {e.get("pid") for e in events if e.get("ph") == "X"}
   devices = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
-             and str(e.get("args", {}).get("name", "")).startswith("/device:")}
+             and str(e.get("args", {}).get("name", "")).startswith("/device:")
+             and e["pid"] in ran}
   return [e for e in events if e.get("ph") == "X" and (not devices or e.get("pid") in devices)]
 
 

@@ -77,3 +77,14 @@ def test_profile_of_a_routed_train_step_finds_every_kind_it_runs(tmp_path):
   dense.sparsity.routes = ()
   _, _, _, compiled, _ = bench._train_setup(dense)
   assert "route" not in set(profiling.instruction_kinds(compiled.as_text()).values())
+
+
+def test_an_empty_device_process_does_not_hide_the_host_events(tmp_path):
+  # libtpu loaded in the process (a TPU pre-flight) adds a "/device:TPU:0" process with no
+  # events to a CPU trace; the host's events are still the program's.
+  events = [dict(ph="M", name="process_name", pid=1, args=dict(name="/host:CPU")),
+            dict(ph="M", name="process_name", pid=2, args=dict(name="/device:TPU:0")),
+            dict(ph="X", name="fusion.1", pid=1, ts=0, dur=5)]
+  with gzip.open(tmp_path / "a.trace.json.gz", "wt") as f:
+    json.dump(dict(traceEvents=events), f)
+  assert [e["name"] for e in profiling._events(str(tmp_path))] == ["fusion.1"]
