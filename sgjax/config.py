@@ -384,6 +384,23 @@ def base_config() -> ml_collections.ConfigDict:
   c.sweep = ml_collections.ConfigDict(dict(
       rules=("cfg", "sg"), omegas=(1.5, 2.0, 3.0), gammas_strong=(0.0,),
       gammas_weak=(0.3, 0.5, 0.7), steps=(40,), per_class=16, seed=1))
+  # `python -m sgjax.study` (docs/study.md): the guidance rules compared at matched GMACs over
+  # this grid, searched coordinate-wise (γ pairs at omega_ref and steps_ref, then ω and steps at
+  # each rule's best pair); per_class samples a point, final_per_class for the matched
+  # comparison (with bootstrap 95% intervals); over `checkpoints` (() = all kept) and beside
+  # `dense_workdir` (a dense-trained twin); the mechanism probe at `probe_ts`.
+  c.study = ml_collections.ConfigDict(dict(
+      stages=("screen", "final", "checkpoints", "dense", "probe"),
+      per_class=20, final_per_class=200, bootstrap=1000, seed=1,
+      steps=(10, 20, 30), steps_ref=20, omega_ref=3.0,
+      cfg_omegas=(1.25, 1.5, 2.0, 3.0, 4.0), cfg_intervals=((0.25, 1.0),),
+      omegas=(1.5, 2.0, 3.0, 4.0, 6.0),
+      gammas_strong=(0.0, 0.1, 0.2, 0.3, 0.5), gammas_weak=(0.6, 0.7, 0.8, 0.9),
+      unguided_gammas=(0.0, 0.25, 0.5, 0.75, 0.9),
+      rules=("cfg", "sg", "cfg_sg", "ag_sg"), guide_step=-1,  # ag_sg: -1 = the earliest kept.
+      budgets=(),  # GMACs/image levels of the final comparison (() = CFG's at each steps).
+      checkpoints=(), dense_workdir="",
+      probe_ts=(0.25, 0.5, 0.75), probe_images=500, probe_draws=4))
   # `--mode=eval`: num_samples class-balanced samples with config.sample's guidance (resumable
   # shards under <workdir>/eval/), scored against `reference` (docs/eval.md). feature_net
   # "inception": FID, sFID, IS, precision/recall (k = nearest_k) in the FID Inception, weights

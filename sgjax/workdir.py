@@ -49,6 +49,7 @@ RULES: dict[str, str] = {
     "train.num_steps": FREE, "train.log_every": FREE, "train.checkpoint_every": FREE,
     "train.keep_checkpoints": FREE, "train.async_checkpoint": FREE, "train.keep_period": FREE,
     "mesh": FREE, "sample": FREE, "demo": FREE, "sweep": FREE, "eval": FREE,
+    "study": FREE,
 }
 
 _noted: set[str] = set()
