@@ -16,7 +16,6 @@ import ml_collections
 
 from sgjax import configs, errors, flow, guidance, models, sampling, sharding
 from sgjax.eval import inception, metrics
-from sgjax.models import dit
 from sgjax.sparsity import Sparsity
 
 # DiT/SiT sizes (Peebles & Xie, Table 1). A preset "XL/2" is size XL with patch 2.
@@ -106,41 +105,13 @@ def _validate(config: ml_collections.ConfigDict, num_devices: int | None) -> Non
   check_keys(config)
   m = config.model
   apply_preset(m)
-  _check(m.depth >= 1, "model.depth", m.depth, "must be >= 1")
-  _check(m.width >= 1 and m.width % m.heads == 0, "model.width", m.width,
-         f"must be a positive multiple of model.heads = {m.heads}")
-  _check(m.heads >= 1, "model.heads", m.heads, "must be >= 1")
-  _check(m.mlp_ratio > 0, "model.mlp_ratio", m.mlp_ratio, "must be > 0")
-  _check(m.patch_size >= 1, "model.patch_size", m.patch_size, "must be >= 1")
-  _check(m.attention in dit.ATTENTION_IMPLS, "model.attention", m.attention,
-         f"allowed: {dit.ATTENTION_IMPLS}")
-  _check(m.remat in dit.REMAT_POLICIES, "model.remat", m.remat, f"allowed: {dit.REMAT_POLICIES}")
-  _check(m.time_scale > 0, "model.time_scale", m.time_scale, "must be > 0")
-  _check(m.prediction in dit.PREDICTIONS, "model.prediction", m.prediction,
-         f"allowed: {dit.PREDICTIONS}")
-  _check(m.decoder_depth >= 0, "model.decoder_depth", m.decoder_depth,
-         "must be >= 0 (0 = no decoder, not a masked model)")
-  if m.decoder_depth > 0:
-    _check(m.decoder_heads >= 1, "model.decoder_heads", m.decoder_heads, "must be >= 1")
-    _check(m.decoder_width >= 4 and m.decoder_width % m.decoder_heads == 0
-           and m.decoder_width % 4 == 0, "model.decoder_width", m.decoder_width,
-           f"must be a positive multiple of 4 (sin-cos embedding) and of model.decoder_heads "
-           f"= {m.decoder_heads}")
-  _check(m.kind in models.KINDS, "model.kind", m.kind, f"allowed: {models.KINDS}")
-  if m.kind == "trdit":
-    _check((m.width // m.heads) % 4 == 0, "model.heads", m.heads,
-           f"model.width / model.heads must be divisible by 4 (2-D RoPE), width = {m.width}")
-    tx = config.text
-    _check(tx.width >= 1, "text.width", tx.width, "must be >= 1 (the encoder's feature width)")
-    _check(tx.max_tokens >= 2, "text.max_tokens", tx.max_tokens, "must be >= 2")
-    _check(tx.layers >= 0, "text.layers", tx.layers, "must be >= 0")
-    if config.data.name == "fashion_mnist_captions":
-      for name in ("templates", "eval_templates"):
-        _check(len(tx[name]) > 0 and all("{}" in t for t in tx[name]), f"text.{name}",
-               tx[name], "must be a non-empty tuple of strings, each with one {} for the class")
+  models.check_config(config)
+  tx = config.text
+  if config.data.name == "fashion_mnist_captions":
+    for name in ("templates", "eval_templates"):
+      _check(len(tx[name]) > 0 and all("{}" in t for t in tx[name]), f"text.{name}",
+             tx[name], "must be a non-empty tuple of strings, each with one {} for the class")
   d = config.data
-  _check(d.image_size % m.patch_size == 0, "model.patch_size", m.patch_size,
-         f"must divide data.image_size = {d.image_size}")
   _check(d.channels >= 1, "data.channels", d.channels, "must be >= 1")
   _check(d.num_classes >= 1, "data.num_classes", d.num_classes, "must be >= 1")
   _check(d.worker_count >= 0, "data.worker_count", d.worker_count, "must be >= 0")

@@ -45,6 +45,12 @@ class UserError(ValueError):
     super().__init__(f"{where}: {what}" + (f"; {allowed}" if allowed else ""))
 
 
+def check(ok: bool, field: str, value: Any, allowed: str) -> None:
+  """A config check: unless `ok`, UserError `<field> = <value!r>: <allowed>`."""
+  if not ok:
+    raise UserError(f"{field} = {value!r}", allowed)
+
+
 class TrainingDiverged(UserError, FloatingPointError):
   """A non-finite loss: the user's settings (lr, clipping) or data, not a bug in the loop."""
 

@@ -1,6 +1,9 @@
 """Analytic multiply-accumulate counts (the unit the DiT literature calls "GFLOPs").
 
-Counted for one image and one forward pass, from the same config and `Sparsity` the model uses:
+The public entry: each model module counts its own forward pass (`forward_macs` of
+sgjax.models.dit and .trdit); this module sums them over guidance branches, sampler steps and
+the plan, and reports. Counted for one image and one forward pass, from the same config and
+`Sparsity` the model uses (DiT below; TR-DiT's terms: sgjax.models.trdit.forward_macs):
 
   linear      per-token matmuls: patch embed C·p²·D, per block qkv 3D² + proj D² + MLP 2·r·D²,
               final projection D·p²·C; plus the adaLN modulation multiplies on tokens
@@ -28,7 +31,6 @@ layer (2·D·D_dec adaLN, D_dec·p²·C projection) on all N tokens; patch embed
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import Sequence
 
@@ -36,86 +38,14 @@ import ml_collections
 
 from sgjax import config as config_lib
 from sgjax import models
+from sgjax.models.macs import Macs
 from sgjax.sparsity import DENSE, Sparsity
 
 
-@dataclasses.dataclass(frozen=True)
-class Macs:
-  linear: float
-  per_sample: float
-  attention: float
-
-  @property
-  def linear_only(self) -> float:
-    return self.linear + self.per_sample
-
-  @property
-  def with_attention(self) -> float:
-    return self.linear + self.per_sample + self.attention
-
-  def __add__(self, other: Macs) -> Macs:
-    return Macs(self.linear + other.linear, self.per_sample + other.per_sample,
-                self.attention + other.attention)
-
-  def scale(self, k: float) -> Macs:
-    return Macs(k * self.linear, k * self.per_sample, k * self.attention)
-
-
 def forward_macs(config: ml_collections.ConfigDict, sparsity: Sparsity = DENSE) -> Macs:
-  """MACs of one forward pass of one image at `sparsity`."""
-  m, d = config.model, config.data
-  config_lib.apply_preset(m)
-  if models.is_text(config):
-    return trdit_forward_macs(config, sparsity)
-  width, p, ch = m.width, m.patch_size, d.channels
-  n = (d.image_size // p) ** 2
-
-  def per_token_block(w):
-    return 4 * w * w + 2 * w * int(w * m.mlp_ratio) + 4 * w
-
-  decoder = m.get("decoder_depth", 0)
-  out_width = m.decoder_width if decoder else width  # What the final layer reads.
-  linear = n * ch * p * p * (width + out_width)  # Patch embed and final projection.
-  attention = 0.0
-  for layer in range(m.depth):
-    tokens = sparsity.tokens_at_layer(layer, n)
-    linear += tokens * per_token_block(width)
-    attention += 2 * tokens * tokens * width
-  per_sample = 6 * width * width * m.depth + 2 * width * out_width
-  if decoder:
-    dd = m.decoder_width
-    linear += sparsity.mask_keep(n) * width * dd + decoder * n * per_token_block(dd)
-    attention += decoder * 2 * n * n * dd
-    per_sample += 6 * width * dd * decoder
-  return Macs(float(linear), float(per_sample), float(attention))
-
-
-def trdit_forward_macs(config: ml_collections.ConfigDict, sparsity: Sparsity = DENSE) -> Macs:
-  """MACs of one TR-DiT forward pass (sgjax.models.trdit) of one image at `sparsity`.
-
-  Per image token and block (n_l tokens at layer l): self-attention qkv + proj 4D², cross-attention
-  query + output 2D², SwiGLU 3·D·H (H = swiglu_hidden), modulation multiplies 4D; attention:
-  self 2·n_l²·D, cross 2·n_l·L·D. Once per forward (per_sample), whatever the routing: the text
-  path on its L (= text.max_tokens, padding included: it is computed) tokens: projection
-  L·D_text·D, each text layer L·(4D² + 3·D·H) + attention 2·L²·D, every block's cross-attention
-  keys/values 2·L·D²; and adaLN-single's t -> 6D and final 2D² (timestep MLP left out, as for DiT).
-  """
-  from sgjax.models.trdit import swiglu_hidden  # Local: the analytic part needs no jax.
-  m, d, tx = config.model, config.data, config.text
-  width, p, ch, L = m.width, m.patch_size, d.channels, tx.max_tokens
-  n = (d.image_size // p) ** 2
-  hidden = swiglu_hidden(width, m.mlp_ratio)
-  per_token_block = 6 * width * width + 3 * width * hidden + 4 * width
-  linear = 2 * n * ch * p * p * width  # Patch embed and final projection.
-  attention = 0.0
-  for layer in range(m.depth):
-    tokens = sparsity.tokens_at_layer(layer, n)
-    linear += tokens * per_token_block
-    attention += 2 * tokens * tokens * width + 2 * tokens * L * width
-  text = L * tx.width * width + tx.layers * L * (4 * width * width + 3 * width * hidden)
-  attention += tx.layers * 2 * L * L * width
-  per_sample = text + m.depth * 2 * L * width * width + 6 * width * width + 2 * width * width
-  return Macs(float(linear), float(per_sample), float(attention))
+  """MACs of one forward pass of one image at `sparsity`: the model module counts its own."""
+  config_lib.apply_preset(config.model)
+  return models.forward_macs(config, sparsity)
 
 
 def step_macs(config: ml_collections.ConfigDict, branches: Sequence[Sparsity]) -> Macs:

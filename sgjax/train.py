@@ -53,7 +53,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
       jax.eval_shape(lambda: state_lib.init_params(model, config.seed)))
 
   def loss_fn(params, images, noise, t, labels, token_key):
-    if getattr(model, "masked", False):
+    if model.masked:
       # MaskDiT: the model reports which pixels its encoder saw; the loss weights by that.
       def velocity_visible(x_t, t, y):
         v, inter = model.apply({"params": params}, x_t, t, y, sparsity=train_sparsity,

@@ -69,7 +69,7 @@ def _score(config, workdir: str, samples: dict, labels: np.ndarray, **extra) -> 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> tuple[list[str], dict]:
   """The demo of the configured model: (grid paths, metrics by rule)."""
-  if models.is_text(config):
+  if models.conditioning(config) == "text":
     results = run_text(config, workdir)
     return [os.path.join(workdir, f"t2i_{rule}.png") for rule in results], results
   per_class = max(config.demo.eval_per_class, config.sample.per_class)

@@ -37,7 +37,7 @@ def prompt_conditions(config: ml_collections.ConfigDict):
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, name: str | None = None) -> str:
   """Samples the grid (and the evaluation set); returns the PNG grid's path."""
-  text_model = models.is_text(config)
+  text_model = models.conditioning(config) == "text"  # Prompts, not class labels.
   if text_model:
     prompts, cond, null = prompt_conditions(config)
   mesh = sharding.build_mesh(config.mesh)

@@ -1,33 +1,75 @@
 """The models, and the one place a config picks one (`model.kind`).
 
-Every model module exports the same surface: `from_config(config)` (the linen module), `TEXT`
-(whether it is conditioned on text features rather than class labels), and on the module the
-methods `example_condition(batch)` and `builtin_null()` that sgjax.condition reads.
+Every model module exports the same surface, and the rest of sgjax sees a model only through it:
+
+  CONDITIONING                 what it is conditioned on: "labels" (class labels) or "text"
+                               (prompt features); what a job asks to know whether it takes prompts
+  from_config(config)          the linen module; on it `example_condition(batch)` (zeros of the
+                               condition's shapes, what init traces with), `builtin_null()` (CFG's
+                               ∅, or None where the data bring it), `num_tokens` and `masked`
+  forward_macs(config, sparsity)  the analytic MACs of one forward pass (sgjax.flops' unit, Macs)
+  check_config(config)         the config fields only this kind reads (the shared ones: here)
+
+Weights from elsewhere (DiT/SiT checkpoints, the SD-VAE) are loaded by sgjax.convert, not here.
 """
 
 from __future__ import annotations
 
 from types import ModuleType
 
+import ml_collections
+
+from sgjax import errors
+from sgjax import sparsity as sp
 from sgjax.models import dit, trdit
+from sgjax.models.macs import Macs
 
 _MODULES = {"dit": dit, "trdit": trdit}  # Class-conditional DiT/SiT; text-conditional TR-DiT.
 KINDS = tuple(_MODULES)
 
 
-def module(config) -> ModuleType:
+def module(config: ml_collections.ConfigDict) -> ModuleType:
   """The model module of `model.kind`."""
   kind = config.model.get("kind", "dit")
-  if kind not in _MODULES:
-    raise ValueError(f"model.kind = {kind!r}: allowed: {KINDS}")
+  errors.check(kind in _MODULES, "model.kind", kind, f"allowed: {KINDS}")
   return _MODULES[kind]
 
 
-def from_config(config):
+def from_config(config: ml_collections.ConfigDict):
   """The model a validated config describes: `model.kind` picks the module."""
   return module(config).from_config(config)
 
 
-def is_text(config) -> bool:
-  """Whether the configured model is conditioned on text (prompts) rather than class labels."""
-  return module(config).TEXT
+def conditioning(config: ml_collections.ConfigDict) -> str:
+  """"labels" or "text": what the configured model is conditioned on."""
+  return module(config).CONDITIONING
+
+
+def forward_macs(config: ml_collections.ConfigDict, sparsity: sp.Sparsity = sp.DENSE) -> Macs:
+  """MACs of one forward pass of one image at `sparsity` (model dims resolved: a preset is
+  applied)."""
+  return module(config).forward_macs(config, sparsity)
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """The `model` section (a preset already applied): the fields every kind reads, then the
+  kind's own."""
+  m, check = config.model, errors.check
+  kind = module(config)
+  check(m.depth >= 1, "model.depth", m.depth, "must be >= 1")
+  check(m.heads >= 1, "model.heads", m.heads, "must be >= 1")
+  check(m.width >= 1 and m.width % m.heads == 0, "model.width", m.width,
+        f"must be a positive multiple of model.heads = {m.heads}")
+  check(m.mlp_ratio > 0, "model.mlp_ratio", m.mlp_ratio, "must be > 0")
+  check(m.patch_size >= 1, "model.patch_size", m.patch_size, "must be >= 1")
+  check(m.attention in dit.ATTENTION_IMPLS, "model.attention", m.attention,
+        f"allowed: {dit.ATTENTION_IMPLS}")
+  check(m.remat in dit.REMAT_POLICIES, "model.remat", m.remat, f"allowed: {dit.REMAT_POLICIES}")
+  check(config.data.image_size % m.patch_size == 0, "model.patch_size", m.patch_size,
+        f"must divide data.image_size = {config.data.image_size}")
+  kind.check_config(config)
+
+
+def is_text(config: ml_collections.ConfigDict) -> bool:
+  """Deprecated: ask `conditioning(config) == "text"` (kept while sgjax.previews calls it)."""
+  return conditioning(config) == "text"

@@ -19,8 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 from einops import rearrange, repeat
 
-from sgjax import flow, sharding
+from sgjax import errors, flow, sharding
 from sgjax import sparsity as sp
+from sgjax.models.macs import Macs
 
 Dtype = Any
 
@@ -64,7 +65,7 @@ def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
   return x * (1 + scale[:, None]) + shift[:, None]
 
 
-TEXT = False  # Conditioned on class labels (sgjax.models).
+CONDITIONING = "labels"  # Class labels (sgjax.models); the null is an extra label.
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 ATTENTION_SCOPE = "attention_core"  # Named scope of the score/softmax/value part (profiles).
 REMAT_POLICIES = ("none", "full", "dots")
@@ -264,6 +265,53 @@ class DiT(nn.Module):
                     name=f"decoder_block{layer}")(sharding.constrain_batch(x),
                                                   sharding.constrain_batch(c))
     return x
+
+
+def check_config(config) -> None:
+  """The `model` fields only DiT reads (sgjax.models checks the shared ones)."""
+  m, check = config.model, errors.check
+  check(m.time_scale > 0, "model.time_scale", m.time_scale, "must be > 0")
+  check(m.prediction in PREDICTIONS, "model.prediction", m.prediction,
+        f"allowed: {PREDICTIONS}")
+  check(m.decoder_depth >= 0, "model.decoder_depth", m.decoder_depth,
+        "must be >= 0 (0 = no decoder, not a masked model)")
+  if m.decoder_depth > 0:
+    check(m.decoder_heads >= 1, "model.decoder_heads", m.decoder_heads, "must be >= 1")
+    check(m.decoder_width >= 4 and m.decoder_width % m.decoder_heads == 0
+          and m.decoder_width % 4 == 0, "model.decoder_width", m.decoder_width,
+          f"must be a positive multiple of 4 (sin-cos embedding) and of model.decoder_heads "
+          f"= {m.decoder_heads}")
+
+
+def forward_macs(config, sparsity: sp.Sparsity = sp.DENSE) -> Macs:
+  """MACs of one forward pass of one image at `sparsity` (the conventions: sgjax.flops).
+
+  Per token and block of width w: qkv + proj 4w², MLP 2·w·r·w, modulation multiplies 4w;
+  attention 2·n²·w on the n tokens a block sees; per image the adaLN MLPs (6D² per block,
+  2·D·D_out final). A masked model's encoder sees the kept tokens, its decoder all of them.
+  """
+  m, d = config.model, config.data
+  width, p, ch = m.width, m.patch_size, d.channels
+  n = (d.image_size // p) ** 2
+
+  def per_token_block(w):
+    return 4 * w * w + 2 * w * int(w * m.mlp_ratio) + 4 * w
+
+  decoder = m.get("decoder_depth", 0)
+  out_width = m.decoder_width if decoder else width  # What the final layer reads.
+  linear = n * ch * p * p * (width + out_width)  # Patch embed and final projection.
+  attention = 0.0
+  for layer in range(m.depth):
+    tokens = sparsity.tokens_at_layer(layer, n)
+    linear += tokens * per_token_block(width)
+    attention += 2 * tokens * tokens * width
+  per_sample = 6 * width * width * m.depth + 2 * width * out_width
+  if decoder:
+    dd = m.decoder_width
+    linear += sparsity.mask_keep(n) * width * dd + decoder * n * per_token_block(dd)
+    attention += decoder * 2 * n * n * dd
+    per_sample += 6 * width * dd * decoder
+  return Macs(float(linear), float(per_sample), float(attention))
 
 
 def from_config(config) -> DiT:

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from einops import rearrange
 
-from sgjax import sharding
+from sgjax import errors, sharding
 from sgjax import sparsity as sp
 from sgjax.models.dit import (
     ATTENTION_SCOPE,
@@ -36,12 +36,12 @@ from sgjax.models.dit import (
     attention_impl,
     timestep_embedding,
 )
+from sgjax.models.macs import Macs
 
 Dtype = Any
 Condition = dict[str, jax.Array]  # {"text": (B, L, D_text), "text_mask": (B, L) bool}
+CONDITIONING = "text"  # Prompt features (sgjax.models); the null is the empty prompt's.
 
-
-TEXT = True  # Conditioned on text features (sgjax.models).
 
 def _dense(features, axes, *, name, dtype, zero=False):
   init = nn.initializers.zeros_init() if zero else nn.initializers.xavier_uniform()
@@ -180,6 +180,11 @@ class TRDiT(nn.Module):
   def num_tokens(self) -> int:
     return (self.image_size // self.patch_size) ** 2
 
+  @property
+  def masked(self) -> bool:
+    """Never a masked model: routing is TR-DiT's only token sparsity."""
+    return False
+
   def example_condition(self, batch: int) -> Condition:
     """Zeros of the condition's shapes (what init traces with)."""
     return {"text": jnp.zeros((batch, self.text_tokens, self.text_width), jnp.float32),
@@ -247,6 +252,43 @@ class TRDiT(nn.Module):
     x = _dense(p * p * ch, (EMBED, NONE), name="final_proj", dtype=self.dtype, zero=True)(x)
     x = rearrange(x, "b (gh gw) (ph pw c) -> b (gh ph) (gw pw) c", gh=grid, ph=p, pw=p)
     return x.astype(jnp.float32)
+
+
+def check_config(config) -> None:
+  """The fields only TR-DiT reads: its RoPE head width and the `text` features' shapes."""
+  m, tx, check = config.model, config.text, errors.check
+  check((m.width // m.heads) % 4 == 0, "model.heads", m.heads,
+        f"model.width / model.heads must be divisible by 4 (2-D RoPE), width = {m.width}")
+  check(tx.width >= 1, "text.width", tx.width, "must be >= 1 (the encoder's feature width)")
+  check(tx.max_tokens >= 2, "text.max_tokens", tx.max_tokens, "must be >= 2")
+  check(tx.layers >= 0, "text.layers", tx.layers, "must be >= 0")
+
+
+def forward_macs(config, sparsity: sp.Sparsity = sp.DENSE) -> Macs:
+  """MACs of one TR-DiT forward pass of one image at `sparsity` (the conventions: sgjax.flops).
+
+  Per image token and block (n_l tokens at layer l): self-attention qkv + proj 4D², cross-attention
+  query + output 2D², SwiGLU 3·D·H (H = swiglu_hidden), modulation multiplies 4D; attention:
+  self 2·n_l²·D, cross 2·n_l·L·D. Once per forward (per_sample), whatever the routing: the text
+  path on its L (= text.max_tokens, padding included: it is computed) tokens: projection
+  L·D_text·D, each text layer L·(4D² + 3·D·H) + attention 2·L²·D, every block's cross-attention
+  keys/values 2·L·D²; and adaLN-single's t -> 6D and final 2D² (timestep MLP left out, as for DiT).
+  """
+  m, d, tx = config.model, config.data, config.text
+  width, p, ch, L = m.width, m.patch_size, d.channels, tx.max_tokens
+  n = (d.image_size // p) ** 2
+  hidden = swiglu_hidden(width, m.mlp_ratio)
+  per_token_block = 6 * width * width + 3 * width * hidden + 4 * width
+  linear = 2 * n * ch * p * p * width  # Patch embed and final projection.
+  attention = 0.0
+  for layer in range(m.depth):
+    tokens = sparsity.tokens_at_layer(layer, n)
+    linear += tokens * per_token_block
+    attention += 2 * tokens * tokens * width + 2 * tokens * L * width
+  text = L * tx.width * width + tx.layers * L * (4 * width * width + 3 * width * hidden)
+  attention += tx.layers * 2 * L * L * width
+  per_sample = text + m.depth * 2 * L * width * width + 6 * width * width + 2 * width * width
+  return Macs(float(linear), float(per_sample), float(attention))
 
 
 def from_config(config) -> TRDiT:
