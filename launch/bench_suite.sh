@@ -42,8 +42,8 @@ fi
 if [[ $what == profile ]]; then
   dense=(--config.sparsity.routes="()" --config.sample.guidance.rule=cfg
          --config.sample.guidance.gamma_strong=0)
-  # Traces stay in a temporary folder: tens of MB each, they could crowd the JSON out of what
-  # a device call brings back. Pass --profile_dir to a single run to keep one.
+  # Traces are not kept (a temporary folder, removed): tens of MB each, they could crowd the
+  # JSON out of what a device call brings back. Pass --profile_dir to a single run to keep one.
   run profile_dense_b128 --what=profile --config.train.batch_size=128 "${dense[@]}"
   run profile_routed_b128 --what=profile,route_cost --config.train.batch_size=128
   run input_routed_b128 --what=input --config.train.batch_size=128 --steps=30

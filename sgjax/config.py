@@ -14,7 +14,7 @@ import os
 
 import ml_collections
 
-from sgjax import configs, errors, flow, guidance, models, sampling, sharding
+from sgjax import configs, errors, flow, guidance, models, monitor, sampling, sharding
 from sgjax.eval import inception, metrics
 from sgjax.sparsity import Sparsity
 
@@ -174,6 +174,7 @@ def _validate(config: ml_collections.ConfigDict, num_devices: int | None) -> Non
   _check(config.demo.eval_per_class >= 1, "demo.eval_per_class", config.demo.eval_per_class,
          "must be >= 1")
   _validate_eval(config, num_devices)
+  monitor.check_config(config)  # train.sample_every, train.profile_steps.
   s = config.sample
   _check(s.steps >= 1, "sample.steps", s.steps, "must be >= 1")
   _check(s.sampler in sampling.SAMPLERS, "sample.sampler", s.sampler,
@@ -325,7 +326,11 @@ def base_config() -> ml_collections.ConfigDict:
       label_dropout=0.1,
       log_every=50, checkpoint_every=1000, keep_checkpoints=3, async_checkpoint=True,
       keep_period=0,  # > 0: also keep every checkpoint whose step is a multiple (AG guides).
-      mask_loss_weight=0.1))  # λ of a masked model's reconstruction term (docs/masking.md).
+      mask_loss_weight=0.1,  # λ of a masked model's reconstruction term (docs/masking.md).
+      # Sample grids to TensorBoard and <workdir>/samples/ every sample_every steps (-1 = at
+      # each checkpoint, 0 = off) and a jax.profiler trace of the steps profile_steps =
+      # (first, last) into <workdir>/tensorboard/ (() = none); sgjax.monitor checks both.
+      sample_every=-1, profile_steps=()))
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
 

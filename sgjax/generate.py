@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -83,17 +84,44 @@ def _rows(cond: Conditions, start: int, stop: int, size: int) -> Conditions:
   return jax.tree.map(cut, cond)
 
 
+def _placed(config: ml_collections.ConfigDict, cond: Conditions, mesh) -> Conditions:
+  """The conditions padded to one `sample.batch_size` batch, sharded over the batch axes."""
+  n, bs = num_conditions(cond), config.sample.batch_size
+  return jax.device_put(_rows(cond, 0, n, bs), sharding.batch_sharding(mesh))
+
+
+def _pixels(config: ml_collections.ConfigDict, mesh, x: jax.Array, n: int) -> np.ndarray:
+  """A sampled batch -> the first `n` images as uint8 NHWC pixels, on every host."""
+  x = sd_vae.to_pixels(config, mesh, x)  # The SD-VAE decode for latent models; else identity.
+  x = multihost_utils.process_allgather(x, tiled=True) if jax.process_count() > 1 else x
+  return sampling.to_uint8(jax.device_get(x))[:n]
+
+
 def batch(config: ml_collections.ConfigDict, model, weights, cond: Conditions,
           plan: guidance_lib.Plan, mesh, key: jax.Array, null: condition.Null = None
           ) -> np.ndarray:
   """One batch of at most `sample.batch_size` conditions -> uint8 NHWC pixels, on every host."""
-  n, bs = num_conditions(cond), config.sample.batch_size
-  y = jax.device_put(_rows(cond, 0, n, bs), sharding.batch_sharding(mesh))
+  y = _placed(config, cond, mesh)
   x = sampling.sample(model, weights, y, key, plan=plan, sampler=config.sample.sampler,
                       null=null)
-  x = sd_vae.to_pixels(config, mesh, x)  # The SD-VAE decode for latent models; else identity.
-  x = multihost_utils.process_allgather(x, tiled=True) if jax.process_count() > 1 else x
-  return sampling.to_uint8(jax.device_get(x))[:n]
+  return _pixels(config, mesh, x, num_conditions(cond))
+
+
+def compiled_batch(config: ml_collections.ConfigDict, model, weights, cond: Conditions,
+                   plan: guidance_lib.Plan, mesh, key: jax.Array, null: condition.Null = None
+                   ) -> Callable[[Any], np.ndarray]:
+  """`batch` of fixed conditions, noise and plan with the sampler compiled here, once:
+  weights -> uint8 NHWC pixels (what `batch` returns for them).
+
+  For the grids a run draws while it trains: every call reuses the one executable, so weights
+  of other shapes or shardings than `weights` (the first weights; abstract ones will do) are an
+  error, never a recompilation.
+  """
+  y = _placed(config, cond, mesh)
+  compiled = sampling.sample.lower(model, weights, y, key, plan=plan,
+                                   sampler=config.sample.sampler, null=null).compile()
+  n = num_conditions(cond)
+  return lambda w: _pixels(config, mesh, compiled(w, y, key, null=null), n)
 
 
 def images(config: ml_collections.ConfigDict, model, weights, cond: Conditions,

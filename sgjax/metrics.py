@@ -2,19 +2,25 @@
 the parameter table printed at start.
 
 Written only by process 0. TensorBoard events come from tensorboardX, which needs no TensorFlow
-(clu's and flax's writers import it; clu's `parameter_overview` does not).
+(clu's and flax's writers import it; clu's `parameter_overview` does not). Everything a run
+shows goes to `<workdir>/tensorboard/`: the train scalars, the config (text and hparams) and
+parameter table at start, sample grids (sgjax.previews), profiles (sgjax.monitor), and scalars
+other jobs add at a checkpoint's step (`log_scalars`: eval, sweeps).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import os
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 from clu import parameter_overview as clu_overview
 from etils import epath
 
@@ -50,6 +56,68 @@ def _summary_writer_class():
   return SummaryWriter
 
 
+_writers = itertools.count()
+
+
+def _summary_writer(workdir: str):
+  """A tensorboardX writer on `<workdir>/tensorboard` with an event file of its own.
+
+  tensorboardX names the file by the second and the host and opens it with "wb": two writers
+  opened in the same second (the train loop's and a `log_scalars` call) would truncate each
+  other's file without the process id and a counter in the name.
+  """
+  suffix = f".{os.getpid()}.{next(_writers)}"
+  return _summary_writer_class()(os.path.join(workdir, "tensorboard"), filename_suffix=suffix)
+
+
+def _scalars(values: Mapping[str, Any], prefix: str) -> dict[str, float]:
+  """{tag: value} of the real numbers in `values` (strings, bools, None and arrays skipped)."""
+  out = {}
+  for k, v in values.items():
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+      continue
+    out[f"{prefix}/{k}" if prefix else k] = float(v)
+  return out
+
+
+def log_scalars(workdir: str, step: int, values: Mapping[str, Any], prefix: str = ""
+                ) -> dict[str, float]:
+  """Adds the numbers of `values` to the workdir's TensorBoard as `<prefix>/<key>` scalars at
+  `step` (a checkpoint's step: they plot beside the loss curve); returns what it wrote.
+
+  For jobs that score a checkpoint (eval, sweep points): e.g. `log_scalars(workdir, 40000,
+  {"fid": 3.1, "rule": "sg"}, "eval/sg")` writes `eval/sg/fid`; non-numbers are skipped.
+  Process 0 writes; the others return the same dict and write nothing.
+  """
+  scalars = _scalars(values, prefix)
+  if jax.process_index() == 0 and scalars:
+    tb = _summary_writer(workdir)
+    try:
+      for tag, v in scalars.items():
+        tb.add_scalar(tag, v, int(step))
+    finally:
+      tb.close()
+  return scalars
+
+
+def config_text(flat: Mapping[str, Any]) -> str:
+  """The resolved config as TensorBoard text (markdown): one `field = value` line each, the
+  spelling of a `--config.field=value` override."""
+  lines = "\n".join(f"{k} = {json.dumps(v)}" for k, v in sorted(flat.items()))
+  return f"```\n{lines}\n```"
+
+
+def hparam_values(flat: Mapping[str, Any]) -> dict[str, str | float | bool]:
+  """The flat config as hparams: numbers and strings as they are, tuples as JSON text."""
+  out = {}
+  for k, v in flat.items():
+    if isinstance(v, (bool, str)) or (isinstance(v, (int, float)) and math.isfinite(v)):
+      out[k] = v
+    else:
+      out[k] = json.dumps(v)
+  return out
+
+
 def parameter_overview(params: Mapping[str, Any], *, max_lines: int | None = None) -> str:
   """clu's table of every parameter (name, shape, dtype, size, partition spec) and the total.
 
@@ -78,7 +146,7 @@ class MetricWriter:
         self._remote = (path, path.read_text() if path.exists() else "")
       else:
         self._jsonl = open(path, "a")
-      self._tb = _summary_writer_class()(os.path.join(workdir, "tensorboard"))
+      self._tb = _summary_writer(workdir)
 
   def write(self, step: int, metrics: Mapping[str, float]) -> None:
     if not self.enabled:
@@ -93,6 +161,32 @@ class MetricWriter:
       self._jsonl.flush()
     for k, v in metrics.items():
       self._tb.add_scalar(k, float(v), step)
+    self._tb.flush()
+
+  def image(self, step: int, tag: str, image: np.ndarray) -> None:
+    """A uint8 HWC image (e.g. a sample grid) at `step`."""
+    if self.enabled:
+      self._tb.add_image(tag, np.asarray(image), step, dataformats="HWC")
+      self._tb.flush()
+
+  def text(self, step: int, tag: str, text: str) -> None:
+    """Markdown text at `step` (TensorBoard's Text tab)."""
+    if self.enabled:
+      self._tb.add_text(tag, text, step)
+      self._tb.flush()
+
+  def hparams(self, values: Mapping[str, Any], metrics: Sequence[str]) -> None:
+    """The run's hyperparameters (HParams tab), linked to the scalar tags `metrics`.
+
+    Written into this run's own event file: tensorboardX's `add_hparams` would open a new run
+    folder beside it.
+    """
+    if not self.enabled:
+      return
+    # Local: tensorboardX is imported once, by _summary_writer_class (without torch).
+    from tensorboardX.summary import hparams
+    for summary in hparams(dict(values), {m: None for m in metrics}):
+      self._tb.file_writer.add_summary(summary)
     self._tb.flush()
 
   def close(self) -> None:
@@ -111,6 +205,11 @@ class Progress:
     self.stream = stream or sys.stderr
     self._t0 = time.perf_counter()
     self._last = (start, self._t0)
+
+  def exclude(self, seconds: float) -> None:
+    """Leaves `seconds` of other work (sample grids) out of the next rate and ETA."""
+    step, t = self._last
+    self._last = (step, t + seconds)
 
   def report(self, step: int, metrics: Mapping[str, float]) -> None:
     if not self.enabled:

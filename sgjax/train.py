@@ -2,7 +2,8 @@
 
 Sections: config and mesh -> data -> model and abstract state -> shardings -> jitted init or
 restore -> jitted step (state donated) -> loop (metrics fetched every `log_every` steps, NaN
-abort, atomic checkpoints, auto-resume from the workdir).
+abort, atomic checkpoints, auto-resume from the workdir, sample grids every `sample_every` steps,
+a profile of `profile_steps`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,17 @@ import ml_collections
 import numpy as np
 import optax
 
-from sgjax import checkpoint, condition, errors, flow, models, preemption, sharding
+from sgjax import (
+  checkpoint,
+  condition,
+  errors,
+  flow,
+  models,
+  monitor,
+  preemption,
+  previews,
+  sharding,
+)
 from sgjax import config as config_lib
 from sgjax import metrics as metrics_lib
 from sgjax import state as state_lib
@@ -28,6 +39,7 @@ from sgjax.sparsity import Sparsity
 
 TrainState = state_lib.TrainState
 OPTIMIZER_SCOPE = "optimizer"  # Named scope of the AdamW and EMA updates (profiles).
+PARAMETER_LINES = 60  # Of the parameter table on the console (TensorBoard's text has all).
 
 
 def ema_decay(tc: ml_collections.ConfigDict, step: jax.Array) -> jax.Array:
@@ -162,6 +174,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   abstract, state_shardings = state_lib.abstract_state_and_shardings(model, tx, config.seed, mesh)
   n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(abstract["params"]))
   if jax.process_index() == 0:
+    overview = metrics_lib.parameter_overview(abstract["params"])
+    print(metrics_lib.parameter_overview(abstract["params"], max_lines=PARAMETER_LINES),
+          flush=True)
     print(f"model: {n_params / 1e6:.2f}M params; mesh {dict(mesh.shape)}; "
           f"routes {tuple(map(tuple, config.sparsity.routes))}"
           + (f"; mask γ {config.sparsity.mask_gamma}" if config.sparsity.mask_gamma else ""),
@@ -196,9 +211,20 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
                       donate_argnums=(0,))
 
     # ---- Loop.
+    first_step = int(state["step"])
+    profiler = monitor.StepProfiler(tc, workdir, first_step, log=metrics_lib.print0)
     watch = preemption.PreemptionWatch().start()
     try:
-      first_step = int(state["step"])
+      # What the run shows at start: the resolved config (text, and hparams for a new run) and
+      # the parameter table; then sample grids and a profile while it trains (sgjax.monitor).
+      flat = workdir_lib.flat_config(config)
+      writer.text(first_step, "config", metrics_lib.config_text(flat))
+      if jax.process_index() == 0:
+        writer.text(first_step, "parameters", f"```\n{overview}\n```")
+      if first_step == 0:
+        writer.hparams(metrics_lib.hparam_values(flat), ["loss"])
+      grids = (previews.Previews(config, workdir, mesh, writer)
+               if monitor.sample_every(tc) > 0 else None)
       if first_step >= tc.num_steps and jax.process_index() == 0:
         print(f"nothing to train: {workdir} is at step {first_step} >= train.num_steps = "
               f"{tc.num_steps} (raise it to train on)", flush=True)
@@ -206,7 +232,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
       pending: list[dict[str, jax.Array]] = []
       t_last, step_last = time.perf_counter(), first_step
       for step in range(first_step + 1, tc.num_steps + 1):
-        state, step_metrics = step_fn(state, next(data_iter))
+        with profiler.step(step, state):
+          state, step_metrics = step_fn(state, next(data_iter))
+        profiler.after(step, state)
         pending.append(step_metrics)
         preempted = watch.reached(step)
         is_ckpt = step % tc.checkpoint_every == 0 or step == tc.num_steps or preempted
@@ -239,6 +267,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
             workdir_lib.write(workdir, config, base_step=base_step, written_by="sgjax.train")
             record = dict(base_step=base_step)
           checkpoint.save(ckpt, step, state, data_iter)
+        if grids is not None and monitor.samples_due(tc, step) and not preempted:
+          # Reads the live weights only; its time is left out of steps/s and the ETA.
+          spent = grids.write(step, state)
+          t_last += spent
+          progress.exclude(spent)
         if preempted:
           ckpt.wait_until_finished()
           if jax.process_index() == 0:
@@ -247,6 +280,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
           break
     finally:
       # Also on NaN abort or Ctrl-C: finish pending async saves, release files.
+      profiler.close()
       watch.stop()
       ckpt.wait_until_finished()
       ckpt.close()

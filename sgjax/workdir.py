@@ -48,6 +48,7 @@ RULES: dict[str, str] = {
     "train": TRAINING,  # lr, betas, batch size, EMA, dropout, accumulation, clipping, warmup.
     "train.num_steps": FREE, "train.log_every": FREE, "train.checkpoint_every": FREE,
     "train.keep_checkpoints": FREE, "train.async_checkpoint": FREE, "train.keep_period": FREE,
+    "train.sample_every": FREE, "train.profile_steps": FREE,  # What a run shows, not what it is.
     "mesh": FREE, "sample": FREE, "demo": FREE, "sweep": FREE, "eval": FREE,
     "study": FREE,
 }

@@ -3,6 +3,7 @@
 The one place test files take helpers from (no test module imports another).
 """
 
+import os
 import zlib
 
 import jax
@@ -22,8 +23,9 @@ def tiny_config():
   c.model.update(preset="", depth=3, width=64, heads=4, patch_size=4)
   c.data.update(name="synthetic", image_size=16, channels=1, num_classes=4)
   c.sparsity.routes = ((1, 1, 0.5),)
+  # No sample grids while training (they cost a sampler compile per rule): tests turn them on.
   c.train.update(batch_size=16, num_steps=4, lr=1e-3, grad_clip=1.0, ema_decay=0.9,
-                 log_every=2, checkpoint_every=2, async_checkpoint=False)
+                 log_every=2, checkpoint_every=2, async_checkpoint=False, sample_every=0)
   c.sample.update(batch_size=8, steps=3, per_class=2)
   c.sample.guidance.update(rule="sg", omega=1.5, gamma_strong=0.0, gamma_weak=0.5)
   return c
@@ -242,3 +244,37 @@ def latent_config(image_dir="", data_dir="", weights=""):
                   batch_size=4, shard_size=3)  # 8 images -> shards of 3, 3, 2 (last is short).
   c.train.update(num_steps=2)
   return c
+
+
+def read_events(folder):
+  """Every tensorboardX `Event` in the event files directly in `folder`, file by file.
+
+  TFRecord framing (length u64, its masked CRC u32, data, its masked CRC u32), parsed by hand:
+  TensorBoard's own reader is not installed (tensorboardX brings only the protos).
+  """
+  import struct
+
+  from tensorboardX.proto import event_pb2
+  events = []
+  for name in sorted(os.listdir(folder)):
+    if "tfevents" not in name:
+      continue
+    with open(os.path.join(folder, name), "rb") as f:
+      data = f.read()
+    pos = 0
+    while pos + 12 <= len(data):
+      (length,) = struct.unpack("<Q", data[pos:pos + 8])
+      event = event_pb2.Event()
+      event.ParseFromString(data[pos + 12:pos + 12 + length])
+      events.append(event)
+      pos += 12 + length + 4
+  return events
+
+
+def summaries(folder):
+  """{tag: [(step, Summary.Value)]} of every summary value in `folder`'s event files."""
+  out = {}
+  for event in read_events(folder):
+    for value in event.summary.value:
+      out.setdefault(value.tag, []).append((event.step, value))
+  return out

@@ -26,6 +26,7 @@ from sgjax import state as state_lib
 from sgjax.convert import inception_fid
 from sgjax.eval import inception
 from sgjax.jobs import evaluate as eval_job
+from tests import builders
 from tests.builders import tiny_config
 
 
@@ -281,6 +282,11 @@ def test_eval_mode_samples_scores_resumes_and_scores_a_set_against_itself(tmp_pa
   assert first["num_samples"] == 8 and first["rule"] == "sg" and first["step"] == 0
   assert 1.0 <= first["inception_score"] <= 8.0  # At most the number of samples.
   assert 0.0 <= first["precision"] <= 1.0 and 0.0 <= first["recall"] <= 1.0
+  # The scores are TensorBoard scalars at the checkpoint's step, beside the train curves.
+  scalars = builders.summaries(os.path.join(workdir, "tensorboard"))
+  assert [(step, v.simple_value) for step, v in scalars["eval/sg/inception_score"]] == [
+      (0, pytest.approx(first["inception_score"], rel=1e-6))]
+  assert "eval/sg/precision" in scalars and "eval/sg/rule" not in scalars
   samples_npz = first["samples"] + ".npz"
   images = np.load(samples_npz)["arr_0"]
   assert images.shape == (8, 16, 16, 1) and images.dtype == np.uint8

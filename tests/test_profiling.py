@@ -65,6 +65,9 @@ def test_profile_of_a_routed_train_step_finds_every_kind_it_runs(tmp_path):
   c = tiny_config()  # Routed (1 -> 1, γ 0.5), data-parallel over the 8 test devices.
   # Every group listed: which ones make the top 15 depends on the machine's load.
   r = bench.bench_profile(c, steps=2, warmup=1, trace_dir=str(tmp_path), top_groups=10_000)
+  # The trace stays where it was asked for, in TensorBoard's layout (xprof reads .xplane.pb).
+  assert r["trace_dir"] == str(tmp_path)
+  assert len(list((tmp_path / "plugins" / "profile").glob("*/*.xplane.pb"))) == 1
   ms = r["ms_per_step"]
   assert all(ms[k] > 0 for k in profiling.KINDS), ms  # Gradient all-reduces: collectives.
   assert sum(r["share"].values()) == pytest.approx(1.0)
@@ -88,3 +91,20 @@ def test_an_empty_device_process_does_not_hide_the_host_events(tmp_path):
   with gzip.open(tmp_path / "a.trace.json.gz", "wt") as f:
     json.dump(dict(traceEvents=events), f)
   assert [e["name"] for e in profiling._events(str(tmp_path))] == ["fusion.1"]
+
+
+def test_bench_keeps_the_trace_in_profile_dir_or_removes_its_temporary_one(tmp_path, monkeypatch):
+  def fake_profile(config, steps, warmup, trace_dir):  # What bench_profile leaves behind.
+    os.makedirs(os.path.join(trace_dir, "plugins", "profile", "run"))
+    open(os.path.join(trace_dir, "plugins", "profile", "run", "host.xplane.pb"), "w").close()
+    written.append(trace_dir)
+    return dict(trace_dir=trace_dir, steps=steps)
+
+  written = []
+  monkeypatch.setattr(bench, "bench_profile", fake_profile)
+  kept = bench.profile(tiny_config(), 2, 1, str(tmp_path / "tb"))
+  assert kept == dict(trace_dir=str(tmp_path / "tb"), steps=2)
+  assert (tmp_path / "tb" / "plugins" / "profile" / "run" / "host.xplane.pb").exists()
+  summary_only = bench.profile(tiny_config(), 2, 1, "")
+  assert summary_only == dict(trace_dir=None, steps=2)
+  assert not os.path.exists(written[-1])  # The temporary trace is gone; the summary stays.

@@ -156,6 +156,18 @@ def bench_profile(config: ml_collections.ConfigDict, steps: int, warmup: int,
               **out)
 
 
+def profile(config: ml_collections.ConfigDict, steps: int, warmup: int, profile_dir: str = ""
+            ) -> dict:
+  """`bench_profile`'s summary; the trace kept in `profile_dir` (a TensorBoard log folder: it
+  goes to <profile_dir>/plugins/profile/<run>/, viewable with xprof / tensorboard-plugin-profile)
+  or, with '', written to a temporary folder that is removed after the summary (trace_dir None).
+  """
+  if profile_dir:
+    return bench_profile(config, steps, warmup, profile_dir)
+  with tempfile.TemporaryDirectory(prefix="sgjax_trace_") as scratch:
+    return dict(bench_profile(config, steps, warmup, scratch), trace_dir=None)
+
+
 def bench_input(config: ml_collections.ConfigDict, steps: int, warmup: int,
                 scratch_dir: str) -> dict:
   """The train step fed by the real input pipeline vs. by one synthetic device-resident batch.
@@ -303,9 +315,11 @@ def print_table(result: dict, peak_tflops: float | None = None) -> None:
           f"synthetic drift {100 * r['synthetic_drift']:+.1f}%)")
   if "profile" in result:
     r = result["profile"]
+    kept = (f"trace in {r['trace_dir']}/plugins/profile/, view: xprof --logdir={r['trace_dir']}"
+            if r["trace_dir"] else "trace not kept: --profile_dir=DIR keeps it")
     print(f"profile batch {r['batch']} routes {r['routes']}: {r['wall_ms_per_step']:.1f} ms/step "
           f"wall, {r['matched_ms_per_step']:.1f} ms attributed device time, "
-          f"{r['unmatched_ms_per_step']:.1f} ms unmatched (trace in {r['trace_dir']})")
+          f"{r['unmatched_ms_per_step']:.1f} ms unmatched ({kept})")
     for kind, ms in r["ms_per_step"].items():
       print(f"  {kind:10s} {ms:8.2f} ms {100 * r['share'][kind]:6.1f}%")
     for name, ms in r["top_unmatched"]:
@@ -346,8 +360,7 @@ def main(argv) -> None:
   if "train" in what or "all" in what:
     result["train"] = bench_train(config, f.steps, f.warmup)
   if "profile" in what or "all" in what:
-    trace_dir = f.profile_dir or tempfile.mkdtemp(prefix="sgjax_trace_")
-    result["profile"] = bench_profile(config, min(f.steps, 5), f.warmup, trace_dir)
+    result["profile"] = profile(config, min(f.steps, 5), f.warmup, f.profile_dir)
   if "input" in what or "all" in what:
     with tempfile.TemporaryDirectory() as scratch:
       result["input"] = bench_input(config, f.steps, f.warmup, scratch)
@@ -374,8 +387,11 @@ def cli() -> None:
   flags.DEFINE_integer("warmup", 3, "Untimed calls after compilation.")
   flags.DEFINE_integer("matmul_size", 8192, "Side of the square bf16 matmul for the peak.")
   flags.DEFINE_bool("full_sampler", True, "Also time the whole sampler per rule.")
-  flags.DEFINE_string("profile_dir", "", "Where --what=profile writes its trace ('' = a temp "
-                      "folder); open the .trace.json.gz in ui.perfetto.dev.")
+  flags.DEFINE_string("profile_dir", "", "Where --what=profile keeps its trace: a TensorBoard "
+                      "log folder (e.g. <workdir>/tensorboard; the trace goes to plugins/profile/"
+                      "<run>/ there, for xprof / tensorboard-plugin-profile, and its "
+                      ".trace.json.gz opens in ui.perfetto.dev); '' = the summary only (the "
+                      "trace is written to a temporary folder and removed).")
   flags.DEFINE_bool("json", False, "Print JSON.")
   flags.mark_flag_as_required("config")
   errors.run(main)

@@ -6,7 +6,8 @@
   2. features: Inception (or the FD-FMNIST classifier) over the shards, cached beside them per
      weights file and preprocessing; the reference's features/statistics are cached in
      <workdir>/eval/ per reference file, weights and preprocessing.
-  3. metrics (sgjax.eval.metrics) -> <workdir>/metrics.json (and <set>/metrics.json), printed.
+  3. metrics (sgjax.eval.metrics) -> <workdir>/metrics.json (and <set>/metrics.json), printed,
+     and to the workdir's TensorBoard as `eval/<rule>/<metric>` scalars at the checkpoint's step.
 """
 
 from __future__ import annotations
@@ -275,6 +276,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                  gamma_weak=float(g.gamma_weak), steps=int(config.sample.steps),
                  sampler=config.sample.sampler, feature_net=e.feature_net,
                  gmacs_per_image=macs.with_attention / 1e9, samples=sample_dir)
+  # Beside the loss curve, at the checkpoint's step: eval/<rule>/fid, …/inception_score, ….
+  metrics.log_scalars(workdir, step, scores, prefix=f"eval/{g.rule}")
   if jax.process_index() == 0:
     latest = os.path.join(workdir, "metrics.json")  # The latest eval; each set keeps its own.
     if files.exists(latest):

@@ -1,0 +1,183 @@
+"""What a run shows while it trains (issue 17 items 1–3): sample grids, config text and hparams,
+eval scalars in TensorBoard, a profile of chosen steps — and that none of it moves training."""
+
+import glob
+import gzip
+import io
+import json
+import os
+import re
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+from absl import flags
+from ml_collections import config_flags
+from PIL import Image
+
+from sgjax import config as config_lib
+from sgjax import errors, generate, metrics, models, monitor, previews, sampling, sharding, train
+from sgjax.text import encoder as encoder_lib
+from tests.builders import WordEncoder, summaries, tiny_config, tiny_t2i_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _leaves(state):
+  return [np.asarray(a) for a in jax.tree.leaves(state)]
+
+
+def _losses(workdir):
+  return {m["step"]: m["loss"] for m in map(json.loads, open(os.path.join(workdir,
+                                                                          "metrics.jsonl")))}
+
+
+def test_grids_and_a_profile_while_training_leave_the_run_bit_exact(tmp_path, capsys,
+                                                                    monkeypatch):
+  c = tiny_config()  # No grids (train.sample_every = 0), 8 devices, routed.
+  c.train.update(num_steps=4, checkpoint_every=2, log_every=1)
+  off = train.train(c, str(tmp_path / "off"))
+
+  compiled = []  # Every sampler compilation of the grids, by rule.
+  real = generate.compiled_batch
+  monkeypatch.setattr(generate, "compiled_batch",
+                      lambda cfg, *a, **k: compiled.append(cfg.sample.guidance.rule)
+                      or real(cfg, *a, **k))
+  on = c.copy_and_resolve_references()
+  on.train.update(num_steps=3, sample_every=1, profile_steps=(2, 2))
+  workdir = str(tmp_path / "on")
+  capsys.readouterr()
+  train.train(on, workdir)  # Grids at steps 1, 2, 3; checkpoints at 2 and 3; step 2 traced.
+  log = capsys.readouterr().out
+  assert compiled == ["sg", "cfg"]  # Compiled at the first grid, reused at the next two.
+  on.train.num_steps = 4
+  resumed = train.train(on, workdir)  # From step 3: a grid at 4 (a new process would compile).
+
+  # Grids on, a profile, a resume: the same state and the same loss at every step.
+  for a, b in zip(_leaves(off), _leaves(resumed), strict=True):
+    np.testing.assert_array_equal(a, b)
+  assert _losses(str(tmp_path / "off")) == _losses(workdir)
+
+  # The log: the parameter table, each grid's cost (the first with its compile), the profile.
+  assert "Total: 255,440 -- 1,021,760 bytes" in log
+  assert re.search(r"samples at step 1: sg, cfg \(ω=1.5, 4 images, 3 steps\) in [\d.]+s, "
+                   r"[\d.]+s of it compiling the sampler -> ", log), log
+  assert re.search(r"samples at step 2: sg, cfg \(.*\) in [\d.]+s -> ", log), log
+  assert f"profile of steps 2..2 in {workdir}/tensorboard/plugins/profile/" in log
+
+  # PNGs: the fixed classes 0..3 from fixed noise, drawn by the generation path from the live
+  # EMA weights; the step-4 SG grid is exactly what sampling the final EMA gives.
+  names = sorted(os.listdir(os.path.join(workdir, "samples")))
+  assert names == sorted(f"step_{s}_{r}.png" for s in (1, 2, 3, 4) for r in ("sg", "cfg"))
+  png = lambda s, r: np.asarray(Image.open(os.path.join(workdir, "samples", f"step_{s}_{r}.png")))
+  mesh = sharding.build_mesh(on.mesh)
+  with jax.set_mesh(mesh):
+    want = generate.batch(on, models.from_config(on),
+                          {"main": resumed["ema"]}, np.arange(4, dtype=np.int32),
+                          config_lib.sampling_plan(on), mesh,
+                          jax.random.fold_in(jax.random.key(on.sample.seed), 0))
+  grid = sampling.image_grid(want, rows=2).repeat(2, 0).repeat(2, 1)[..., 0]  # 2x2, shown x2.
+  assert png(4, "sg").shape == (76, 76)
+  np.testing.assert_array_equal(png(4, "sg"), grid)
+  assert not np.array_equal(png(1, "sg"), png(4, "sg"))  # The weights moved.
+
+  # An eval of a checkpoint adds its scores at that step (what sgjax.jobs.evaluate calls).
+  assert metrics.log_scalars(workdir, 4, {"fid": 12.5, "rule": "sg", "n": 8}, "eval/sg") == {
+      "eval/sg/fid": 12.5, "eval/sg/n": 8.0}
+
+  # TensorBoard, read back from the event files (one per writer: both runs and the eval).
+  tb = os.path.join(workdir, "tensorboard")
+  assert len(glob.glob(os.path.join(tb, "events.out.tfevents.*"))) == 3
+  found = summaries(tb)
+  for rule in ("sg", "cfg"):
+    assert [s for s, _ in found[f"samples/{rule}"]] == [1, 2, 3, 4]
+  image = found["samples/sg"][-1][1].image
+  assert (image.height, image.width) == (76, 76)
+  np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(
+      image.encoded_image_string)).convert("L")), grid)
+  text = {s: v.tensor.string_val[0].decode() for s, v in found["config/text_summary"]}
+  assert sorted(text) == [0, 3]  # At each start: fresh, then the resume from step 3.
+  assert "train.sample_every = 1" in text[0] and "train.num_steps = 4" in text[3]
+  assert "block0/attn/qkv/kernel" in found["parameters/text_summary"][0][1].tensor.string_val[0
+                                                                                          ].decode()
+  assert "class 0, class 1, class 2, class 3" in found["samples/conditions/text_summary"][0][
+      1].tensor.string_val[0].decode()
+  assert len(found["_hparams_/session_start_info"]) == 1  # A new run's, not again on resume.
+  assert [s for s, _ in found["loss"]] == [1, 2, 3, 4]
+  assert [(s, v.simple_value) for s, v in found["eval/sg/fid"]] == [(4, 12.5)]
+
+  # The profile: step 2 alone, in TensorBoard's plugins/profile layout (xprof reads .xplane.pb).
+  runs = glob.glob(os.path.join(tb, "plugins", "profile", "*"))
+  assert len(runs) == 1
+  assert [os.path.getsize(p) > 0 for p in glob.glob(os.path.join(runs[0], "*.xplane.pb"))] == [
+      True]
+  with gzip.open(glob.glob(os.path.join(runs[0], "*.trace.json.gz"))[0]) as f:
+    events = json.load(f)["traceEvents"]
+  assert {e["args"]["step_num"] for e in events if e.get("name") == "train"} == {"2"}
+
+
+def test_grid_conditions_of_class_and_text_models(monkeypatch):
+  assert previews.class_conditions(1000, 64)[[0, 1, -1]].tolist() == [0, 16, 999]
+  assert len(set(previews.class_conditions(10, 10))) == 10
+  assert [previews.grid_shape(n) for n in (1, 4, 7, 10, 64)] == [1, 2, 1, 2, 8]
+  assert previews.rules(tiny_config()) == ("sg", "cfg")
+  c = tiny_config()
+  c.sample.guidance.rule = "cfg"
+  assert previews.rules(c) == ("cfg",)
+
+  monkeypatch.setitem(encoder_lib.ENCODERS, "words", WordEncoder)
+  t = tiny_t2i_config()
+  t.text.encoder = "words"
+  assert "set sample.prompts" in previews.conditions(t)  # Synthetic data holds no prompts.
+  t.sample.prompts = ("a pullover", "an ankle boot", "a bag")
+  cond, null, shows = previews.conditions(t)
+  assert shows == list(t.sample.prompts)
+  assert cond["text"].shape == (3, 6, 24) and null["text"].shape == (6, 24)
+  np.testing.assert_array_equal(cond["text"][1], WordEncoder().encode(["an ankle boot"], 6)[0][0])
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("sample_every", -2, "train.sample_every = -2: not a step count; allowed: an int >= 1"),
+    ("profile_steps", (3,), "train.profile_steps = (3,): not a range of train steps; allowed: "
+                            "(first, last) with 1 <= first <= last"),
+    ("profile_steps", (0, 2), "train.profile_steps = (0, 2): not a range"),
+    ("profile_steps", (5, 2), "train.profile_steps = (5, 2): not a range"),
+])
+def test_bad_sample_every_or_profile_steps_is_refused(field, value, message):
+  c = tiny_config()
+  c.train[field] = value
+  with pytest.raises(errors.UserError) as err:
+    config_lib.validate(c)
+  assert str(err.value).startswith(message)
+
+
+def test_the_profile_window_parses_from_the_command_line():
+  argv = ["prog", f"--config={ROOT}/tests/configs/tiny.py", "--config.train.profile_steps=(2, 3)",
+          "--config.train.sample_every=5"]
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True,
+                                  sys_argv=argv)
+  fv(argv)
+  assert fv.config.train.profile_steps == (2, 3) and fv.config.train.sample_every == 5
+  config_lib.validate(fv.config)
+  assert monitor.sample_every(fv.config.train) == 5
+  default = config_lib.base_config().train
+  assert monitor.sample_every(default) == default.checkpoint_every  # -1: at each checkpoint.
+  tc = ml_collections.ConfigDict(dict(sample_every=3, checkpoint_every=2, num_steps=8))
+  assert [s for s in range(1, 9) if monitor.samples_due(tc, s)] == [3, 6, 8]  # And the last.
+
+
+def test_ag_sg_grids_wait_for_their_guide_checkpoint(tmp_path, capsys):
+  c = tiny_config()
+  c.train.update(num_steps=2, checkpoint_every=2, sample_every=1)
+  c.sample.guidance.update(rule="ag_sg", guide_step=2)  # Saved at step 2, after the first grid.
+  workdir = str(tmp_path)
+  train.train(c, workdir)
+  log = capsys.readouterr().out
+  assert log.count("note: no ag_sg grids until its guide checkpoint exists (step 2 in "
+                   f"{workdir}); CFG's are drawn meanwhile") == 1
+  assert re.search(r"samples at step 1: cfg \(", log) and re.search(
+      r"samples at step 2: ag_sg, cfg \(", log), log
+  assert sorted(os.listdir(tmp_path / "samples")) == ["step_1_cfg.png", "step_2_ag_sg.png",
+                                                      "step_2_cfg.png"]
