@@ -17,7 +17,7 @@ from ml_collections import config_flags
 from PIL import Image
 
 from sgjax import config as config_lib
-from sgjax import errors, generate, metrics, models, monitor, previews, sampling, sharding, train
+from sgjax import errors, generate, metrics, monitor, previews, sampling, sharding, train
 from sgjax.text import encoder as encoder_lib
 from tests.builders import WordEncoder, summaries, tiny_config, tiny_t2i_config
 
@@ -45,12 +45,14 @@ def test_grids_and_a_profile_while_training_leave_the_run_bit_exact(tmp_path, ca
                       lambda cfg, *a, **k: compiled.append(cfg.sample.guidance.rule)
                       or real(cfg, *a, **k))
   on = c.copy_and_resolve_references()
+  # AG+SG, its guide the step-2 checkpoint of this run: until that exists, CFG's grid alone.
   on.train.update(num_steps=3, sample_every=1, profile_steps=(2, 2))
+  on.sample.guidance.update(rule="ag_sg", guide_step=2)
   workdir = str(tmp_path / "on")
   capsys.readouterr()
   train.train(on, workdir)  # Grids at steps 1, 2, 3; checkpoints at 2 and 3; step 2 traced.
   log = capsys.readouterr().out
-  assert compiled == ["sg", "cfg"]  # Compiled at the first grid, reused at the next two.
+  assert compiled == ["cfg", "ag_sg"]  # Each at its first grid, then reused.
   on.train.num_steps = 4
   resumed = train.train(on, workdir)  # From step 3: a grid at 4 (a new process would compile).
 
@@ -59,28 +61,36 @@ def test_grids_and_a_profile_while_training_leave_the_run_bit_exact(tmp_path, ca
     np.testing.assert_array_equal(a, b)
   assert _losses(str(tmp_path / "off")) == _losses(workdir)
 
-  # The log: the parameter table, each grid's cost (the first with its compile), the profile.
+  # The log: the parameter table, each grid's cost (with its compile the first time), the
+  # wait for the guide (said once), the profile.
   assert "Total: 255,440 -- 1,021,760 bytes" in log
-  assert re.search(r"samples at step 1: sg, cfg \(ω=1.5, 4 images, 3 steps\) in [\d.]+s, "
-                   r"[\d.]+s of it compiling the sampler -> ", log), log
-  assert re.search(r"samples at step 2: sg, cfg \(.*\) in [\d.]+s -> ", log), log
+  grid_line = r"samples at step {}: {} \(ω=1.5, 4 images, 3 steps\) in [\d.]+s{} -> "
+  compiling = r", [\d.]+s of it compiling the sampler"
+  assert re.search(grid_line.format(1, "cfg", compiling), log), log
+  assert re.search(grid_line.format(2, "ag_sg, cfg", compiling), log), log
+  assert re.search(grid_line.format(3, "ag_sg, cfg", ""), log), log
+  assert log.count("note: no ag_sg grids until its guide checkpoint exists (step 2 in "
+                   f"{workdir}); CFG's are drawn meanwhile") == 1
   assert f"profile of steps 2..2 in {workdir}/tensorboard/plugins/profile/" in log
 
   # PNGs: the fixed classes 0..3 from fixed noise, drawn by the generation path from the live
-  # EMA weights; the step-4 SG grid is exactly what sampling the final EMA gives.
+  # EMA weights; the step-4 AG+SG grid is exactly what sampling the workdir's final EMA with
+  # its step-2 guide gives.
   names = sorted(os.listdir(os.path.join(workdir, "samples")))
-  assert names == sorted(f"step_{s}_{r}.png" for s in (1, 2, 3, 4) for r in ("sg", "cfg"))
+  assert names == sorted([f"step_{s}_cfg.png" for s in (1, 2, 3, 4)]
+                         + [f"step_{s}_ag_sg.png" for s in (2, 3, 4)])
   png = lambda s, r: np.asarray(Image.open(os.path.join(workdir, "samples", f"step_{s}_{r}.png")))
   mesh = sharding.build_mesh(on.mesh)
   with jax.set_mesh(mesh):
-    want = generate.batch(on, models.from_config(on),
-                          {"main": resumed["ema"]}, np.arange(4, dtype=np.int32),
+    model, weights, step = generate.load_weights(on, workdir, mesh)
+    want = generate.batch(on, model, weights, np.arange(4, dtype=np.int32),
                           config_lib.sampling_plan(on), mesh,
                           jax.random.fold_in(jax.random.key(on.sample.seed), 0))
+  assert step == 4
   grid = sampling.image_grid(want, rows=2).repeat(2, 0).repeat(2, 1)[..., 0]  # 2x2, shown x2.
-  assert png(4, "sg").shape == (76, 76)
-  np.testing.assert_array_equal(png(4, "sg"), grid)
-  assert not np.array_equal(png(1, "sg"), png(4, "sg"))  # The weights moved.
+  assert png(4, "ag_sg").shape == (76, 76)
+  np.testing.assert_array_equal(png(4, "ag_sg"), grid)
+  assert not np.array_equal(png(1, "cfg"), png(4, "cfg"))  # The weights moved.
 
   # An eval of a checkpoint adds its scores at that step (what sgjax.jobs.evaluate calls).
   assert metrics.log_scalars(workdir, 4, {"fid": 12.5, "rule": "sg", "n": 8}, "eval/sg") == {
@@ -90,19 +100,18 @@ def test_grids_and_a_profile_while_training_leave_the_run_bit_exact(tmp_path, ca
   tb = os.path.join(workdir, "tensorboard")
   assert len(glob.glob(os.path.join(tb, "events.out.tfevents.*"))) == 3
   found = summaries(tb)
-  for rule in ("sg", "cfg"):
-    assert [s for s, _ in found[f"samples/{rule}"]] == [1, 2, 3, 4]
-  image = found["samples/sg"][-1][1].image
+  assert [s for s, _ in found["samples/cfg"]] == [1, 2, 3, 4]
+  assert [s for s, _ in found["samples/ag_sg"]] == [2, 3, 4]
+  image = found["samples/ag_sg"][-1][1].image
   assert (image.height, image.width) == (76, 76)
-  np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(
-      image.encoded_image_string)).convert("L")), grid)
-  text = {s: v.tensor.string_val[0].decode() for s, v in found["config/text_summary"]}
-  assert sorted(text) == [0, 3]  # At each start: fresh, then the resume from step 3.
-  assert "train.sample_every = 1" in text[0] and "train.num_steps = 4" in text[3]
-  assert "block0/attn/qkv/kernel" in found["parameters/text_summary"][0][1].tensor.string_val[0
-                                                                                          ].decode()
-  assert "class 0, class 1, class 2, class 3" in found["samples/conditions/text_summary"][0][
-      1].tensor.string_val[0].decode()
+  np.testing.assert_array_equal(
+      np.asarray(Image.open(io.BytesIO(image.encoded_image_string)).convert("L")), grid)
+  text = lambda tag: [(s, v.tensor.string_val[0].decode()) for s, v in found[tag]]
+  config_text = dict(text("config/text_summary"))
+  assert sorted(config_text) == [0, 3]  # At each start: fresh, then the resume from step 3.
+  assert "train.sample_every = 1" in config_text[0] and "train.num_steps = 4" in config_text[3]
+  assert "block0/attn/qkv/kernel" in text("parameters/text_summary")[0][1]
+  assert "class 0, class 1, class 2, class 3" in text("samples/conditions/text_summary")[0][1]
   assert len(found["_hparams_/session_start_info"]) == 1  # A new run's, not again on resume.
   assert [s for s, _ in found["loss"]] == [1, 2, 3, 4]
   assert [(s, v.simple_value) for s, v in found["eval/sg/fid"]] == [(4, 12.5)]
@@ -167,17 +176,3 @@ def test_the_profile_window_parses_from_the_command_line():
   tc = ml_collections.ConfigDict(dict(sample_every=3, checkpoint_every=2, num_steps=8))
   assert [s for s in range(1, 9) if monitor.samples_due(tc, s)] == [3, 6, 8]  # And the last.
 
-
-def test_ag_sg_grids_wait_for_their_guide_checkpoint(tmp_path, capsys):
-  c = tiny_config()
-  c.train.update(num_steps=2, checkpoint_every=2, sample_every=1)
-  c.sample.guidance.update(rule="ag_sg", guide_step=2)  # Saved at step 2, after the first grid.
-  workdir = str(tmp_path)
-  train.train(c, workdir)
-  log = capsys.readouterr().out
-  assert log.count("note: no ag_sg grids until its guide checkpoint exists (step 2 in "
-                   f"{workdir}); CFG's are drawn meanwhile") == 1
-  assert re.search(r"samples at step 1: cfg \(", log) and re.search(
-      r"samples at step 2: ag_sg, cfg \(", log), log
-  assert sorted(os.listdir(tmp_path / "samples")) == ["step_1_cfg.png", "step_2_ag_sg.png",
-                                                      "step_2_cfg.png"]
