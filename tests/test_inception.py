@@ -27,78 +27,12 @@ from sgjax.convert import inception_fid
 from sgjax.eval import inception
 from sgjax.jobs import evaluate as eval_job
 from tests import builders
-from tests.builders import tiny_config
-
-
-# name -> (in, out, kh, kw, stride, pad_h, pad_w): torchvision's Inception-v3 as patched by
-# pytorch-fid (aux head removed).
-def _conv(i, o, kh, kw=None, s=1, ph=0, pw=None):
-  """Square kernels pad ph on both axes; 1x7 / 7x1 kernels give pw / ph explicitly."""
-  if kw is None:
-    kw, pw = kh, ph
-  return (i, o, kh, kw, s, ph, pw or 0)
-
-
-def _block_a(i, pool):
-  return {"branch1x1": _conv(i, 64, 1), "branch5x5_1": _conv(i, 48, 1),
-          "branch5x5_2": _conv(48, 64, 5, ph=2), "branch3x3dbl_1": _conv(i, 64, 1),
-          "branch3x3dbl_2": _conv(64, 96, 3, ph=1), "branch3x3dbl_3": _conv(96, 96, 3, ph=1),
-          "branch_pool": _conv(i, pool, 1)}
-
-
-def _block_c(c7):
-  return {"branch1x1": _conv(768, 192, 1), "branch7x7_1": _conv(768, c7, 1),
-          "branch7x7_2": _conv(c7, c7, 1, 7, pw=3), "branch7x7_3": _conv(c7, 192, 7, 1, ph=3),
-          "branch7x7dbl_1": _conv(768, c7, 1), "branch7x7dbl_2": _conv(c7, c7, 7, 1, ph=3),
-          "branch7x7dbl_3": _conv(c7, c7, 1, 7, pw=3), "branch7x7dbl_4": _conv(c7, c7, 7, 1, ph=3),
-          "branch7x7dbl_5": _conv(c7, 192, 1, 7, pw=3), "branch_pool": _conv(768, 192, 1)}
-
-
-def _block_e(i):
-  return {"branch1x1": _conv(i, 320, 1), "branch3x3_1": _conv(i, 384, 1),
-          "branch3x3_2a": _conv(384, 384, 1, 3, pw=1), "branch3x3_2b": _conv(384, 384, 3, 1, ph=1),
-          "branch3x3dbl_1": _conv(i, 448, 1), "branch3x3dbl_2": _conv(448, 384, 3, ph=1),
-          "branch3x3dbl_3a": _conv(384, 384, 1, 3, pw=1),
-          "branch3x3dbl_3b": _conv(384, 384, 3, 1, ph=1), "branch_pool": _conv(i, 192, 1)}
-
-
-BLOCKS = {
-    "Mixed_5b": _block_a(192, 32), "Mixed_5c": _block_a(256, 64), "Mixed_5d": _block_a(288, 64),
-    "Mixed_6a": {"branch3x3": _conv(288, 384, 3, s=2), "branch3x3dbl_1": _conv(288, 64, 1),
-                 "branch3x3dbl_2": _conv(64, 96, 3, ph=1),
-                 "branch3x3dbl_3": _conv(96, 96, 3, s=2)},
-    "Mixed_6b": _block_c(128), "Mixed_6c": _block_c(160), "Mixed_6d": _block_c(160),
-    "Mixed_6e": _block_c(192),
-    "Mixed_7a": {"branch3x3_1": _conv(768, 192, 1), "branch3x3_2": _conv(192, 320, 3, s=2),
-                 "branch7x7x3_1": _conv(768, 192, 1),
-                 "branch7x7x3_2": _conv(192, 192, 1, 7, pw=3),
-                 "branch7x7x3_3": _conv(192, 192, 7, 1, ph=3),
-                 "branch7x7x3_4": _conv(192, 192, 3, s=2)},
-    "Mixed_7b": _block_e(1280), "Mixed_7c": _block_e(2048),
-}
-CONVS = {"Conv2d_1a_3x3": _conv(3, 32, 3, s=2), "Conv2d_2a_3x3": _conv(32, 32, 3),
-         "Conv2d_2b_3x3": _conv(32, 64, 3, ph=1), "Conv2d_3b_1x1": _conv(64, 80, 1),
-         "Conv2d_4a_3x3": _conv(80, 192, 3)}
-CONVS.update({f"{b}.{n}": spec for b, convs in BLOCKS.items() for n, spec in convs.items()})
+from tests.builders import CONVS, inception_state_dict, tiny_config
 
 
 def make_state_dict(seed=0, with_counters=True):
-  """Random weights under the real key names; He-scaled convs keep activations O(1)."""
-  rng = np.random.default_rng(seed)
-  sd = {}
-  for name, (i, o, kh, kw, *_) in CONVS.items():
-    sd[f"{name}.conv.weight"] = (rng.standard_normal((o, i, kh, kw), np.float32)
-                                 * np.float32(np.sqrt(2 / (i * kh * kw))))
-    sd[f"{name}.bn.weight"] = rng.uniform(0.8, 1.2, o)
-    sd[f"{name}.bn.bias"] = rng.normal(0, 0.1, o)
-    sd[f"{name}.bn.running_mean"] = rng.normal(0, 0.1, o)
-    sd[f"{name}.bn.running_var"] = rng.uniform(0.5, 1.5, o)
-    if with_counters:
-      sd[f"{name}.bn.num_batches_tracked"] = np.array(0, np.int64)
-  sd["fc.weight"] = rng.standard_normal((1008, 2048), np.float32) * np.float32(0.02)
-  sd["fc.bias"] = rng.normal(0, 0.1, 1008)
-  return {k: torch.from_numpy(np.asarray(v, np.int64 if v.dtype == np.int64 else np.float32))
-          for k, v in sd.items()}
+  """The builder's random Inception weights as the torch tensors a .pth file holds."""
+  return {k: torch.from_numpy(v) for k, v in inception_state_dict(seed, with_counters).items()}
 
 
 # ------------------------------------------------------------------ torch reference forward

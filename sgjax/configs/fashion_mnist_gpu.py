@@ -2,7 +2,8 @@
 
 `bash launch/gpu_sweep.sh` trains it and runs the sweep in one device call (docs/results.md).
 Patch 2 on 28x28 -> 196 tokens; route 2->4 of 8 layers at γ=0.5: TREAD's absolute rule (start 2,
-end depth-4), which its ablation found best, leaving blocks 5-7 dense. bf16 compute, fp32 master weights, as on ImageNet.
+end depth-4), which its ablation found best, leaving blocks 5-7 dense. bf16 compute, fp32 master
+weights, as on ImageNet.
 """
 
 from sgjax.config import base_config

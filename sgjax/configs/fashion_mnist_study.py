@@ -1,9 +1,10 @@
 """The SG-vs-CFG study (issue 16, docs/results.md): the demo model trained for an hour.
 
-The demo's model, route and optimiser (`fashion_mnist.py`), trained 6000 steps instead of 1200 (about an hour with its dense twin beside it),
-keeping every 1000th checkpoint: the study compares the guidance rules at several of them (the
-paper's Fig. 5) and AG+SG takes its weak branch from an earlier one. The dense twin is the same
-config with `--config.sparsity.routes="()"`.
+The demo's model, route and optimiser (`fashion_mnist.py`), trained 6000 steps instead of 1200
+(about an hour with its dense twin training beside it on a 2-core CPU), keeping every 1000th
+checkpoint: the study compares the guidance rules at each of them (the paper's Fig. 5) and
+AG+SG takes its weak branch from an earlier one. The dense twin is the same config with
+`--config.sparsity.routes="()" --config.sample.guidance.rule=cfg`.
 """
 
 from sgjax.configs import fashion_mnist

@@ -178,7 +178,7 @@ def pareto_front(xs: np.ndarray, ys: np.ndarray, lower_is_better: bool) -> np.nd
   return np.asarray(front, int)
 
 
-def _save_figure(fig, path: str) -> None:
+def save_figure(fig, path: str) -> None:
   import matplotlib.pyplot as plt
   with files.atomic_open(path) as f:
     fig.savefig(f, dpi=120, format="png")
@@ -210,7 +210,7 @@ def plot(results: list[dict], out_dir: str) -> list[str]:
     ax.legend(fontsize=7)
     fig.tight_layout()
     paths.append(os.path.join(out_dir, f"{metric}_vs_gmacs.png"))
-    _save_figure(fig, paths[-1])
+    save_figure(fig, paths[-1])
 
   for rule in [r for r in rules if r in ("sg", "cfg_sg")]:
     rows = [r for r in results if r["rule"] == rule]
@@ -234,7 +234,7 @@ def plot(results: list[dict], out_dir: str) -> list[str]:
       fig.colorbar(im, ax=ax)
       fig.tight_layout()
       paths.append(os.path.join(out_dir, f"heatmap_{rule}_gs{gs:g}.png"))
-      _save_figure(fig, paths[-1])
+      save_figure(fig, paths[-1])
   return paths
 
 

@@ -1,0 +1,670 @@
+"""Where does Sparse Guidance beat CFG? The guidance rules compared at matched compute.
+
+  python -m sgjax.study --config=configs/fashion_mnist_study.py --workdir=DIR \
+      [--config.study.dense_workdir=DENSE_DIR] [--config.study.stages="(…)"]
+
+Stages (`study.stages`, each resumable: every scored point is one JSON line of
+`<workdir>/study/points.jsonl`, and a point already there is never sampled again):
+
+  screen       at the latest checkpoint, `study.per_class` samples per class a point:
+               unguided (rule none) at each γ of `unguided_gammas` (the paper's Fig. 4);
+               CFG at every ω × steps, and with each guidance interval at its best ω;
+               SG, CFG+SG and AG+SG searched coordinate-wise: γ_strong × γ_weak at `omega_ref`
+               and `steps_ref` (CFG+SG and AG+SG over SG's `top_pairs` best pairs), then ω at
+               the best pair, then steps at the best ω.
+  final        the matched comparison: at each compute level (`budgets` GMACs/image, default
+               CFG's at each steps), the best screened setting of each rule within it, scored
+               again with `final_per_class` samples per class and a 95% interval (bootstrap).
+  checkpoints  each rule's best setting at every checkpoint of `checkpoints` (the paper's
+               Fig. 5: quality vs training step).
+  dense        `dense_workdir`, a dense-trained twin: unguided and CFG over `cfg_omegas`,
+               beside the same on this model (the paper's Fig. 2: CFG's gain on each).
+  probe        the mechanism at each checkpoint, on held-out images at each t of `probe_ts`:
+               ‖v(c;γs) − v(c;γw)‖ against ‖v(c) − v(∅)‖ and their cosine, and the flow
+               matching loss at γ 0 / 0.5 / 0.9 (pixel data only).
+
+Every point samples the same labels with the same seed (common random numbers: differences
+between settings are not sampling noise of the seed). The judge is FD-FMNIST and class
+accuracy for Fashion-MNIST, else FID in the Inception network of `eval.inception_weights`
+against `eval.reference` (docs/eval.md). `report.md` and the plots go beside the table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import flags, logging
+from ml_collections import config_flags
+
+from sgjax import checkpoint, errors, files, flops, flow, generate, metrics, platform, sharding
+from sgjax import config as config_lib
+from sgjax import guidance as guidance_lib
+from sgjax import state as state_lib
+from sgjax import workdir as workdir_lib
+from sgjax.convert import inception_fid
+from sgjax.data import pipeline
+from sgjax.eval import fmnist, frechet, inception
+from sgjax.jobs import evaluate, sweep
+from sgjax.sparsity import Sparsity
+
+STAGES = ("screen", "final", "checkpoints", "dense", "probe")
+ALL_RULES = ("none", "cfg", "sg", "cfg_sg", "ag_sg")
+SEARCHED = ("sg", "cfg_sg", "ag_sg")  # Rules searched over γ pairs.
+TOP_PAIRS = 3  # CFG+SG and AG+SG start from SG's best γ pairs (the grid costs 20 points).
+LOSS_GAMMAS = (0.0, 0.5, 0.9)
+FULL = (0.0, 1.0)
+
+
+def check(config: ml_collections.ConfigDict) -> None:
+  """The study's own fields (this module owns `config.study`); one line per refusal."""
+  s = config.study
+
+  def need(ok: bool, field: str, what: str, allowed: str) -> None:
+    if not ok:
+      raise errors.UserError(f"study.{field} = {s[field]!r}", what, allowed)
+
+  need(len(s.stages) > 0 and set(s.stages) <= set(STAGES), "stages", "unknown or no stage",
+       f"a subset of {STAGES}")
+  need(len(s.rules) > 0 and set(s.rules) <= set(ALL_RULES) - {"none"}, "rules",
+       "unknown or no rule", f"a subset of {ALL_RULES[1:]} (unguided always runs)")
+  for name in ("per_class", "final_per_class", "steps_ref", "probe_images", "probe_draws"):
+    need(int(s[name]) >= 1, name, "must be >= 1", "a positive integer")
+  need(s.final_per_class * config.data.num_classes >= 2, "final_per_class", "too few samples",
+       "at least 2 samples (a covariance)")
+  need(s.bootstrap >= 0, "bootstrap", "must be >= 0", "resamples for the intervals (0 = none)")
+  need(len(s.steps) > 0 and all(int(n) >= 1 for n in s.steps), "steps", "empty or < 1",
+       "sampler step counts >= 1")
+  for name in ("cfg_omegas", "omegas"):
+    need(len(s[name]) > 0, name, "empty", "at least one ω")
+  need(len(s.gammas_strong) > 0 and all(0 <= g < 1 for g in s.gammas_strong), "gammas_strong",
+       "empty or outside [0, 1)", "γ values in [0, 1)")
+  need(len(s.gammas_weak) > 0 and all(0 < g < 1 for g in s.gammas_weak), "gammas_weak",
+       "empty or outside (0, 1)", "γ values in (0, 1)")
+  need(any(a < b for a in s.gammas_strong for b in s.gammas_weak), "gammas_weak",
+       "no γ_weak above any γ_strong", "SG needs γ_strong < γ_weak")
+  need(all(0 <= g < 1 for g in s.unguided_gammas), "unguided_gammas", "outside [0, 1)",
+       "γ values in [0, 1)")
+  need(all(len(iv) == 2 and 0 <= iv[0] < iv[1] <= 1 for iv in s.cfg_intervals),
+       "cfg_intervals", "not (lo, hi) with 0 <= lo < hi <= 1", "pairs of t (0 noise, 1 data)")
+  need(all(0 < t < 1 for t in s.probe_ts), "probe_ts", "outside (0, 1)", "t values in (0, 1)")
+  need(all(b > 0 for b in s.budgets), "budgets", "must be > 0", "GMACs per image")
+  if "dense" in s.stages and s.dense_workdir and not files.exists(
+      os.path.join(s.dense_workdir, "checkpoints")):
+    raise errors.UserError(f"study.dense_workdir = {s.dense_workdir!r}", "no checkpoints there",
+                           "a workdir trained with --config.sparsity.routes='()' (or '' to "
+                           "leave the dense stage out)")
+  if config.model.kind != "dit":
+    raise errors.UserError(f"model.kind = {config.model.kind!r}", "the study samples class "
+                           "labels", "a class-conditional model (model.kind 'dit')")
+
+
+# ---------------------------------------------------------------------------------------------
+# Points and their scores.
+
+def point(rule: str, omega: float, gamma_strong: float, gamma_weak: float, steps: int, *,
+          checkpoint_step: int, per_class: int, interval=FULL, guide_step: int = -1,
+          model: str = "main") -> dict | None:
+  """One setting, with the fields its rule ignores collapsed (None: the rule refuses it)."""
+  s = guidance_lib.setting(rule, omega, gamma_strong, gamma_weak)
+  if s is None:
+    return None
+  if not guidance_lib.RULE_BRANCHES[rule].weak:
+    interval = FULL
+  return dict(s, steps=int(steps), interval=[float(v) for v in interval],
+              guide_step=int(guide_step) if guidance_lib.uses_guide(rule) else -1,
+              checkpoint=int(checkpoint_step), per_class=int(per_class), model=model)
+
+
+def key(p: dict) -> tuple:
+  return (p["model"], p["checkpoint"], p["per_class"], *sweep.point_key(p), *p["interval"],
+          p["guide_step"])
+
+
+def label(p: dict) -> str:
+  b = guidance_lib.RULE_BRANCHES[p["rule"]]
+  out = p["rule"]
+  if b.weak:
+    out += f" ω={p['omega']:g}"
+  if b.sparse:
+    out += f" γ={p['gamma_strong']:g}" + (f"/{p['gamma_weak']:g}" if b.weak else "")
+  if tuple(p["interval"]) != FULL:
+    out += f" interval={p['interval'][0]:g}-{p['interval'][1]:g}"
+  if p["guide_step"] >= 0:
+    out += f" guide@{p['guide_step']}"
+  return out + f" {p['steps']} steps"
+
+
+@dataclasses.dataclass
+class Judge:
+  """Scores uint8 images: a Fréchet distance to fixed reference statistics and, where the
+  feature net is a classifier of the data's classes, class accuracy."""
+
+  metric: str  # The row key of the distance: fd_fmnist | fid.
+  features: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]]  # (feats, logits)
+  ref_mu: np.ndarray
+  ref_sigma: np.ndarray
+
+  def score(self, images: np.ndarray, labels: np.ndarray, resamples: int, seed: int) -> dict:
+    feats, logits = self.features(images)
+    row = {self.metric: frechet.distance_of_features(feats, self.ref_mu, self.ref_sigma),
+           "num_samples": int(len(images))}
+    if resamples:
+      lo, hi = frechet.bootstrap_interval(feats, self.ref_mu, self.ref_sigma,
+                                          resamples=resamples, seed=seed)
+      row.update({f"{self.metric}_lo": lo, f"{self.metric}_hi": hi})
+    if logits is not None:
+      hits = logits.argmax(-1) == labels
+      row["class_accuracy"] = float(hits.mean())
+      if resamples:
+        row["class_accuracy_lo"], row["class_accuracy_hi"] = frechet.proportion_interval(hits)
+    return row
+
+
+def judge_for(config: ml_collections.ConfigDict, workdir: str, mesh, log) -> Judge:
+  """FD-FMNIST + class accuracy on Fashion-MNIST; otherwise Inception FID (eval.*)."""
+  if config.data.name == "fashion_mnist":
+    clf, (mu, sigma), _ = fmnist.for_workdir(config.data, workdir, log=log)
+    return Judge("fd_fmnist", lambda x: fmnist.apply_in_batches(clf, x), mu, sigma)
+  e = config.eval
+  if e.feature_net != "inception":
+    raise errors.UserError(f"eval.feature_net = {e.feature_net!r}", f"data.name = "
+                           f"{config.data.name!r} is not Fashion-MNIST",
+                           "'inception' with eval.inception_weights and eval.reference")
+  for field in ("inception_weights", "reference"):
+    if not e[field] or not files.exists(e[field]):
+      raise errors.UserError(f"eval.{field} = {e[field]!r}", "no such file",
+                             "the study scores other data than Fashion-MNIST by FID: name the "
+                             "Inception weights and the reference batch (docs/eval.md)")
+  variables = inception_fid.load_variables(e.inception_weights)
+  ref = evaluate.reference_statistics(e, variables, mesh, os.path.join(workdir, "eval"))
+
+  def features(images):
+    feats = inception.features_of_array(variables, images, mesh, batch_size=e.batch_size,
+                                        preprocess_mode=e.preprocess, what="samples")
+    return feats["pool"], None
+  return Judge("fid", features, ref["mu"], ref["sigma"])
+
+
+class Study:
+  """The points table of one study and what scoring a point needs (weights, judge, mesh)."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, log=metrics.print0):
+    self.config, self.workdir, self.log = config, workdir, log
+    self.mesh = sharding.build_mesh(config.mesh)
+    self.out_dir = os.path.join(workdir, "study")
+    self.path = os.path.join(self.out_dir, "points.jsonl")
+    self.rows = {key(r): r for r in sweep.load_results(self.path)}
+    self._judge, self._weights = None, {}
+    self.saved = checkpoint.saved_steps(os.path.join(workdir, "checkpoints"))
+    if not self.saved:
+      raise errors.UserError(os.path.join(workdir, "checkpoints"), "no checkpoint there",
+                             "train first (--mode=train) or point --workdir at a trained run")
+
+  def model_config(self, model: str) -> tuple[ml_collections.ConfigDict, str]:
+    if model == "main":
+      return self.config, self.workdir
+    return config_lib.replace(self.config, {"sparsity.routes": ()}), self.config.study.dense_workdir
+
+  def point_config(self, p: dict) -> ml_collections.ConfigDict:
+    base, workdir = self.model_config(p["model"])
+    return config_lib.replace(base, {
+        "sample.steps": p["steps"], "sample.num_samples": 0, "sample.guidance.schedule":
+        "constant", "sample.guidance.interval": tuple(p["interval"]),
+        "sample.guidance.guide_step": p["guide_step"], "sample.guidance.guide_workdir": workdir,
+        **{f"sample.guidance.{k}": p[k] for k in ("rule", "omega", "gamma_strong",
+                                                  "gamma_weak")}})
+
+  def params(self, model: str, step: int):
+    """(model, EMA params) of a checkpoint; the last few are kept (points reuse them)."""
+    k = (model, step)
+    if k not in self._weights:
+      if len(self._weights) >= 4:
+        self._weights.pop(next(iter(self._weights)))
+      c, workdir = self.model_config(model)
+      net, params, _ = state_lib.restore_params(c, workdir, self.mesh,
+                                                ema=c.sample.use_ema, step=step)
+      self._weights[k] = (net, params)
+    return self._weights[k]
+
+  @property
+  def metric(self) -> str:
+    return self.judge().metric
+
+  def judge(self) -> Judge:
+    if self._judge is None:
+      self._judge = judge_for(self.config, self.workdir, self.mesh, self.log)
+    return self._judge
+
+  def run(self, points: list[dict | None], what: str, resamples: int = 0) -> list[dict]:
+    """The rows of `points` (None entries dropped), scoring the ones not in the table."""
+    points = list({key(p): p for p in points if p is not None}.values())
+    todo = [p for p in points if key(p) not in self.rows]
+    if todo:
+      self.log(f"{what}: {len(points) - len(todo)} of {len(points)} points done, "
+               f"{len(todo)} to go")
+    for i, p in enumerate(todo):
+      self.rows[key(p)] = row = self.score(p, resamples)
+      if jax.process_index() == 0:  # Rewritten whole: a bucket object cannot be appended to.
+        files.makedirs(self.out_dir)
+        files.write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.rows.values()))
+      ci = (f" [{row[self.metric + '_lo']:.2f}, {row[self.metric + '_hi']:.2f}]"
+            if resamples else "")
+      acc = f", acc {100 * row['class_accuracy']:.1f}%" if "class_accuracy" in row else ""
+      self.log(f"  [{i + 1}/{len(todo)}] {p['model']}@{p['checkpoint']} {label(p)}: "
+               f"{self.metric} {row[self.metric]:.2f}{ci}{acc}, "
+               f"{row['gmacs_per_image']:.2f} GMACs/image, {row['seconds']:.0f} s")
+    return [self.rows[key(p)] for p in points]
+
+  def score(self, p: dict, resamples: int) -> dict:
+    c = self.point_config(p)
+    plan = config_lib.sampling_plan(c)
+    t0 = time.perf_counter()
+    with jax.set_mesh(self.mesh):
+      net, params = self.params(p["model"], p["checkpoint"])
+      weights = {guidance_lib.MAIN: params}
+      if guidance_lib.uses_guide(p["rule"]):
+        weights[guidance_lib.GUIDE] = self.params(p["model"], p["guide_step"])[1]
+      labels = generate.class_labels(net.num_classes, p["per_class"])
+      images = generate.images(c, net, weights, labels, plan, self.mesh,
+                               self.config.study.seed)
+    seconds = time.perf_counter() - t0
+    macs = flops.plan_macs(c, plan)
+    return dict(p, **self.judge().score(images, labels, resamples, self.config.study.seed),
+                gmacs_per_image=macs.with_attention / 1e9,
+                gmacs_per_image_linear=macs.linear_only / 1e9, seconds=seconds)
+
+  def best(self, rows: list[dict]) -> dict:
+    return min(rows, key=lambda r: r[self.metric])
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages.
+
+def guide_step(study: Study, main_step: int) -> int | None:
+  """AG+SG's guide: `study.guide_step`, or the earliest kept checkpoint before `main_step`."""
+  g = study.config.study.guide_step
+  if g >= 0:
+    if g not in study.saved:
+      raise errors.UserError(f"study.guide_step = {g}", "no such checkpoint",
+                             f"one of {study.saved}, or -1 (the earliest)")
+    return g
+  earlier = [s for s in study.saved if s < main_step]
+  return earlier[0] if earlier else None
+
+
+def screen(study: Study) -> list[dict]:
+  s, step = study.config.study, study.saved[-1]
+  at = dict(checkpoint_step=step, per_class=s.per_class)
+  rows = study.run([point("none", 1, g, 0, s.steps_ref, **at) for g in s.unguided_gammas],
+                   "screen, unguided")
+  if "cfg" in s.rules:
+    cfg = study.run([point("cfg", w, 0, 0, n, **at) for w in s.cfg_omegas for n in s.steps],
+                    "screen, CFG")
+    best = study.best([r for r in cfg if r["steps"] == s.steps_ref] or cfg)
+    rows += cfg + study.run([point("cfg", best["omega"], 0, 0, best["steps"], interval=iv, **at)
+                             for iv in s.cfg_intervals], "screen, CFG intervals")
+  pairs = [(a, b) for a in s.gammas_strong for b in s.gammas_weak if a < b]
+  sg_grid = None
+  for rule in [r for r in SEARCHED if r in s.rules]:
+    extra = {}
+    if guidance_lib.uses_guide(rule):
+      extra["guide_step"] = guide_step(study, step)
+      if extra["guide_step"] is None:
+        study.log(f"screen: {rule} left out: no checkpoint before step {step} to guide with")
+        continue
+    tried = pairs
+    if rule != "sg" and sg_grid:
+      tried = [(r["gamma_strong"], r["gamma_weak"])
+               for r in sorted(sg_grid, key=lambda r: r[study.metric])[:TOP_PAIRS]]
+    grid = study.run([point(rule, s.omega_ref, a, b, s.steps_ref, **at, **extra)
+                      for a, b in tried], f"screen, {rule} γ pairs")
+    sg_grid = grid if rule == "sg" else sg_grid
+    b = study.best(grid)
+    line = study.run([point(rule, w, b["gamma_strong"], b["gamma_weak"], s.steps_ref, **at,
+                            **extra) for w in s.omegas], f"screen, {rule} ω")
+    b = study.best(grid + line)
+    rows += grid + line + study.run(
+        [point(rule, b["omega"], b["gamma_strong"], b["gamma_weak"], n, **at, **extra)
+         for n in s.steps], f"screen, {rule} steps")
+  return rows
+
+
+def budgets(study: Study, rows: list[dict]) -> list[float]:
+  s = study.config.study
+  if s.budgets:
+    return sorted(float(b) for b in s.budgets)
+  return sorted({round(r["gmacs_per_image"], 6) for r in rows
+                 if r["rule"] == "cfg" and tuple(r["interval"]) == FULL})
+
+
+def final(study: Study, rows: list[dict]) -> list[dict]:
+  """At each budget, each rule's best screened point within it, rescored with more samples."""
+  s = study.config.study
+  table = []
+  for budget in budgets(study, rows):
+    for rule in ALL_RULES:
+      fits = [r for r in rows if r["rule"] == rule and r["gmacs_per_image"] <= budget * 1.000001]
+      if fits:
+        b = study.best(fits)
+        table.append((budget, dict(b, per_class=s.final_per_class)))
+  scored = study.run([p for _, p in table], "final (matched compute)", resamples=s.bootstrap)
+  by_key = {key(r): r for r in scored}
+  return [dict(by_key[key(p)], budget=budget) for budget, p in table]
+
+
+def checkpoints_stage(study: Study, rows: list[dict]) -> list[dict]:
+  s = study.config.study
+  steps = sorted(int(x) for x in s.checkpoints) if s.checkpoints else study.saved
+  missing = sorted(set(steps) - set(study.saved))
+  if missing:
+    raise errors.UserError(f"study.checkpoints = {tuple(s.checkpoints)!r}",
+                           f"no checkpoint of steps {missing}", f"kept: {study.saved}")
+  points = []
+  for rule in ALL_RULES:
+    mine = [r for r in rows if r["rule"] == rule]
+    if not mine:
+      continue
+    b = study.best(mine)
+    for step in steps:
+      if b["guide_step"] >= 0 and step <= b["guide_step"]:
+        continue  # AG+SG needs a guide older than the model.
+      points.append(dict(b, checkpoint=step))
+  return study.run(points, "checkpoints")
+
+
+def dense_stage(study: Study, rows: list[dict]) -> list[dict]:
+  s = study.config.study
+  if not s.dense_workdir:
+    study.log("dense: left out (study.dense_workdir = '')")
+    return []
+  dense_steps = checkpoint.saved_steps(os.path.join(s.dense_workdir, "checkpoints"))
+  at = dict(checkpoint_step=dense_steps[-1], per_class=s.per_class, model="dense")
+  return study.run([point("none", 1, 0, 0, s.steps_ref, **at)]
+                   + [point("cfg", w, 0, 0, s.steps_ref, **at) for w in s.cfg_omegas],
+                   "dense twin")
+
+
+def probe(study: Study, rows: list[dict]) -> list[dict]:
+  """Per checkpoint and t: the SG and CFG differences on held-out images, and the loss at γ."""
+  s, c = study.config.study, study.config
+  if c.data.name != "fashion_mnist":
+    study.log("probe: left out (it reads held-out pixels; data.name is not fashion_mnist)")
+    return []
+  sg = [r for r in rows if r["rule"] == "sg"]
+  gs, gw = ((study.best(sg)["gamma_strong"], study.best(sg)["gamma_weak"]) if sg else (0.0, 0.5))
+  path = os.path.join(study.out_dir, "probe.jsonl")
+  done = {(r["checkpoint"], r["t"]): r for r in sweep.load_results(path)}
+  images, labels = pipeline.load_split_arrays(c.data, "test")
+  x = jnp.asarray(fmnist.to_model_units(images[:s.probe_images]))
+  y = jnp.asarray(labels[:s.probe_images], jnp.int32)
+  routes = Sparsity.from_config(c.sparsity)
+  steps = sorted(int(v) for v in s.checkpoints) if s.checkpoints else study.saved
+  net = study.params("main", steps[-1])[0]  # One model; only its checkpoints differ.
+  v = jax.jit(lambda p, xt, t, y, k, sp: net.apply({"params": p}, xt, t, y, sparsity=sp,
+                                                   token_key=k), static_argnums=5)
+  null = jnp.full_like(y, net.num_classes)
+  for step in steps:
+    if all((step, float(t)) in done for t in s.probe_ts):
+      continue
+    params = study.params("main", step)[1]
+    for t in s.probe_ts:
+      key_ = jax.random.fold_in(jax.random.key(s.seed), int(1000 * t))
+      noise = jax.random.normal(key_, x.shape)
+      tt = jnp.full((len(x),), t, jnp.float32)
+      xt = flow.interpolate(x, noise, tt)
+      target = flow.target_velocity(x, noise)
+      flat = lambda a: np.asarray(a).reshape(len(x), -1)
+      d_sg, d_cfg, loss = [], [], {g: [] for g in LOSS_GAMMAS}
+      for d in range(s.probe_draws):
+        k = jax.random.fold_in(key_, d)
+        ks = jax.random.split(k, 2 + len(LOSS_GAMMAS))
+        v_c = v(params, xt, tt, y, ks[0], Sparsity())
+        d_cfg.append(flat(v_c - v(params, xt, tt, null, ks[0], Sparsity())))
+        d_sg.append(flat(v(params, xt, tt, y, ks[0], routes.with_gamma(gs))
+                         - v(params, xt, tt, y, ks[1], routes.with_gamma(gw))))
+        for g, kg in zip(LOSS_GAMMAS, ks[2:], strict=True):
+          loss[g].append(float(jnp.mean((v(params, xt, tt, y, kg, routes.with_gamma(g))
+                                         - target) ** 2)))
+      d_sg, d_cfg = np.concatenate(d_sg), np.concatenate(d_cfg)
+      n_sg, n_cfg = np.linalg.norm(d_sg, axis=1), np.linalg.norm(d_cfg, axis=1)
+      cos = (d_sg * d_cfg).sum(1) / np.maximum(n_sg * n_cfg, 1e-12)
+      done[(step, float(t))] = dict(
+          checkpoint=step, t=float(t), gamma_strong=gs, gamma_weak=gw,
+          sg_diff_norm=float(n_sg.mean()), cfg_diff_norm=float(n_cfg.mean()),
+          cosine=float(cos.mean()), cosine_std=float(cos.std()),
+          **{f"loss_gamma{g:g}": float(np.mean(loss[g])) for g in LOSS_GAMMAS})
+      r = done[(step, float(t))]
+      study.log(f"probe @{step} t={t:g}: ‖ΔSG‖ {r['sg_diff_norm']:.3f}, ‖ΔCFG‖ "
+                f"{r['cfg_diff_norm']:.3f}, cos {r['cosine']:.3f}; loss γ0 "
+                f"{r['loss_gamma0']:.4f} γ0.5 {r['loss_gamma0.5']:.4f} γ0.9 "
+                f"{r['loss_gamma0.9']:.4f}")
+    if jax.process_index() == 0:
+      files.makedirs(study.out_dir)
+      files.write_text(path, "".join(json.dumps(r) + "\n" for r in done.values()))
+  return sorted(done.values(), key=lambda r: (r["checkpoint"], r["t"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Report and plots.
+
+def _ci(r: dict, m: str) -> str:
+  if f"{m}_lo" not in r:
+    return f"{r[m]:.2f}"
+  return f"{r[m]:.2f} [{r[m + '_lo']:.2f}, {r[m + '_hi']:.2f}]"
+
+
+def _acc(r: dict) -> str:
+  if "class_accuracy" not in r:
+    return "—"
+  if "class_accuracy_lo" not in r:
+    return f"{100 * r['class_accuracy']:.1f}%"
+  return (f"{100 * r['class_accuracy']:.1f}% [{100 * r['class_accuracy_lo']:.1f}, "
+          f"{100 * r['class_accuracy_hi']:.1f}]")
+
+
+def report(study: Study, parts: dict[str, list[dict]]) -> str:
+  """report.md: the matched comparison, the best of each rule, CFG's gain dense vs routed, the
+  rules over training and the probe."""
+  m = study.metric
+  out = [f"# Study of {study.workdir}", "", f"Metric: {m} (lower is better), class accuracy "
+         "(higher is better); GMACs per image for the whole sampler, attention included. "
+         "Intervals: 95%, bootstrap over samples (FD), Wilson (accuracy).", ""]
+  if parts.get("final"):
+    out += ["## Matched compute: the best of each rule within each budget", "",
+            f"| budget GMACs | rule | setting | GMACs | samples | {m} | class accuracy |",
+            "|---|---|---|---|---|---|---|"]
+    for r in parts["final"]:
+      out.append(f"| {r['budget']:.2f} | {r['rule']} | {label(r)} | {r['gmacs_per_image']:.2f} "
+                 f"| {r['num_samples']} | {_ci(r, m)} | {_acc(r)} |")
+    out.append("")
+  if parts.get("screen"):
+    n = parts["screen"][0]["num_samples"]
+    out += [f"## Screening ({n} samples a point), best of each rule", "",
+            f"| rule | setting | GMACs | {m} | class accuracy |", "|---|---|---|---|---|"]
+    for rule in ALL_RULES:
+      mine = [r for r in parts["screen"] if r["rule"] == rule]
+      if mine:
+        b = study.best(mine)
+        out.append(f"| {rule} | {label(b)} | {b['gmacs_per_image']:.2f} | {b[m]:.2f} | "
+                   f"{_acc(b)} |")
+    out.append("")
+  if parts.get("dense"):
+    routed = [r for r in parts.get("screen", []) if r["steps"] == study.config.study.steps_ref
+              and tuple(r["interval"]) == FULL and (r["rule"] == "cfg" or (
+                  r["rule"] == "none" and r["gamma_strong"] == 0))]
+    out += ["## CFG's gain: dense-trained twin vs this (routed) model", "",
+            f"| model | unguided {m} | best CFG {m} (ω) | gain |", "|---|---|---|---|"]
+    for name, rs in (("routed (this)", routed), ("dense twin", parts["dense"])):
+      un = [r for r in rs if r["rule"] == "none"]
+      cf = [r for r in rs if r["rule"] == "cfg"]
+      if un and cf:
+        b = study.best(cf)
+        out.append(f"| {name} | {un[0][m]:.2f} | {b[m]:.2f} ({b['omega']:g}) | "
+                   f"{un[0][m] - b[m]:.2f} |")
+    out.append("")
+  if parts.get("checkpoints"):
+    rows = parts["checkpoints"]
+    steps = sorted({r["checkpoint"] for r in rows})
+    out += ["## Each rule's best setting over training", "",
+            "| rule | setting | " + " | ".join(f"step {s}" for s in steps) + " |",
+            "|---|---|" + "---|" * len(steps)]
+    for rule in ALL_RULES:
+      mine = {r["checkpoint"]: r for r in rows if r["rule"] == rule}
+      if mine:
+        any_row = next(iter(mine.values()))
+        out.append(f"| {rule} | {label(any_row)} | " + " | ".join(
+            f"{mine[s][m]:.2f}" if s in mine else "—" for s in steps) + " |")
+    out.append("")
+  if parts.get("probe"):
+    p0 = parts["probe"][0]
+    out += [f"## Probe: SG's difference (γ {p0['gamma_strong']:g}/{p0['gamma_weak']:g}) vs CFG's",
+            "", "| step | t | ‖v(c;γs)−v(c;γw)‖ | ‖v(c)−v(∅)‖ | cosine | loss γ0 | loss γ0.5 | "
+            "loss γ0.9 |", "|---|---|---|---|---|---|---|---|"]
+    for r in parts["probe"]:
+      out.append(f"| {r['checkpoint']} | {r['t']:g} | {r['sg_diff_norm']:.3f} | "
+                 f"{r['cfg_diff_norm']:.3f} | {r['cosine']:.3f} | {r['loss_gamma0']:.4f} | "
+                 f"{r['loss_gamma0.5']:.4f} | {r['loss_gamma0.9']:.4f} |")
+    out.append("")
+  return "\n".join(out)
+
+
+def plot(study: Study, parts: dict[str, list[dict]]) -> list[str]:
+  """Quality vs GMACs with each rule's Pareto front (final points with their intervals),
+  quality vs training step per rule, and the probe over training."""
+  import matplotlib  # Local: plotting only (absent on lean device images).
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  m, paths = study.metric, []
+  colors = dict(zip(ALL_RULES, plt.rcParams["axes.prop_cycle"].by_key()["color"][:5],
+                    strict=True))
+  metric_names = [(m, f"{m} (lower is better)")]
+  if parts.get("screen") and "class_accuracy" in parts["screen"][0]:
+    metric_names.append(("class_accuracy", "class accuracy (higher is better)"))
+  for name, axis in metric_names:
+    if not parts.get("screen"):
+      break
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for rule in ALL_RULES:
+      rows = [r for r in parts["screen"] if r["rule"] == rule]
+      if not rows:
+        continue
+      xs = np.array([r["gmacs_per_image"] for r in rows])
+      ys = np.array([r[name] for r in rows])
+      ax.scatter(xs, ys, s=14, alpha=0.35, color=colors[rule])
+      front = sweep.pareto_front(xs, ys, lower_is_better=name == m)
+      ax.plot(xs[front], ys[front], "-", color=colors[rule], label=f"{rule} (Pareto front)")
+    for r in parts.get("final", []):
+      lo, hi = r.get(f"{name}_lo", r[name]), r.get(f"{name}_hi", r[name])
+      ax.errorbar([r["gmacs_per_image"]], [r[name]], yerr=[[r[name] - lo], [hi - r[name]]],
+                  fmt="D", color=colors[r["rule"]], mec="k", ms=6, capsize=3)
+    ax.set_xlabel("GMACs per image (whole sampler)")
+    ax.set_ylabel(axis)
+    ax.set_title("screen points (dots), Pareto fronts (lines), final points ± 95% (diamonds)",
+                 fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(os.path.join(study.out_dir, f"{name}_vs_gmacs.png"))
+    sweep.save_figure(fig, paths[-1])
+  if parts.get("checkpoints"):
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for rule in ALL_RULES:
+      rows = sorted((r for r in parts["checkpoints"] if r["rule"] == rule),
+                    key=lambda r: r["checkpoint"])
+      if rows:
+        ax.plot([r["checkpoint"] for r in rows], [r[m] for r in rows], "-o", ms=3,
+                color=colors[rule], label=label(rows[0]))
+    ax.set_xlabel("training step")
+    ax.set_ylabel(f"{m} (lower is better)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(os.path.join(study.out_dir, f"{m}_vs_step.png"))
+    sweep.save_figure(fig, paths[-1])
+  if parts.get("probe"):
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    for t in sorted({r["t"] for r in parts["probe"]}):
+      rows = [r for r in parts["probe"] if r["t"] == t]
+      steps = [r["checkpoint"] for r in rows]
+      axes[0].plot(steps, [r["sg_diff_norm"] / r["cfg_diff_norm"] for r in rows], "-o", ms=3,
+                   label=f"t={t:g}")
+      axes[1].plot(steps, [r["cosine"] for r in rows], "-o", ms=3, label=f"t={t:g}")
+    by_step = {}
+    for r in parts["probe"]:
+      by_step.setdefault(r["checkpoint"], []).append(r)
+    for g in LOSS_GAMMAS:
+      axes[2].plot(sorted(by_step), [np.mean([r[f"loss_gamma{g:g}"] for r in by_step[s]])
+                                     for s in sorted(by_step)], "-o", ms=3, label=f"γ={g:g}")
+    titles = ("‖ΔSG‖ / ‖ΔCFG‖", "cosine(ΔSG, ΔCFG)", "flow-matching loss (held out, mean over t)")
+    for ax, title in zip(axes, titles, strict=True):
+      ax.set_title(title, fontsize=9)
+      ax.set_xlabel("training step")
+      ax.grid(alpha=0.3)
+      ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(os.path.join(study.out_dir, "probe.png"))
+    sweep.save_figure(fig, paths[-1])
+  return paths
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """Runs the configured stages; returns the path of report.md."""
+  check(config)
+  workdir_lib.check(workdir, config, resuming=False)
+  study = Study(config, workdir)
+  study.judge()  # Before any sampling: a missing weights file fails in the first second.
+  stages = config.study.stages
+  parts: dict[str, list[dict]] = {}
+  t0 = time.perf_counter()
+  needs_screen = any(s in stages for s in ("screen", "final", "checkpoints", "probe"))
+  if needs_screen:
+    parts["screen"] = screen(study)
+  if "final" in stages:
+    parts["final"] = final(study, parts["screen"])
+  if "checkpoints" in stages:
+    parts["checkpoints"] = checkpoints_stage(study, parts["screen"])
+  if "dense" in stages:
+    parts["dense"] = dense_stage(study, parts.get("screen", []))
+  if "probe" in stages:
+    parts["probe"] = probe(study, parts["screen"])
+  path = os.path.join(study.out_dir, "report.md")
+  if jax.process_index() == 0:
+    files.makedirs(study.out_dir)
+    files.write_text(path, report(study, parts) + "\n")
+    try:
+      import matplotlib  # noqa: F401
+      for p in plot(study, parts):
+        study.log(f"plot: {p}")
+    except ImportError:
+      study.log("plots not drawn: matplotlib is not installed here (the table and report are)")
+    study.log(f"study: {time.perf_counter() - t0:.0f} s; report: {path}")
+  return path
+
+
+def main(argv) -> None:
+  del argv
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every restore at INFO.
+  platform.set_default_xla_flags(sampling=True)
+  config = flags.FLAGS.config
+  if config is None or not flags.FLAGS.workdir:
+    raise errors.UserError("--config, --workdir", "required", "pass both")
+  config_lib.validate(config, jax.device_count())
+  path = run(config, flags.FLAGS.workdir)
+  if jax.process_index() == 0:
+    print(files.read_text(path))
+
+
+def cli() -> None:
+  """`python -m sgjax.study` (flags defined here, only for this command)."""
+  config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=False)
+  flags.DEFINE_string("workdir", None, "A trained workdir; results go to <workdir>/study/.")
+  errors.run(main)
+

@@ -1,0 +1,169 @@
+"""The SG-vs-CFG study tool (sgjax.jobs.study): its search, matched comparison, resume, report,
+intervals, and the latent + Inception FID path."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from sgjax import errors
+from sgjax.convert import inception_fid
+from sgjax.eval import frechet
+from sgjax.jobs import study as study_lib
+from tests.builders import (
+  VAE,
+  inception_state_dict,
+  latent_config,
+  tiny_config,
+  write_checkpoints,
+  write_weights,
+)
+
+
+def test_bootstrap_interval_matches_the_spread_of_fresh_samples():
+  rng = np.random.default_rng(0)
+  mu, sigma = frechet.statistics(rng.normal(size=(4000, 16)))
+  fresh = [frechet.frechet_distance(*frechet.statistics(rng.normal(0.1, 1, (1000, 16))), mu,
+                                    sigma) for _ in range(40)]
+  feats = rng.normal(0.1, 1, (1000, 16))
+  lo, hi = frechet.bootstrap_interval(feats, mu, sigma, resamples=200, seed=1)
+  point = frechet.frechet_distance(*frechet.statistics(feats), mu, sigma)
+  assert lo < point < hi and (hi - point) == pytest.approx(point - lo)
+  # The half-width is 1.96 bootstrap SDs; the SD of FD over fresh draws of 1000 is the truth.
+  assert (hi - lo) / (2 * 1.96) == pytest.approx(np.std(fresh, ddof=1), rel=0.35)
+  # Fewer samples than dimensions: the N × N route equals sqrtm's answer.
+  few = rng.normal(size=(20, 16))
+  assert frechet.distance_of_features(few, mu, sigma) == pytest.approx(
+      frechet.frechet_distance(*frechet.statistics(few), mu, sigma), rel=1e-7)
+  a, b = frechet.proportion_interval(np.r_[np.ones(80), np.zeros(20)])
+  assert a == pytest.approx(0.7112, abs=1e-4) and b == pytest.approx(0.8666, abs=1e-4)
+
+
+def _config():
+  """tiny_config in Fashion-MNIST's shape (the probe reads held-out images): 16 tokens."""
+  c = tiny_config()
+  c.data.update(name="fashion_mnist", image_size=28, channels=1, num_classes=10)
+  c.model.update(patch_size=7)
+  c.sample.batch_size = 16
+  c.study.update(per_class=1, final_per_class=2, bootstrap=20, steps=(2, 3), steps_ref=2,
+                 omega_ref=2.0, cfg_omegas=(2.0,), cfg_intervals=((0.25, 1.0),), omegas=(3.0,),
+                 gammas_strong=(0.0,), gammas_weak=(0.5, 0.75), unguided_gammas=(0.0,),
+                 rules=("cfg", "sg", "ag_sg"), probe_images=8, probe_ts=(0.5,), probe_draws=1)
+  return c
+
+
+def _pixel_judge():
+  """A fixed random projection of the pixels as the feature net (the study's logic, not the
+  FD-FMNIST classifier, is under test; tests/test_eval.py covers that), and its first ten
+  features as a 10-way classifier."""
+  proj = np.random.default_rng(7).normal(size=(28 * 28, 12))
+
+  def features(images):
+    f = (images.reshape(len(images), -1).astype(np.float64) / 255.0) @ proj
+    return f, f[:, :10]
+  ref = np.random.default_rng(8).normal(size=(64, 12)) + 5
+  return study_lib.Judge("fd_fmnist", features, *frechet.statistics(ref))
+
+
+def test_study_searches_compares_at_matched_compute_and_resumes(tmp_path, monkeypatch):
+  c = _config()
+  workdir, dense = str(tmp_path / "routed"), str(tmp_path / "dense")
+  write_checkpoints(c, workdir, [1, 2])
+  c_dense = c.copy_and_resolve_references()
+  c_dense.sparsity.routes = ()
+  write_checkpoints(c_dense, dense, [3])
+  c.study.dense_workdir = dense
+  monkeypatch.setattr(study_lib, "judge_for", lambda *a, **k: _pixel_judge())
+  path = study_lib.run(c, workdir)
+  rows = list(study_lib.Study(c, workdir).rows.values())
+  screen = [r for r in rows if r["per_class"] == 1 and r["checkpoint"] == 2]
+  by_rule = {rule: [r for r in screen if r["rule"] == rule] for rule in study_lib.ALL_RULES}
+  assert [r["gamma_strong"] for r in by_rule["none"]] == [0.0]
+  assert len(by_rule["cfg"]) == 2 + 1  # ω × steps, and the interval at the best ω.
+  interval = [r for r in by_rule["cfg"] if r["interval"] == [0.25, 1.0]]
+  full = [r for r in by_rule["cfg"] if r["steps"] == 2 and r["interval"] == [0, 1]]
+  # Guiding only on part of the path costs less than guiding on all of it.
+  assert len(interval) == 1 and interval[0]["gmacs_per_image"] < full[0]["gmacs_per_image"]
+  for rule in ("sg", "ag_sg"):
+    mine = by_rule[rule]
+    grid = [r for r in mine if r["omega"] == 2.0 and r["steps"] == 2]
+    assert {(r["gamma_strong"], r["gamma_weak"]) for r in grid} == {(0, .5), (0, .75)}
+    best = min(grid, key=lambda r: r["fd_fmnist"])
+    line = [r for r in mine if r["omega"] == 3.0 and r["steps"] == 2]
+    assert [(r["gamma_strong"], r["gamma_weak"]) for r in line] == [(best["gamma_strong"],
+                                                                     best["gamma_weak"])]
+    best = min(grid + line, key=lambda r: r["fd_fmnist"])
+    assert [(r["omega"], r["gamma_weak"]) for r in mine if r["steps"] == 3] == [
+        (best["omega"], best["gamma_weak"])]
+  assert {r["guide_step"] for r in by_rule["ag_sg"]} == {1}  # The earliest kept checkpoint.
+
+  # Final: per budget (CFG's cost at each steps), each rule's best screened point within it,
+  # rescored with 2 per class and a 95% interval.
+  budgets = sorted({r["gmacs_per_image"] for r in by_rule["cfg"] if r["interval"] == [0, 1]})
+  final = [r for r in rows if r["per_class"] == 2]
+  assert final and all(r["num_samples"] == 2 * 10 for r in final)
+  assert all(r["fd_fmnist_lo"] < r["fd_fmnist"] < r["fd_fmnist_hi"] for r in final)
+  assert all(0 <= r["class_accuracy_lo"] <= r["class_accuracy_hi"] <= 1 for r in final)
+  for budget in budgets:
+    for mine in by_rule.values():
+      fits = [r for r in mine if r["gmacs_per_image"] <= budget * 1.000001]
+      if fits:
+        best = min(fits, key=lambda r: r["fd_fmnist"])
+        assert any(study_lib.key(dict(best, per_class=2)) == study_lib.key(r) for r in final)
+  # Over training: each rule's best at both checkpoints (AG+SG only after its guide).
+  assert {r["rule"] for r in rows if r["checkpoint"] == 1} == {"none", "cfg", "sg"}
+  # The dense twin: unguided and CFG at its own latest checkpoint.
+  dense_rows = [r for r in rows if r["model"] == "dense"]
+  assert sorted(r["rule"] for r in dense_rows) == ["cfg", "none"]
+  assert all(r["checkpoint"] == 3 for r in dense_rows)
+  probe = [json.loads(line) for line in open(os.path.join(workdir, "study", "probe.jsonl"))]
+  assert [(p["checkpoint"], p["t"]) for p in probe] == [(1, 0.5), (2, 0.5)]
+  for p in probe:
+    assert p["sg_diff_norm"] > 0 and p["cfg_diff_norm"] > 0 and -1 <= p["cosine"] <= 1
+    assert all(np.isfinite(p[f"loss_gamma{g:g}"]) and p[f"loss_gamma{g:g}"] > 0
+               for g in study_lib.LOSS_GAMMAS)
+  assert probe[0]["loss_gamma0"] != probe[1]["loss_gamma0"]  # The checkpoints differ.
+  report = open(path).read()
+  for section in ("## Matched compute", "## Each rule's best setting over training",
+                  "dense twin", "## Probe"):
+    assert section in report
+  for name in ("fd_fmnist_vs_gmacs", "class_accuracy_vs_gmacs", "fd_fmnist_vs_step", "probe"):
+    assert os.path.getsize(os.path.join(workdir, "study", name + ".png")) > 1000
+
+  # Again: every point is in the table, so nothing is sampled.
+  monkeypatch.setattr(study_lib.Study, "score", lambda *a: pytest.fail("resampled a point"))
+  assert study_lib.run(c, workdir) == path
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("stages", ("screen", "plots"), r"study.stages = .*unknown or no stage; a subset of"),
+    ("gammas_strong", (0.95,), r"study.gammas_weak = \(0.6, .*\): no γ_weak above any γ_strong"),
+    ("cfg_intervals", ((0.5, 0.2),), r"study.cfg_intervals = .*0 <= lo < hi <= 1"),
+    ("dense_workdir", "/no/such/run", r"study.dense_workdir = '/no/such/run': no checkpoints"),
+])
+def test_bad_study_settings_are_refused_in_one_line(field, value, match):
+  c = tiny_config()
+  c.study[field] = value
+  with pytest.raises(errors.UserError, match=match):
+    study_lib.check(c)
+
+
+def test_study_on_latents_scores_fid_with_inception_weights(tmp_path):
+  """A latent model (decoded by the SD-VAE) scored by FID in generated Inception weights."""
+  vae = write_weights(tmp_path / "vae.safetensors", seed=5, **VAE)
+  c = latent_config(weights=vae)
+  c.study.update(stages=("screen",), rules=("cfg",), cfg_omegas=(1.5,), steps=(2,), steps_ref=2,
+                 unguided_gammas=(0.0,), cfg_intervals=(), per_class=1, bootstrap=0)
+  weights = str(tmp_path / "inception.npz")
+  inception_fid.save(inception_fid.convert(inception_state_dict(seed=3)), weights)
+  ref = str(tmp_path / "ref.npz")
+  rng = np.random.default_rng(4)
+  np.savez(ref, arr_0=rng.integers(0, 256, (6, 20, 20, 3), np.uint8))
+  c.eval.update(inception_weights=weights, reference=ref, batch_size=8, metrics=("fid",))
+  workdir = str(tmp_path / "run")
+  write_checkpoints(c, workdir, [1])
+  study_lib.run(c, workdir)
+  rows = list(study_lib.Study(c, workdir).rows.values())
+  assert {r["rule"] for r in rows} == {"none", "cfg"}
+  assert all(np.isfinite(r["fid"]) and r["fid"] > 0 and "class_accuracy" not in r for r in rows)
