@@ -15,6 +15,7 @@ from tests.builders import (
   VAE,
   inception_state_dict,
   latent_config,
+  summaries,
   tiny_config,
   write_checkpoints,
   write_weights,
@@ -130,6 +131,11 @@ def test_study_searches_compares_at_matched_compute_and_resumes(tmp_path, monkey
     assert section in report
   for name in ("fd_fmnist_vs_gmacs", "class_accuracy_vs_gmacs", "fd_fmnist_vs_step", "probe"):
     assert os.path.getsize(os.path.join(workdir, "study", name + ".png")) > 1000
+
+  # TensorBoard: each rule's best over training at the checkpoints' steps, the final table.
+  tags = summaries(os.path.join(workdir, "tensorboard"))
+  assert [step for step, _ in tags["study/sg/fd_fmnist"]] == [1, 2]
+  assert any(t.startswith("study_final/") and t.endswith("/cfg/fd_fmnist") for t in tags)
 
   # Again: every point is in the table, so nothing is sampled.
   monkeypatch.setattr(study_lib.Study, "score", lambda *a: pytest.fail("resampled a point"))

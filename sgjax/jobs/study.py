@@ -615,6 +615,23 @@ def plot(study: Study, parts: dict[str, list[dict]]) -> list[str]:
   return paths
 
 
+def log_tensorboard(study: Study, parts: dict[str, list[dict]]) -> None:
+  """Each rule's best setting at each checkpoint as `study/<rule>/<metric>` at that step (the
+  quality-vs-training-step curves beside the loss), and the matched comparison as
+  `study_final/<budget>GMACs/<rule>/<metric>` at the latest step."""
+  names = [study.metric, "class_accuracy"]
+  by_step: dict[int, dict[str, float]] = {}
+  for r in parts.get("checkpoints", []):
+    by_step.setdefault(r["checkpoint"], {}).update(
+        {f"{r['rule']}/{m}": r[m] for m in names if m in r})
+  for step, values in sorted(by_step.items()):
+    metrics.log_scalars(study.workdir, step, values, "study")
+  final = {f"{r['budget']:.2f}GMACs/{r['rule']}/{m}": r[m] for r in parts.get("final", [])
+           for m in names if m in r}
+  if final:
+    metrics.log_scalars(study.workdir, study.saved[-1], final, "study_final")
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> str:
   """Runs the configured stages; returns the path of report.md."""
   check(config)
@@ -635,6 +652,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
     parts["dense"] = dense_stage(study, parts.get("screen", []))
   if "probe" in stages:
     parts["probe"] = probe(study, parts["screen"])
+  log_tensorboard(study, parts)
   path = os.path.join(study.out_dir, "report.md")
   if jax.process_index() == 0:
     files.makedirs(study.out_dir)

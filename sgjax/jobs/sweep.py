@@ -144,9 +144,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
     log(f"[{i + 1}/{len(todo)}] {p['rule']} ω={p['omega']:g} γ={p['gamma_strong']:g}/"
         f"{p['gamma_weak']:g} steps={p['steps']}: FD-FMNIST {row['fd_fmnist']:.2f}, "
         f"acc {100 * row['class_accuracy']:.1f}%, {row['gmacs_per_image']:.2f} GMACs/image")
+  rows = load_results(results_path)
+  metrics.log_scalars(workdir, steps[-1], {f"{tensorboard_tag(r)}/{m}": r[m] for r in rows
+                                           for m, _ in METRICS if m in r}, "sweep")
   if jax.process_index() == 0:
     draw(results_path, log)
   return results_path
+
+
+def tensorboard_tag(p: dict) -> str:
+  """A point's TensorBoard name, e.g. `sg_w2_g0-0.5_s30` (rule, ω, γ strong-weak, steps)."""
+  return (f"{p['rule']}_w{p['omega']:g}_g{p['gamma_strong']:g}-{p['gamma_weak']:g}"
+          f"_s{p['steps']}")
 
 
 def draw(results_path: str, log=print) -> list[str]:
