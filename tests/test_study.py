@@ -80,7 +80,7 @@ def test_study_searches_compares_at_matched_compute_and_resumes(tmp_path, monkey
   rows = list(study_lib.Study(c, workdir).rows.values())
   screen = [r for r in rows if r["per_class"] == 1 and r["checkpoint"] == 2]
   by_rule = {rule: [r for r in screen if r["rule"] == rule] for rule in study_lib.ALL_RULES}
-  assert [r["gamma_strong"] for r in by_rule["none"]] == [0.0]
+  assert [(r["gamma_strong"], r["steps"]) for r in by_rule["none"]] == [(0.0, 2), (0.0, 3)]
   assert len(by_rule["cfg"]) == 2 + 1  # ω × steps, and the interval at the best ω.
   interval = [r for r in by_rule["cfg"] if r["interval"] == [0.25, 1.0]]
   full = [r for r in by_rule["cfg"] if r["steps"] == 2 and r["interval"] == [0, 1]]

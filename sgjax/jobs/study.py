@@ -7,7 +7,8 @@ Stages (`study.stages`, each resumable: every scored point is one JSON line of
 `<workdir>/study/points.jsonl`, and a point already there is never sampled again):
 
   screen       at the latest checkpoint, `study.per_class` samples per class a point:
-               unguided (rule none) at each γ of `unguided_gammas` (the paper's Fig. 4);
+               unguided (rule none) at each γ of `unguided_gammas` (the paper's Fig. 4),
+               then `steps` at the best γ;
                CFG at every ω × steps, and with each guidance interval at its best ω;
                SG, CFG+SG and AG+SG searched coordinate-wise: γ_strong × γ_weak at `omega_ref`
                and `steps_ref` (CFG+SG and AG+SG over SG's `top_pairs` best pairs), then ω at
@@ -305,6 +306,9 @@ def screen(study: Study) -> list[dict]:
   at = dict(checkpoint_step=step, per_class=s.per_class)
   rows = study.run([point("none", 1, g, 0, s.steps_ref, **at) for g in s.unguided_gammas],
                    "screen, unguided")
+  best = study.best(rows)
+  rows += study.run([point("none", 1, best["gamma_strong"], 0, n, **at) for n in s.steps],
+                    "screen, unguided steps")
   if "cfg" in s.rules:
     cfg = study.run([point("cfg", w, 0, 0, n, **at) for w in s.cfg_omegas for n in s.steps],
                     "screen, CFG")
