@@ -216,7 +216,7 @@ def compile_sample(config: ml_collections.ConfigDict, mesh, topology: tpu.Topolo
                         abstract, shardings)
   g_cfg = config.sample.guidance
   weights = {guidance.MAIN: params}
-  if g_cfg.rule == "ag_sg":
+  if guidance.uses_guide(g_cfg.rule):
     weights[guidance.GUIDE] = params
   plan = config_lib.sampling_plan(config)
   g = max((s.guidance for s in plan.segments),
@@ -254,7 +254,7 @@ def preflight(config: ml_collections.ConfigDict, topology: tpu.Topology, mode: s
   """
   check_tpu_config(config)
   devices = tpu.devices(topology) if devices is None else list(devices)
-  config_lib.validate(config, len(devices))
+  config_lib.validate(config, len(devices), job="sample" if mode == "sample" else "train")
   mesh = sharding.build_mesh(config.mesh, devices)
   log(f"pre-flight for {topology.accelerator_type} ({topology.name}, {topology.chips} chips"
       f"{f' in {topology.slices} slices' if topology.slices > 1 else ''}); mesh "

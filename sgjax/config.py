@@ -1,36 +1,39 @@
-"""Model presets and config validation: every field is checked once, here, before any work.
+"""Config loading and validation: `base_config()` (every field, with defaults), config files,
+and `validate(config, num_devices, job)`, which runs the checks of the sections `job` reads.
 
-Errors name the field and the allowed range, so a typo on the command line fails in the first
-second instead of after compilation. They are `sgjax.errors.UserError`s: one line, exit 2. A key
-that `base_config()` does not have (a typo in a config file, where `ConfigDict.update` would add
-it silently) is refused too.
+Each section's fields are checked in the module that reads them (`check_config` there, with the
+allowed values it defines: sgjax.models and its kinds, data.pipeline, models.vae, sparsity,
+sharding, state, monitor, sampling, generate, guidance, eval.metrics); a job's own section is
+checked by the job (sgjax.jobs.demo, sgjax.tools.encode_latents, the study). So a training run
+does not fail on a sweep-only setting, and every job still fails in its first second on a bad
+value of a field it uses. Errors name the field and the allowed range: `sgjax.errors.UserError`,
+one line, exit 2. A key that `base_config()` does not have (a typo in a config file, where
+`ConfigDict.update` would add it silently) is refused for every job.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import math
 import os
+from collections.abc import Callable
 
 import ml_collections
 
-from sgjax import configs, errors, flow, guidance, models, monitor, sampling, sharding
-from sgjax.eval import inception, metrics
-from sgjax.sparsity import Sparsity
-
-# DiT/SiT sizes (Peebles & Xie, Table 1). A preset "XL/2" is size XL with patch 2.
-MODEL_SIZES = {
-    "S": dict(depth=12, width=384, heads=6),
-    "B": dict(depth=12, width=768, heads=12),
-    "L": dict(depth=24, width=1024, heads=16),
-    "XL": dict(depth=28, width=1152, heads=16),
-}
-PATCH_SIZES = (2, 4, 8)
-PRESETS = tuple(f"{s}/{p}" for s in MODEL_SIZES for p in PATCH_SIZES)
-DTYPES = ("float32", "bfloat16")
-EVAL_FEATURE_NETS = ("inception", "fmnist")
-ENCODE_SOURCES = ("folder", "tfds")
-LATENT_DTYPES = ("float16", "float32")
+from sgjax import (
+  configs,
+  errors,
+  generate,
+  guidance,
+  models,
+  monitor,
+  sampling,
+  sharding,
+  sparsity,
+  state,
+)
+from sgjax.data import pipeline
+from sgjax.eval import metrics as eval_metrics
+from sgjax.models import vae
 
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:
@@ -61,23 +64,7 @@ def replace(config: ml_collections.ConfigDict, fields: dict[str, object]
   return c
 
 
-def apply_preset(model: ml_collections.ConfigDict) -> None:
-  """Fills depth/width/heads/patch_size from `model.preset` (empty preset: explicit fields)."""
-  if not model.preset:
-    return
-  if model.preset not in PRESETS:
-    raise errors.UserError(f"model.preset = {model.preset!r}", "unknown",
-                           f"allowed: {', '.join(PRESETS)} or '' for explicit "
-                           "depth/width/heads/patch_size")
-  size, patch = model.preset.split("/")
-  for k, v in MODEL_SIZES[size].items():
-    model[k] = v
-  model.patch_size = int(patch)
-
-
-def _check(cond: bool, field: str, value, allowed: str) -> None:
-  if not cond:
-    raise errors.UserError(f"{field} = {value!r}", allowed)
+apply_preset = models.apply_preset  # The presets are the models' (model.preset).
 
 
 def check_keys(config: ml_collections.ConfigDict) -> None:
@@ -94,74 +81,20 @@ def check_keys(config: ml_collections.ConfigDict) -> None:
   walk(config, base_config(), [])
 
 
-def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
-  """Raises UserError naming the first bad field. Resolves the model preset in place."""
-  # Older modules' checks (sparsity, guidance plan, mesh) raise ValueErrors in the same form.
-  with errors.user_errors():
-    _validate(config, num_devices)
+def _check_train(config: ml_collections.ConfigDict, num_devices: int | None) -> None:
+  state.check_config(config, num_devices)
+  monitor.check_config(config)  # train.sample_every, train.profile_steps.
 
 
-def _validate(config: ml_collections.ConfigDict, num_devices: int | None) -> None:
-  check_keys(config)
-  m = config.model
-  apply_preset(m)
-  models.check_config(config)
-  tx = config.text
-  if config.data.name == "fashion_mnist_captions":
-    for name in ("templates", "eval_templates"):
-      _check(len(tx[name]) > 0 and all("{}" in t for t in tx[name]), f"text.{name}",
-             tx[name], "must be a non-empty tuple of strings, each with one {} for the class")
-  d = config.data
-  _check(d.channels >= 1, "data.channels", d.channels, "must be >= 1")
-  _check(d.num_classes >= 1, "data.num_classes", d.num_classes, "must be >= 1")
-  _check(d.worker_count >= 0, "data.worker_count", d.worker_count, "must be >= 0")
-  _check(d.prefetch >= 0, "data.prefetch", d.prefetch, "must be >= 0 (batches placed ahead)")
-  _check(config.dtype in DTYPES, "dtype", config.dtype, f"allowed: {DTYPES}")
-  _validate_vae(config)
+def _check_sample(config: ml_collections.ConfigDict, num_devices: int | None) -> None:
+  sampling.check_config(config)  # The sampler and its time grid.
+  generate.check_config(config, num_devices)  # The batches.
+  guidance.check_config(config)  # The rule and its schedule, step by step.
 
-  Sparsity.from_config(config.sparsity).validate(m.depth, "sparsity.routes")
-  if m.decoder_depth > 0:
-    _check(not config.sparsity.routes, "sparsity.routes", config.sparsity.routes,
-           "a masked model (model.decoder_depth > 0) thins tokens by masking "
-           "(sparsity.mask_gamma); routes and masking together are not supported")
-  else:
-    _check(config.sparsity.mask_gamma == 0, "sparsity.mask_gamma", config.sparsity.mask_gamma,
-           "masking needs a decoder: set model.decoder_depth > 0, or mask_gamma = 0")
 
-  t = config.train
-  _check(t.batch_size >= 1, "train.batch_size", t.batch_size, "must be >= 1")
-  _check(t.num_steps >= 1, "train.num_steps", t.num_steps,
-         "must be >= 1 (the step to train to; 0 would train nothing)")
-  _check(math.isfinite(t.lr) and t.lr > 0, "train.lr", t.lr, "must be finite and > 0")
-  _check(0 <= t.b1 < 1, "train.b1", t.b1, "must be in [0, 1)")
-  _check(0 <= t.b2 < 1, "train.b2", t.b2, "must be in [0, 1)")
-  _check(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "must be >= 0")
-  _check(t.warmup_steps >= 0, "train.warmup_steps", t.warmup_steps, "must be >= 0")
-  _check(t.grad_clip >= 0, "train.grad_clip", t.grad_clip, "must be >= 0 (0 disables clipping)")
-  _check(t.grad_accum >= 1, "train.grad_accum", t.grad_accum, "must be >= 1")
-  _check(t.batch_size % t.grad_accum == 0, "train.grad_accum", t.grad_accum,
-         f"must divide train.batch_size = {t.batch_size}")
-  _check(0 <= t.ema_decay < 1, "train.ema_decay", t.ema_decay, "must be in [0, 1)")
-  _check(0 <= t.label_dropout < 1, "train.label_dropout", t.label_dropout, "must be in [0, 1)")
-  _check(t.keep_period >= 0, "train.keep_period", t.keep_period, "must be >= 0 (0 = off)")
-  _check(t.mask_loss_weight >= 0, "train.mask_loss_weight", t.mask_loss_weight, "must be >= 0")
-  for name in ("log_every", "checkpoint_every"):
-    _check(t[name] >= 1, f"train.{name}", t[name], "must be >= 1")
-
-  for name in ("data", "fsdp", "tensor"):
-    size = config.mesh[name]
-    _check(size == -1 or size >= 1, f"mesh.{name}", size, "must be >= 1, or -1 for the rest")
-  if num_devices is not None:
-    shape = sharding.mesh_shape(config.mesh, num_devices)
-    batch_shards = shape["data"] * shape["fsdp"]
-    micro = t.batch_size // t.grad_accum
-    _check(micro % batch_shards == 0, "train.batch_size", t.batch_size,
-           f"per-step micro-batch {micro} (batch_size / grad_accum) must be divisible by the "
-           f"data-parallel size mesh.data*mesh.fsdp = {batch_shards}")
-    _check(config.sample.batch_size % batch_shards == 0, "sample.batch_size",
-           config.sample.batch_size,
-           f"must be divisible by the data-parallel size mesh.data*mesh.fsdp = {batch_shards}")
-
+def _check_sweep(config: ml_collections.ConfigDict, num_devices: int | None) -> None:
+  """`sweep` (sgjax.jobs.sweep's section; its grid's own check is there, `check_grid`)."""
+  del num_devices
   w = config.sweep
   for name, ok, allowed in (
       ("rules", all(r in guidance.RULES for r in w.rules), f"each in {guidance.RULES}"),
@@ -170,99 +103,59 @@ def _validate(config: ml_collections.ConfigDict, num_devices: int | None) -> Non
       ("gammas_weak", all(0 <= g < 1 for g in w.gammas_weak), "each in [0, 1)"),
       ("steps", all(int(k) >= 1 for k in w.steps), "each >= 1"),
       ("per_class", w.per_class >= 1, ">= 1")):
-    _check(ok, f"sweep.{name}", w[name], f"must be {allowed}")
-  _check(config.demo.eval_per_class >= 1, "demo.eval_per_class", config.demo.eval_per_class,
-         "must be >= 1")
-  _validate_eval(config, num_devices)
-  monitor.check_config(config)  # train.sample_every, train.profile_steps.
-  s = config.sample
-  _check(s.steps >= 1, "sample.steps", s.steps, "must be >= 1")
-  _check(s.sampler in sampling.SAMPLERS, "sample.sampler", s.sampler,
-         f"allowed: {sampling.SAMPLERS}")
-  _check(s.time_shift > 0, "sample.time_shift", s.time_shift, "must be > 0 (1 = uniform grid)")
-  _check(s.batch_size >= 1, "sample.batch_size", s.batch_size, "must be >= 1")
-  _check(s.per_class >= 1, "sample.per_class", s.per_class,
-         "must be >= 1 (images of each class, or of each prompt)")
-  _check(s.num_samples >= 0, "sample.num_samples", s.num_samples, "must be >= 0")
-  _check(s.shard_batches >= 1, "sample.shard_batches", s.shard_batches, "must be >= 1")
-  g = s.guidance
-  _check(g.omega >= 0, "sample.guidance.omega", g.omega, "must be >= 0")
-  _check(g.gamma_quantum >= 0, "sample.guidance.gamma_quantum", g.gamma_quantum,
-         "must be >= 0 (0 = exact token counts)")
-  # The schedule check walks every step (γ ranges, γ_strong < γ_weak where required).
-  sampling_plan(config)
-  if guidance.strong_is_sparse(g):
-    _check(len(config.sparsity.routes) > 0 or m.decoder_depth > 0, "sparsity.routes",
-           config.sparsity.routes,
-           "sparse guidance needs at least one route (the layers whose tokens γ thins) "
-           "or a masked model (model.decoder_depth > 0)")
-  if guidance.uses_guide(g.rule):
-    _check(g.guide_step >= 0, "sample.guidance.guide_step", g.guide_step,
-           "rule 'ag_sg' needs the guide checkpoint's step (>= 0), e.g. an early checkpoint "
-           "kept with train.keep_period")
+    errors.check(ok, f"sweep.{name}", w[name], f"must be {allowed}")
 
 
-def _validate_eval(config: ml_collections.ConfigDict, num_devices: int | None) -> None:
-  e = config.eval
-  _check(e.num_samples >= 2, "eval.num_samples", e.num_samples, "must be >= 2 (a covariance)")
-  _check(e.feature_net in EVAL_FEATURE_NETS, "eval.feature_net", e.feature_net,
-         f"allowed: {EVAL_FEATURE_NETS}")
-  if e.feature_net == "fmnist":
-    _check(config.data.name == "fashion_mnist", "eval.feature_net", e.feature_net,
-           f"'fmnist' scores Fashion-MNIST samples; data.name = {config.data.name!r} needs "
-           "'inception'")
-  _check(e.preprocess in inception.PREPROCESS, "eval.preprocess", e.preprocess,
-         f"allowed: {inception.PREPROCESS}")
-  _check(len(e.metrics) > 0 and all(k in metrics.METRICS for k in e.metrics), "eval.metrics",
-         e.metrics, f"must be a non-empty tuple, each in {metrics.METRICS}")
-  _check(e.nearest_k >= 1, "eval.nearest_k", e.nearest_k, "must be >= 1")
-  if any(k in e.metrics for k in ("precision", "recall")):
-    _check(e.num_samples > e.nearest_k, "eval.num_samples", e.num_samples,
-           f"must be > eval.nearest_k = {e.nearest_k} for precision/recall")
-  _check(e.is_split_size >= 1, "eval.is_split_size", e.is_split_size, "must be >= 1")
-  _check(e.pr_block_size >= 1, "eval.pr_block_size", e.pr_block_size, "must be >= 1")
-  _check(e.batch_size >= 1, "eval.batch_size", e.batch_size, "must be >= 1")
-  if num_devices is not None and e.feature_net == "inception":  # Only Inception shards it.
-    shape = sharding.mesh_shape(config.mesh, num_devices)
-    shards = shape["data"] * shape["fsdp"]
-    _check(e.batch_size % shards == 0, "eval.batch_size", e.batch_size,
-           f"must be divisible by the data-parallel size mesh.data*mesh.fsdp = {shards}")
+# Each section's checks, from the module that reads it: (config, num_devices or None) -> None.
+# `model` includes `dtype` and a text model's `text` shapes; `data` a caption set's templates;
+# `vae` latent data's shapes.
+CHECKS: dict[str, Callable[[ml_collections.ConfigDict, int | None], None]] = {
+    "model": lambda c, n: models.check_config(c),
+    "data": lambda c, n: pipeline.check_config(c),
+    "vae": lambda c, n: vae.check_config(c),
+    "sparsity": lambda c, n: sparsity.check_config(c),
+    "mesh": sharding.check_config,
+    "train": _check_train,
+    "sample": _check_sample,
+    "eval": eval_metrics.check_config,
+    "sweep": _check_sweep,
+}
+# Training reads `sample` and `vae` too: the grids it draws while it trains.
+_TRAIN = ("model", "data", "vae", "sparsity", "mesh", "train", "sample")
+_SAMPLE = ("model", "data", "vae", "sparsity", "mesh", "sample")
+# The sections each job reads. "all": every one (what a caller that names no job gets).
+JOBS: dict[str, tuple[str, ...]] = {
+    "all": tuple(CHECKS),
+    "train": _TRAIN,
+    "demo": _TRAIN,  # Trains, then samples; `demo` itself: sgjax.jobs.demo.
+    "bench": _TRAIN,
+    "sample": _SAMPLE,
+    "eval": _SAMPLE + ("eval",),
+    "sweep": _SAMPLE + ("sweep",),
+    "flops": ("model", "data", "sparsity", "sample"),
+    "encode_latents": ("vae",),  # `encode` itself: sgjax.tools.encode_latents.
+    "encode_text": ("model", "data"),
+}
 
 
-def _validate_vae(config: ml_collections.ConfigDict) -> None:
-  v, e = config.vae, config.encode
-  chans = tuple(v.block_out_channels)
-  _check(len(chans) >= 1 and all(c >= 1 and c % v.norm_groups == 0 for c in chans),
-         "vae.block_out_channels", chans,
-         f"must be >= 1 entries, each a positive multiple of vae.norm_groups = {v.norm_groups}")
-  _check(v.norm_groups >= 1, "vae.norm_groups", v.norm_groups, "must be >= 1")
-  _check(v.layers_per_block >= 1, "vae.layers_per_block", v.layers_per_block, "must be >= 1")
-  _check(v.latent_channels >= 1, "vae.latent_channels", v.latent_channels, "must be >= 1")
-  _check(v.in_channels >= 1, "vae.in_channels", v.in_channels, "must be >= 1")
-  _check(v.scale > 0, "vae.scale", v.scale, "must be > 0")
-  _check(v.chunk >= 1, "vae.chunk", v.chunk, "must be >= 1")
-  _check(e.source in ENCODE_SOURCES, "encode.source", e.source, f"allowed: {ENCODE_SOURCES}")
-  factor = 2 ** (len(chans) - 1)
-  _check(e.image_size >= factor and e.image_size % factor == 0, "encode.image_size",
-         e.image_size, f"must be a positive multiple of the VAE's downsampling factor {factor}")
-  _check(e.batch_size >= 1, "encode.batch_size", e.batch_size, "must be >= 1")
-  _check(e.shard_size >= 1, "encode.shard_size", e.shard_size, "must be >= 1")
-  _check(e.dtype in LATENT_DTYPES, "encode.dtype", e.dtype, f"allowed: {LATENT_DTYPES}")
-  _check(e.max_shards >= 0, "encode.max_shards", e.max_shards, "must be >= 0 (0 = all)")
-  if config.data.name == "latents":
-    _check(config.data.channels == v.latent_channels, "data.channels", config.data.channels,
-           f"latents have vae.latent_channels = {v.latent_channels} channels")
-    _check(config.data.image_size * factor == e.image_size, "data.image_size",
-           config.data.image_size, f"latents of encode.image_size = {e.image_size} images are "
-           f"{e.image_size // factor} (VAE downsampling x{factor})")
+def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
+             job: str = "all") -> None:
+  """Raises UserError naming the first bad field among those `job` reads (a key of JOBS).
+  Resolves the model preset in place. num_devices: None skips what depends on the device
+  count (the mesh, batches split over it)."""
+  if job not in JOBS:
+    raise KeyError(f"job {job!r}: not one of {tuple(JOBS)}")  # A caller's bug, not the user's.
+  # Older modules' checks (sparsity, guidance plan, mesh) raise ValueErrors in the same form.
+  with errors.user_errors():
+    check_keys(config)
+    models.apply_preset(config.model)
+    for section in JOBS[job]:
+      CHECKS[section](config, num_devices)
 
 
-def sampling_plan(config: ml_collections.ConfigDict):
-  """The per-step guidance plan of `config.sample` (see sgjax.guidance.plan)."""
-  num_tokens = (config.data.image_size // config.model.patch_size) ** 2
-  times = flow.time_grid(config.sample.steps, config.sample.time_shift)
-  return guidance.plan(config.sample.guidance, Sparsity.from_config(config.sparsity),
-                       num_tokens, times)
+def sampling_plan(config: ml_collections.ConfigDict) -> guidance.Plan:
+  """The per-step guidance plan of `config.sample` (sgjax.guidance.config_plan)."""
+  return guidance.config_plan(config)
 
 
 def base_config() -> ml_collections.ConfigDict:

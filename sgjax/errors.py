@@ -30,11 +30,24 @@ from sgjax import configs
 
 EXIT_USAGE = 2
 HELP_FLAGS = ("--help", "-h", "-?", "--helpshort", "--helpfull", "--helpxml")
-# The config's top-level names: a ValueError whose message starts with one of them names the
-# field the user set (see `as_user_error`). Mirrors sgjax.config.base_config (a test checks).
-CONFIG_SECTIONS = ("seed", "dtype", "model", "data", "vae", "encode", "text", "sparsity",
-                   "train", "mesh", "sample", "demo", "sweep", "eval")
-_FIELD_MESSAGE = re.compile(r"^(" + "|".join(CONFIG_SECTIONS) + r")(\.|\[| =|:)")
+
+
+def config_sections() -> tuple[str, ...]:
+  """The config's top-level names (those of sgjax.config.base_config, read there, never
+  listed here): a ValueError whose message starts with one names a field the user set."""
+  from sgjax import config as config_lib  # Local: sgjax.config imports this module.
+  return tuple(config_lib.base_config().keys())
+
+
+@functools.cache
+def _field_message() -> re.Pattern:
+  return re.compile(r"^(" + "|".join(map(re.escape, config_sections())) + r")(\.|\[| =|:)")
+
+
+def __getattr__(name: str) -> Any:
+  if name == "CONFIG_SECTIONS":  # The old constant's name, now read from base_config().
+    return config_sections()
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class UserError(ValueError):
@@ -102,7 +115,7 @@ def as_user_error(err: BaseException) -> BaseException | None:
   names a config field first); None for a bug."""
   if isinstance(err, UserError | FileNotFoundError):
     return err
-  if type(err) is ValueError and _FIELD_MESSAGE.match(str(err)):
+  if type(err) is ValueError and _field_message().match(str(err)):
     return err
   return None
 

@@ -44,7 +44,7 @@ from sgjax.sparsity import DENSE, Sparsity
 
 def forward_macs(config: ml_collections.ConfigDict, sparsity: Sparsity = DENSE) -> Macs:
   """MACs of one forward pass of one image at `sparsity`: the model module counts its own."""
-  config_lib.apply_preset(config.model)
+  models.apply_preset(config.model)
   return models.forward_macs(config, sparsity)
 
 
@@ -95,7 +95,7 @@ def main(argv) -> None:
   del argv
   from absl import flags  # Local: the CLI only.
   config = flags.FLAGS.config
-  config_lib.validate(config)
+  config_lib.validate(config, job="flops")
   table = report(config)
   if flags.FLAGS.json:
     print(json.dumps(table, indent=2))

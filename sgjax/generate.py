@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from sgjax import condition, files, metrics, sampling, sharding
+from sgjax import condition, errors, files, metrics, sampling, sharding
 from sgjax import guidance as guidance_lib
 from sgjax import state as state_lib
 from sgjax import workdir as workdir_lib
@@ -33,6 +33,21 @@ from sgjax.convert import sd_vae
 from sgjax.text import encoder as encoder_lib
 
 Conditions = Any  # np.ndarray (N,) labels, or {"text": (N, L, D), "text_mask": (N, L)}.
+
+
+def check_config(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+  """The batches of `sample` (the sampler's own fields: sgjax.sampling, the guidance:
+  sgjax.guidance). Given the device count, a batch must split over the mesh's batch axes."""
+  s, check = config.sample, errors.check
+  check(s.batch_size >= 1, "sample.batch_size", s.batch_size, "must be >= 1")
+  check(s.per_class >= 1, "sample.per_class", s.per_class,
+        "must be >= 1 (images of each class, or of each prompt)")
+  check(s.num_samples >= 0, "sample.num_samples", s.num_samples, "must be >= 0")
+  check(s.shard_batches >= 1, "sample.shard_batches", s.shard_batches, "must be >= 1")
+  if num_devices is not None:
+    shards = sharding.data_parallel_size(config.mesh, num_devices)
+    check(s.batch_size % shards == 0, "sample.batch_size", s.batch_size,
+          f"must be divisible by the data-parallel size mesh.data*mesh.fsdp = {shards}")
 
 
 def class_labels(num_classes: int, per_class: int) -> np.ndarray:

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from sgjax import condition
+from sgjax import condition, flow
 from sgjax.sparsity import Sparsity
 
 # (params, x_t, t, y, sparsity, token_key) -> velocity
@@ -215,6 +215,32 @@ def plan(g: ml_collections.ConfigDict, routes: Sparsity, num_tokens: int,
       segments.append(Segment(start, i, per_step[start]))
       start = i
   return Plan(tuple(float(t) for t in times), tuple(segments))
+
+
+def config_plan(config: ml_collections.ConfigDict) -> Plan:
+  """The plan of `config.sample`: its guidance over its time grid, on the model's tokens, with
+  the training mechanism (`config.sparsity`) as every sparse branch's template."""
+  num_tokens = (config.data.image_size // config.model.patch_size) ** 2
+  times = flow.time_grid(config.sample.steps, config.sample.time_shift)
+  return plan(config.sample.guidance, Sparsity.from_config(config.sparsity), num_tokens, times)
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """The `sample.guidance` section (the sampler's steps already checked): ω, the γ grid, the
+  whole schedule step by step, the tokens a sparse branch thins and AG+SG's guide step."""
+  g = config.sample.guidance
+  _check(g.omega >= 0, "omega", g.omega, "must be >= 0")
+  _check(g.gamma_quantum >= 0, "gamma_quantum", g.gamma_quantum,
+         "must be >= 0 (0 = exact token counts)")
+  config_plan(config)  # Walks every step: rule, schedule, interval, γ ranges and order.
+  if strong_is_sparse(g) and not (config.sparsity.routes or config.model.decoder_depth > 0):
+    raise ValueError(f"sparsity.routes = {config.sparsity.routes!r}: sparse guidance needs at "
+                     "least one route (the layers whose tokens γ thins) or a masked model "
+                     "(model.decoder_depth > 0)")
+  if uses_guide(g.rule):
+    _check(g.guide_step >= 0, "guide_step", g.guide_step,
+           "rule 'ag_sg' needs the guide checkpoint's step (>= 0), e.g. an early checkpoint "
+           "kept with train.keep_period")
 
 
 def from_config(g: ml_collections.ConfigDict, routes: Sparsity, num_tokens: int) -> Guidance:

@@ -60,7 +60,11 @@ def main(argv) -> None:
 
   config = _CONFIG.value
   workdir = _WORKDIR.value
-  config_lib.validate(config, jax.device_count())
+  # Each mode checks the fields it reads (a training run does not read sweep.* or eval.*).
+  if _MODE.value == "demo":
+    demo.validate(config, jax.device_count())
+  else:
+    config_lib.validate(config, jax.device_count(), job=_MODE.value)
   if _MODE.value in ("train", "demo"):
     train.train(config, workdir)
   if _MODE.value == "sample":

@@ -14,13 +14,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sgjax import condition
+from sgjax import condition, errors
 from sgjax import guidance as guidance_lib
 from sgjax.models import dit
 
 # (guidance, x, t scalar, key) -> guided velocity of one step
 StepVelocity = Callable[[guidance_lib.Guidance, jax.Array, jax.Array, jax.Array], jax.Array]
 SAMPLERS = ("euler", "heun")
+
+
+def check_config(config) -> None:
+  """The sampler's fields of `sample`: its method and its time grid (steps, shift)."""
+  s, check = config.sample, errors.check
+  check(s.steps >= 1, "sample.steps", s.steps, "must be >= 1")
+  check(s.sampler in SAMPLERS, "sample.sampler", s.sampler, f"allowed: {SAMPLERS}")
+  check(s.time_shift > 0, "sample.time_shift", s.time_shift, "must be > 0 (1 = uniform grid)")
 
 
 def make_velocity_fn(model: dit.DiT) -> guidance_lib.VelocityFn:

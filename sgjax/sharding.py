@@ -50,6 +50,22 @@ def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> dict[str, in
   return sizes
 
 
+def data_parallel_size(mesh_config: Mapping[str, int], num_devices: int) -> int:
+  """How many ways a batch is split: mesh.data * mesh.fsdp on `num_devices` devices."""
+  shape = mesh_shape(mesh_config, num_devices)
+  return int(np.prod([shape[a] for a in BATCH_AXES]))
+
+
+def check_config(config, num_devices: int | None = None) -> None:
+  """The `mesh` section: axis sizes, and (given the device count) that they fit the devices."""
+  for name in AXES:
+    size = config.mesh[name]
+    if not (size == -1 or size >= 1):
+      raise ValueError(f"mesh.{name} = {size!r}: must be >= 1, or -1 for the rest")
+  if num_devices is not None:
+    mesh_shape(config.mesh, num_devices)
+
+
 def num_slices(devices) -> int:
   """TPU slices the devices span (multi-slice pods); 1 on CPU, GPU and a single slice."""
   return len({getattr(d, "slice_index", 0) for d in devices})

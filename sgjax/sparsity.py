@@ -126,6 +126,20 @@ DENSE = Sparsity()
 ROUTE_SCOPE = "route"
 
 
+def check_config(config) -> None:
+  """The `sparsity` section against the model it thins: routes inside `model.depth`, and one
+  mechanism, routes or (with a decoder, `model.decoder_depth` > 0) masking."""
+  sc, depth, decoder = config.sparsity, config.model.depth, config.model.get("decoder_depth", 0)
+  Sparsity.from_config(sc).validate(depth, "sparsity.routes")
+  if decoder > 0 and sc.routes:
+    raise ValueError(f"sparsity.routes = {sc.routes!r}: a masked model "
+                     "(model.decoder_depth > 0) thins tokens by masking (sparsity.mask_gamma); "
+                     "routes and masking together are not supported")
+  if decoder <= 0 and sc.mask_gamma != 0:
+    raise ValueError(f"sparsity.mask_gamma = {sc.mask_gamma!r}: masking needs a decoder: set "
+                     "model.decoder_depth > 0, or mask_gamma = 0")
+
+
 def select_tokens(key: jax.Array, batch: int, num_tokens: int, num_keep: int) -> jax.Array:
   """Per-sample random subsets of `num_keep` token indices, shape (batch, num_keep).
 

@@ -153,7 +153,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
 
 def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   # ---- Config and mesh.
-  config_lib.validate(config, jax.device_count())
+  config_lib.validate(config, jax.device_count(), job="train")
   tc = config.train
   mesh = sharding.build_mesh(config.mesh)
   if "://" not in workdir:  # gs:// and friends: orbax and the metric writer create their own.

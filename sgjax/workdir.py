@@ -68,10 +68,10 @@ def rule(field: str) -> str | None:
 def flat_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """{"model.heads": 6, ...}: every leaf, tuples as lists (as JSON holds them), the model
   preset resolved (a preset and its explicit fields compare equal)."""
-  from sgjax import config as config_lib  # Local: sgjax.config imports jax via sparsity.
+  from sgjax import models  # Local: the models import jax; a record needs none.
   c = config.copy_and_resolve_references()
   with c.unlocked():
-    config_lib.apply_preset(c.model)
+    models.apply_preset(c.model)
   out: dict[str, Any] = {}
 
   def walk(node, path):

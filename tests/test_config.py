@@ -4,7 +4,12 @@
 import pytest
 
 from sgjax import config as config_lib
-from sgjax import configs
+from sgjax import configs, errors, guidance, models, sampling, train
+from sgjax.eval import metrics
+from sgjax.jobs import demo
+from sgjax.models import dit
+from sgjax.tools import encode_latents
+from tests.builders import tiny_config
 
 
 def _load(name):
@@ -97,3 +102,47 @@ def test_presets_fill_model_dims():
   c.data.image_size = 32
   config_lib.validate(c)
   assert (c.model.depth, c.model.width, c.model.heads, c.model.patch_size) == (12, 768, 12, 4)
+
+
+def test_a_job_checks_the_fields_it_reads_and_a_training_run_ignores_the_rest(tmp_path):
+  """Sweep, evaluation, demo and encoder settings are theirs: a training run (and sampling)
+  does not read them and so does not refuse them; the job that reads them does."""
+  c = tiny_config()
+  c.train.update(num_steps=1, checkpoint_every=1)
+  c.sweep.omegas = (-1.0,)
+  c.eval.num_samples = 1
+  c.demo.eval_per_class = 0
+  c.encode.batch_size = 0
+  for job in ("train", "sample", "bench", "flops", "encode_text"):
+    config_lib.validate(c, num_devices=8, job=job)
+  assert int(train.train(c, str(tmp_path / "run"))["step"]) == 1
+  with pytest.raises(errors.UserError, match=r"^sweep.omegas = \(-1.0,\): must be each >= 0$"):
+    config_lib.validate(c, num_devices=8, job="sweep")
+  with pytest.raises(errors.UserError, match=r"^eval.num_samples = 1: must be >= 2"):
+    config_lib.validate(c, num_devices=8, job="eval")
+  with pytest.raises(errors.UserError, match=r"^demo.eval_per_class = 0: must be >= 1$"):
+    demo.validate(c, num_devices=8)
+  with pytest.raises(errors.UserError, match=r"^encode.batch_size = 0: must be >= 1$"):
+    encode_latents.check_config(c)
+  with pytest.raises(errors.UserError, match=r"^(sweep|eval)\."):  # No job named: all of core.
+    config_lib.validate(c, num_devices=8)
+
+
+def test_train_fields_are_not_the_samplers():
+  c = tiny_config()
+  c.train.batch_size = 36  # Not read by sampling, which still checks its own batches.
+  config_lib.validate(c, num_devices=8, job="sample")
+  with pytest.raises(errors.UserError, match=r"^train.batch_size = 36: .*divisible"):
+    config_lib.validate(c, num_devices=8, job="train")
+  c.sample.batch_size = 12
+  with pytest.raises(errors.UserError, match=r"^sample.batch_size = 12: must be divisible"):
+    config_lib.validate(c, num_devices=8, job="sample")
+
+
+def test_every_allowed_values_list_is_its_modules():
+  """The lists config.py used to mirror live once, in the modules that read the fields."""
+  for name in ("ATTENTION_IMPLS", "PREDICTIONS", "MODEL_KINDS", "KINDS", "SAMPLERS", "RULES",
+               "PRESETS", "DTYPES", "EVAL_FEATURE_NETS", "ENCODE_SOURCES", "LATENT_DTYPES"):
+    assert not hasattr(config_lib, name), name
+  assert dit.ATTENTION_IMPLS and models.KINDS == ("dit", "trdit") and sampling.SAMPLERS
+  assert guidance.RULES and metrics.FEATURE_NETS and encode_latents.SOURCES

@@ -100,10 +100,12 @@ def test_cli_refusals_are_one_line_without_traceback(tmp_path):
       "empty_grid": ["-m", "sgjax.sweep", *tiny, f"--workdir={missing}",
                      "--config.sweep.rules=('sg',)", "--config.sweep.gammas_strong=(0.5,)",
                      "--config.sweep.gammas_weak=(0.3,)"],
+      "sweep_only": ["-m", "sgjax.sweep", *tiny, f"--workdir={missing}",
+                     "--config.sweep.omegas=(-1.0,)"],  # A training run ignores it (test_config).
       "converter": ["-m", "sgjax.convert.dit_checkpoint", "--src=nothing.pt", f"--out={used}"],
       "help": ["-m", "sgjax.flops", "--help"],
   })
-  for name in ("unknown_key", "sample_missing", "empty_grid", "converter"):
+  for name in ("unknown_key", "sample_missing", "empty_grid", "sweep_only", "converter"):
     proc = results[name]
     assert proc.returncode == 2, (name, proc.stderr[-2000:])
     assert "Traceback" not in proc.stderr, (name, proc.stderr[-2000:])
@@ -122,6 +124,8 @@ def test_cli_refusals_are_one_line_without_traceback(tmp_path):
   assert _error_lines(results["empty_grid"])[0].startswith(
       "error: sweep.gammas_strong, sweep.gammas_weak: no valid point: rules ('sg',) need "
       "γ_strong < γ_weak")
+  assert _error_lines(results["sweep_only"]) == [
+      "error: sweep.omegas = (-1.0,): must be each >= 0"]
   assert _error_lines(results["converter"]) == [
       f"error: --out={used}: is not empty (holds ['notes.txt']); import into a new or empty "
       "folder; nothing there is overwritten"]

@@ -26,6 +26,7 @@ import grain
 import ml_collections
 import numpy as np
 
+from sgjax import errors
 from sgjax.data import fashion_mnist
 
 NAME = "fashion_mnist_captions"
@@ -34,6 +35,14 @@ FEATURES, METADATA, RECORDS = "text_features.npz", "metadata.json", "train.array
 CLASS_PHRASES = ("a t-shirt", "a pair of trousers", "a pullover", "a dress", "a coat",
                  "a sandal", "a shirt", "a sneaker", "a bag", "an ankle boot")
 _IMAGE_BYTES = 28 * 28
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """The caption templates of `text` (training's and the held-out evaluation ones)."""
+  tx = config.text
+  for name in ("templates", "eval_templates"):
+    errors.check(len(tx[name]) > 0 and all("{}" in t for t in tx[name]), f"text.{name}",
+                 tx[name], "must be a non-empty tuple of strings, each with one {} for the class")
 
 
 def caption(label: int, template: str) -> str:

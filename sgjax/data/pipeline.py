@@ -18,6 +18,7 @@ import grain
 import ml_collections
 import numpy as np
 
+from sgjax import errors
 from sgjax.data import captions, fashion_mnist, latents
 
 DATASETS = ("fashion_mnist", "synthetic", "latents", "fashion_mnist_captions")
@@ -41,6 +42,18 @@ class SyntheticSource:
     rng = np.random.default_rng((self.seed, int(index)))
     image = rng.integers(0, 256, (self.image_size, self.image_size, self.channels), np.uint8)
     return {"image": image, "label": int(rng.integers(0, self.num_classes))}
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """The `data` section's shapes and reading (a dataset's own sizes are checked where it is
+  read: `data_source`); captioned data: their caption templates (sgjax.data.captions)."""
+  d, check = config.data, errors.check
+  check(d.channels >= 1, "data.channels", d.channels, "must be >= 1")
+  check(d.num_classes >= 1, "data.num_classes", d.num_classes, "must be >= 1")
+  check(d.worker_count >= 0, "data.worker_count", d.worker_count, "must be >= 0")
+  check(d.prefetch >= 0, "data.prefetch", d.prefetch, "must be >= 0 (batches placed ahead)")
+  if d.name == captions.NAME:
+    captions.check_config(config)
 
 
 def _check_fashion_mnist(dc: ml_collections.ConfigDict) -> None:

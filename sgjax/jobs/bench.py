@@ -351,7 +351,7 @@ def main(argv) -> None:
   f = flags.FLAGS
   platform.set_default_xla_flags(sampling=f.what == "sample")
   config = f.config
-  config_lib.validate(config, jax.device_count())
+  config_lib.validate(config, jax.device_count(), job="bench")
   what = f.what.split(",")
   result = dict(device=str(jax.devices()[0].device_kind), backend=jax.default_backend(),
                 jax=jax.__version__, dtype=config.dtype)

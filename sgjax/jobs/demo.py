@@ -1,8 +1,10 @@
 """`--mode=demo` (after training): guided rules side by side from one checkpoint and seed, scored.
 
-A class-conditional model samples CFG and SG (`demo.eval_per_class` images per class each):
-grids samples_<rule>.png (the first `sample.per_class` of each class) and, on Fashion-MNIST,
-FD-FMNIST and class accuracy beside GMACs per image (demo_metrics.json).
+A class-conditional model samples unguided, CFG and SG (`demo.eval_per_class` images per class
+each) at matched compute: SG at `sample.steps` sets the budget (GMACs per image), and the other
+rules take the most sampler steps that stay within it. Grids samples_<rule>.png (the first
+`sample.per_class` of each class) and, on Fashion-MNIST, FD-FMNIST and class accuracy beside
+steps and GMACs per image (demo_metrics.json).
 
 A text model (`python -m sgjax.text.demo`, or `--mode=demo` of a text config) samples held-out
 prompts (`text.eval_templates`: wording never seen in training, spread evenly over the
@@ -28,16 +30,52 @@ from sgjax import state as state_lib
 from sgjax.data import captions
 from sgjax.eval import fmnist
 
-CLASS_RULES = ("cfg", "sg")
+CLASS_RULES = ("none", "cfg", "sg")
+MATCHED_TO = "sg"  # The rule whose cost at sample.steps the others are matched to.
 TEXT_RULES = ("none", "cfg", "sg", "cfg_sg")
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """The `demo` section (what the demo samples beyond `sample`: its images per class)."""
+  errors.check(config.demo.eval_per_class >= 1, "demo.eval_per_class", config.demo.eval_per_class,
+               "must be >= 1")
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
+             job: str = "demo") -> None:
+  """What a demo reads: `job`'s fields (`--mode=demo` trains first; the text demo samples a
+  trained workdir: "sample"), and `demo`."""
+  config_lib.validate(config, num_devices, job=job)
+  check_config(config)
 
 
 def rule_config(config: ml_collections.ConfigDict, rule: str) -> ml_collections.ConfigDict:
   """The demo's setting of `rule`: ω from config.demo (1 for none, omega_sg for sg, omega_cfg
-  otherwise), the configured γs, no evaluation set."""
+  otherwise), the configured γs (none: the dense model), no evaluation set."""
   omega = 1.0 if rule == "none" else config.demo["omega_sg" if rule == "sg" else "omega_cfg"]
-  return config_lib.replace(config, {"sample.guidance.rule": rule,
-                                     "sample.guidance.omega": omega, "sample.num_samples": 0})
+  fields = {"sample.guidance.rule": rule, "sample.guidance.omega": omega,
+            "sample.num_samples": 0}
+  if rule == "none":
+    fields["sample.guidance.gamma_strong"] = 0.0
+  return config_lib.replace(config, fields)
+
+
+def gmacs(config: ml_collections.ConfigDict) -> float:
+  return flops.plan_macs(config, config_lib.sampling_plan(config)).with_attention / 1e9
+
+
+def matched_config(config: ml_collections.ConfigDict, rule: str, budget: float
+                   ) -> ml_collections.ConfigDict:
+  """`rule_config` with the most sampler steps (≤ 4 × sample.steps) whose GMACs per image stay
+  within `budget` (at least one step)."""
+  c = rule_config(config, rule)
+  best = config_lib.replace(c, {"sample.steps": 1})
+  for n in range(2, 4 * config.sample.steps + 1):
+    cn = config_lib.replace(c, {"sample.steps": n})
+    if gmacs(cn) > budget * (1 + 1e-9):
+      break  # Cost grows with steps.
+    best = cn
+  return best
 
 
 def text_rule_config(config: ml_collections.ConfigDict, rule: str) -> ml_collections.ConfigDict:
@@ -48,21 +86,22 @@ def text_rule_config(config: ml_collections.ConfigDict, rule: str) -> ml_collect
 def _table(results: dict, width: int, header: str, note: str = "") -> None:
   if header:
     metrics.print0(header)
-  metrics.print0(f"{'rule':{width}s} {'ω':>4s} {'γ s/w':>9s} {'FD-FMNIST':>10s} "
+  metrics.print0(f"{'rule':{width}s} {'ω':>4s} {'γ s/w':>9s} {'steps':>5s} {'FD-FMNIST':>10s} "
                  f"{'class acc':>10s} {'GMACs/image':>12s}{note}")
   for rule, r in results.items():
     b = guidance_lib.RULE_BRANCHES[rule]
     gam = f"{r['gamma_strong']:g}/{r['gamma_weak']:g}" if b.sparse and b.weak else "-"
-    metrics.print0(f"{rule:{width}s} {r['omega']:4g} {gam:>9s} {r['fd_fmnist']:10.2f} "
-                   f"{100 * r['class_accuracy']:9.1f}% {r['gmacs_per_image']:12.3f}")
+    metrics.print0(f"{rule:{width}s} {r['omega']:4g} {gam:>9s} {r['steps']:5d} "
+                   f"{r['fd_fmnist']:10.2f} {100 * r['class_accuracy']:9.1f}% "
+                   f"{r['gmacs_per_image']:12.3f}")
 
 
 def _score(config, workdir: str, samples: dict, labels: np.ndarray, **extra) -> dict:
   clf, ref, _ = fmnist.for_workdir(config.data, workdir, log=metrics.print0)
   results = {}
-  for rule, (images, macs, g) in samples.items():
+  for rule, (images, macs, g, steps) in samples.items():
     results[rule] = dict(fmnist.sample_metrics(clf, ref, images, labels), omega=g.omega,
-                         gamma_strong=g.gamma_strong, gamma_weak=g.gamma_weak,
+                         gamma_strong=g.gamma_strong, gamma_weak=g.gamma_weak, steps=steps,
                          gmacs_per_image=macs.with_attention / 1e9, **extra)
   return results
 
@@ -75,17 +114,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> tuple[list[str], dic
   per_class = max(config.demo.eval_per_class, config.sample.per_class)
   mesh = sharding.build_mesh(config.mesh)
   samples, paths = {}, []
+  budget = gmacs(rule_config(config, MATCHED_TO))
   for rule in CLASS_RULES:
-    c = rule_config(config, rule)
+    c = matched_config(config, rule, budget)
     plan = config_lib.sampling_plan(c)
     with jax.set_mesh(mesh):
       model, weights, step = generate.load_weights(c, workdir, mesh)
       labels = generate.class_labels(model.num_classes, per_class)
       t0 = time.perf_counter()
       images = generate.images(c, model, weights, labels, plan, mesh, config.sample.seed)
-    metrics.print0(f"sampled {len(images)} images ({rule}, ω={c.sample.guidance.omega:g}) in "
-                   f"{time.perf_counter() - t0:.1f}s")
-    samples[rule] = (images, flops.plan_macs(c, plan), c.sample.guidance)
+    metrics.print0(f"sampled {len(images)} images ({rule}, ω={c.sample.guidance.omega:g}, "
+                   f"{c.sample.steps} steps) in {time.perf_counter() - t0:.1f}s")
+    samples[rule] = (images, flops.plan_macs(c, plan), c.sample.guidance, c.sample.steps)
     paths.append(os.path.join(workdir, f"samples_{rule}.png"))
     if jax.process_index() == 0:
       # The .npz holds all eval_per_class images per class; the grid the first per_class.
@@ -97,7 +137,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> tuple[list[str], dic
   results = _score(config, workdir, samples, labels)
   if jax.process_index() == 0:
     files.write_text(os.path.join(workdir, "demo_metrics.json"), json.dumps(results, indent=2))
-  _table(results, 5, "", f"   ({len(labels)} samples per rule; FD-FMNIST is not FID)")
+  _table(results, 5, f"at matched compute ({budget:.2f} GMACs/image at most: {MATCHED_TO} at "
+         f"{config.sample.steps} steps)", f"   ({len(labels)} samples per rule; FD-FMNIST is "
+         "not FID)")
   return paths, results
 
 
@@ -133,7 +175,7 @@ def run_text(config: ml_collections.ConfigDict, workdir: str,
       images = generate.images(c, model, weights, cond, plan, mesh, config.sample.seed, null)
       metrics.print0(f"sampled {len(images)} images ({rule}, ω={c.sample.guidance.omega:g}) "
                      f"in {time.perf_counter() - t0:.1f}s")
-      samples[rule] = (images, flops.plan_macs(c, plan), c.sample.guidance)
+      samples[rule] = (images, flops.plan_macs(c, plan), c.sample.guidance, c.sample.steps)
       if jax.process_index() == 0:
         generate.save_grid(c, workdir, f"t2i_{rule}",
                            generate.grid_rows(images, num_classes, config.sample.per_class),
@@ -155,7 +197,7 @@ def text_main(argv) -> None:
   del argv
   logging.set_verbosity(logging.WARNING)  # Orbax logs every restore at INFO.
   config = flags.FLAGS.config
-  config_lib.validate(config, jax.device_count())
+  validate(config, jax.device_count(), job="sample")
   run_text(config, flags.FLAGS.workdir, tuple(flags.FLAGS.rules))
 
 

@@ -8,7 +8,8 @@ Every model module exports the same surface, and the rest of sgjax sees a model 
                                condition's shapes, what init traces with), `builtin_null()` (CFG's
                                ∅, or None where the data bring it), `num_tokens` and `masked`
   forward_macs(config, sparsity)  the analytic MACs of one forward pass (sgjax.flops' unit, Macs)
-  check_config(config)         the config fields only this kind reads (the shared ones: here)
+  check_config(config)         the config fields only this kind reads (the shared ones, the
+                               preset and `dtype`: here)
 
 Weights from elsewhere (DiT/SiT checkpoints, the SD-VAE) are loaded by sgjax.convert, not here.
 """
@@ -26,6 +27,30 @@ from sgjax.models.macs import Macs
 
 _MODULES = {"dit": dit, "trdit": trdit}  # Class-conditional DiT/SiT; text-conditional TR-DiT.
 KINDS = tuple(_MODULES)
+# DiT/SiT sizes (Peebles & Xie, Table 1). A preset "XL/2" is size XL with patch 2.
+MODEL_SIZES = {
+    "S": dict(depth=12, width=384, heads=6),
+    "B": dict(depth=12, width=768, heads=12),
+    "L": dict(depth=24, width=1024, heads=16),
+    "XL": dict(depth=28, width=1152, heads=16),
+}
+PATCH_SIZES = (2, 4, 8)
+PRESETS = tuple(f"{s}/{p}" for s in MODEL_SIZES for p in PATCH_SIZES)
+DTYPES = ("float32", "bfloat16")  # `dtype`: the compute dtype; params stay float32.
+
+
+def apply_preset(model: ml_collections.ConfigDict) -> None:
+  """Fills depth/width/heads/patch_size from `model.preset` (empty preset: explicit fields)."""
+  if not model.preset:
+    return
+  if model.preset not in PRESETS:
+    raise errors.UserError(f"model.preset = {model.preset!r}", "unknown",
+                           f"allowed: {', '.join(PRESETS)} or '' for explicit "
+                           "depth/width/heads/patch_size")
+  size, patch = model.preset.split("/")
+  for k, v in MODEL_SIZES[size].items():
+    model[k] = v
+  model.patch_size = int(patch)
 
 
 def module(config: ml_collections.ConfigDict) -> ModuleType:
@@ -67,9 +92,5 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   check(m.remat in dit.REMAT_POLICIES, "model.remat", m.remat, f"allowed: {dit.REMAT_POLICIES}")
   check(config.data.image_size % m.patch_size == 0, "model.patch_size", m.patch_size,
         f"must divide data.image_size = {config.data.image_size}")
+  check(config.dtype in DTYPES, "dtype", config.dtype, f"allowed: {DTYPES}")
   kind.check_config(config)
-
-
-def is_text(config: ml_collections.ConfigDict) -> bool:
-  """Deprecated: ask `conditioning(config) == "text"` (kept while sgjax.previews calls it)."""
-  return conditioning(config) == "text"

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import PartitionSpec as P
 
-from sgjax import sharding
+from sgjax import errors, sharding
 
 EPS = 1e-6  # Every GroupNorm of the SD-VAE.
 LOGVAR_RANGE = (-30.0, 20.0)  # diffusers clamps the posterior log-variance to this.
@@ -212,6 +212,34 @@ class AutoencoderKL(nn.Module):
     """Encode then decode the posterior mean (used to create every param at init)."""
     mean, _ = self.encode(x)
     return self.decode(mean)
+
+
+def downsampling(vc: ml_collections.ConfigDict) -> int:
+  """How many pixels on a side one latent covers: x2 per down block after the first."""
+  return 2 ** (len(vc.block_out_channels) - 1)
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """The `vae` section, and latent data against it: `data.name = "latents"` are this VAE's
+  latents of `encode.image_size` images (sgjax.tools.encode_latents checks `encode` itself)."""
+  v, check = config.vae, errors.check
+  chans = tuple(v.block_out_channels)
+  check(len(chans) >= 1 and all(c >= 1 and c % v.norm_groups == 0 for c in chans),
+        "vae.block_out_channels", chans,
+        f"must be >= 1 entries, each a positive multiple of vae.norm_groups = {v.norm_groups}")
+  check(v.norm_groups >= 1, "vae.norm_groups", v.norm_groups, "must be >= 1")
+  check(v.layers_per_block >= 1, "vae.layers_per_block", v.layers_per_block, "must be >= 1")
+  check(v.latent_channels >= 1, "vae.latent_channels", v.latent_channels, "must be >= 1")
+  check(v.in_channels >= 1, "vae.in_channels", v.in_channels, "must be >= 1")
+  check(v.scale > 0, "vae.scale", v.scale, "must be > 0")
+  check(v.chunk >= 1, "vae.chunk", v.chunk, "must be >= 1")
+  d, size, factor = config.data, config.encode.image_size, downsampling(v)
+  if d.name == "latents":
+    check(d.channels == v.latent_channels, "data.channels", d.channels,
+          f"latents have vae.latent_channels = {v.latent_channels} channels")
+    check(d.image_size * factor == size, "data.image_size", d.image_size,
+          f"latents of encode.image_size = {size} images are {size // factor} (VAE "
+          f"downsampling x{factor})")
 
 
 def from_config(vc: ml_collections.ConfigDict) -> AutoencoderKL:

@@ -36,6 +36,21 @@ from sgjax.data import latents
 from sgjax.models import vae as vae_lib
 
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
+SOURCES = ("folder", "tfds")  # encode.source: an image folder, or tfds' imagenet2012.
+LATENT_DTYPES = ("float16", "float32")  # encode.dtype: how the latent mean and std are stored.
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """The `encode` section (the VAE's own: sgjax.models.vae.check_config)."""
+  e, check = config.encode, errors.check
+  factor = vae_lib.downsampling(config.vae)
+  check(e.source in SOURCES, "encode.source", e.source, f"allowed: {SOURCES}")
+  check(e.image_size >= factor and e.image_size % factor == 0, "encode.image_size",
+        e.image_size, f"must be a positive multiple of the VAE's downsampling factor {factor}")
+  check(e.batch_size >= 1, "encode.batch_size", e.batch_size, "must be >= 1")
+  check(e.shard_size >= 1, "encode.shard_size", e.shard_size, "must be >= 1")
+  check(e.dtype in LATENT_DTYPES, "encode.dtype", e.dtype, f"allowed: {LATENT_DTYPES}")
+  check(e.max_shards >= 0, "encode.max_shards", e.max_shards, "must be >= 0 (0 = all)")
 
 
 def center_crop(image: Image.Image, size: int) -> np.ndarray:
@@ -109,7 +124,7 @@ def make_source(ec: ml_collections.ConfigDict):
 
 def _metadata(config, source, num_shards: int) -> dict:
   e, v = config.encode, config.vae
-  factor = 2 ** (len(v.block_out_channels) - 1)
+  factor = vae_lib.downsampling(v)
   side = e.image_size // factor
   copies = 2 if e.flip else 1
   return dict(format=latents.FORMAT, source=e.source, split=e.split,
@@ -127,7 +142,8 @@ def encode(config: ml_collections.ConfigDict) -> str:
 
   Stops early after `encode.max_shards` shards when > 0 (a rerun goes on from there).
   """
-  config_lib.validate(config)
+  config_lib.validate(config, job="encode_latents")
+  check_config(config)
   e, v, out_dir = config.encode, config.vae, config.data.dir
   if not out_dir:
     raise errors.UserError("data.dir = ''", "no output folder",

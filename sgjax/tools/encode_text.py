@@ -24,7 +24,7 @@ from sgjax.text import encoder as encoder_lib
 def main(argv) -> None:
   del argv
   config = flags.FLAGS.config
-  config_lib.validate(config)
+  config_lib.validate(config, job="encode_text")
   if config.data.name != captions.NAME:
     raise errors.UserError(f"data.name = {config.data.name!r}",
                            f"encode_text writes {captions.NAME!r}",
