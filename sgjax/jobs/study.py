@@ -540,6 +540,16 @@ def report(study: Study, parts: dict[str, list[dict]]) -> str:
   return "\n".join(out)
 
 
+def _finish(fig, ax, xlabel: str, ylabel: str, path: str) -> str:
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  sweep.save_figure(fig, path)
+  return path
+
+
 def plot(study: Study, parts: dict[str, list[dict]]) -> list[str]:
   """Quality vs GMACs with each rule's Pareto front (final points with their intervals),
   quality vs training step per rule, and the probe over training."""
@@ -569,15 +579,10 @@ def plot(study: Study, parts: dict[str, list[dict]]) -> list[str]:
       lo, hi = r.get(f"{name}_lo", r[name]), r.get(f"{name}_hi", r[name])
       ax.errorbar([r["gmacs_per_image"]], [r[name]], yerr=[[r[name] - lo], [hi - r[name]]],
                   fmt="D", color=colors[r["rule"]], mec="k", ms=6, capsize=3)
-    ax.set_xlabel("GMACs per image (whole sampler)")
-    ax.set_ylabel(axis)
     ax.set_title("screen points (dots), Pareto fronts (lines), final points ± 95% (diamonds)",
                  fontsize=8)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(os.path.join(study.out_dir, f"{name}_vs_gmacs.png"))
-    sweep.save_figure(fig, paths[-1])
+    paths.append(_finish(fig, ax, "GMACs per image (whole sampler)", axis,
+                         os.path.join(study.out_dir, f"{name}_vs_gmacs.png")))
   if parts.get("checkpoints"):
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for rule in ALL_RULES:
@@ -586,13 +591,8 @@ def plot(study: Study, parts: dict[str, list[dict]]) -> list[str]:
       if rows:
         ax.plot([r["checkpoint"] for r in rows], [r[m] for r in rows], "-o", ms=3,
                 color=colors[rule], label=label(rows[0]))
-    ax.set_xlabel("training step")
-    ax.set_ylabel(f"{m} (lower is better)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(os.path.join(study.out_dir, f"{m}_vs_step.png"))
-    sweep.save_figure(fig, paths[-1])
+    paths.append(_finish(fig, ax, "training step", f"{m} (lower is better)",
+                         os.path.join(study.out_dir, f"{m}_vs_step.png")))
   if parts.get("probe"):
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
     for t in sorted({r["t"] for r in parts["probe"]}):
