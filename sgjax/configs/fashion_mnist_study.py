@@ -16,7 +16,7 @@ def get_config():
   # Sized for a 2-core CPU (about an hour for the whole study): Euler at 8-24 steps, 150
   # samples a screening point, 2,000 for the matched comparison at CFG's cost at 12 steps
   # (3.30 GMACs/image; the budget is a hair above it so that point itself qualifies).
-  c.sample.batch_size = 150
+  c.sample.batch_size = 160
   c.study.update(per_class=15, final_per_class=200, bootstrap=300, steps=(8, 12, 16, 24),
                  steps_ref=12, omega_ref=3.0, cfg_omegas=(1.5, 2.0, 3.0, 4.0),
                  cfg_intervals=((0.25, 1.0),), omegas=(1.5, 2.0, 4.0, 6.0),

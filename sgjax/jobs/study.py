@@ -678,7 +678,7 @@ def main(argv) -> None:
   config = flags.FLAGS.config
   if config is None or not flags.FLAGS.workdir:
     raise errors.UserError("--config, --workdir", "required", "pass both")
-  config_lib.validate(config, jax.device_count())
+  config_lib.validate(config, jax.device_count(), job="sample")  # + check() in run()
   path = run(config, flags.FLAGS.workdir)
   if jax.process_index() == 0:
     print(files.read_text(path))

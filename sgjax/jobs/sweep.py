@@ -98,7 +98,7 @@ def point_config(config: ml_collections.ConfigDict, p: dict) -> ml_collections.C
   c = config_lib.replace(config, {
       "sample.steps": p["steps"], "sample.num_samples": 0, "sample.guidance.schedule": "constant",
       **{f"sample.guidance.{k}": p[k] for k in ("rule", "omega", "gamma_strong", "gamma_weak")}})
-  config_lib.validate(c, jax.device_count())
+  config_lib.validate(c, jax.device_count(), job="sweep")
   return c
 
 
@@ -264,7 +264,7 @@ def main(argv) -> None:
   if config is None or not flags.FLAGS.workdir:
     raise errors.UserError("--config, --workdir", "required (except with --plot_only)",
                            "pass both")
-  config_lib.validate(config, jax.device_count())
+  config_lib.validate(config, jax.device_count(), job="sweep")
   run(config, flags.FLAGS.workdir)
 
 
