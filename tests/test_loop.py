@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from sgjax import checkpoint, errors, generate, train
+from sgjax import config as config_lib
 from sgjax.jobs import demo as demo_job
 from sgjax.jobs import sample as sample_job
 from tests.builders import tiny_config
@@ -115,9 +116,20 @@ def test_demo_writes_cfg_and_sg_grids_from_one_sampling_pass(tmp_path):
   c.demo.update(omega_cfg=2.0, omega_sg=2.0, eval_per_class=3)
   train.train(c, str(tmp_path))
   paths, metrics = demo_job.run(c, str(tmp_path))
-  assert [os.path.basename(p) for p in paths] == ["samples_cfg.png", "samples_sg.png"]
+  assert [os.path.basename(p) for p in paths] == [
+      "samples_none.png", "samples_cfg.png", "samples_sg.png"]
   assert metrics == {}  # Synthetic data: no FD-FMNIST classifier to judge it.
+  # Matched compute: SG at sample.steps sets the budget; the others take the most steps in it.
+  budget = demo_job.gmacs(demo_job.rule_config(c, "sg"))
+  steps = {}
+  for rule in ("none", "cfg"):
+    m = demo_job.matched_config(c, rule, budget)
+    more = config_lib.replace(m, {"sample.steps": m.sample.steps + 1})
+    assert demo_job.gmacs(m) <= budget < demo_job.gmacs(more), rule
+    steps[rule] = m.sample.steps
+  assert steps["cfg"] < c.sample.steps < steps["none"]  # CFG: 2 dense forwards; none: 1.
   cfg, sg = (np.load(str(tmp_path / f"samples_{r}.npz")) for r in ("cfg", "sg"))
+  assert json.loads(str(cfg["settings"]))["sample.steps"] == steps["cfg"]
   np.testing.assert_array_equal(cfg["labels"], np.repeat(np.arange(4), 3))
   assert cfg["arr_0"].shape == sg["arr_0"].shape == (12, 16, 16, 1)
   # The grid shows sample.per_class (2) of the 3 images per class: 4 rows x 2 columns.

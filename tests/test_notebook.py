@@ -34,10 +34,11 @@ def test_colab_notebook_executes_on_cpu(tmp_path, monkeypatch):
   assert "pre-flight for v5litepod-1" in preflight
   assert re.search(r"^train_step .* FITS \(\+[\d.]+ GiB of 16\)$", preflight, re.M), preflight
   assert "trained to step 2" in _text(code[4])
-  # Both grids shown inline and written: 10 class rows of 28-pixel images (saved at 2x).
+  # The demo's grids (unguided, CFG, SG) shown inline and written: 10 class rows of 28-pixel
+  # images (saved at 2x).
   shown = [o for o in code[5].outputs if o.output_type == "display_data"]
-  assert len(shown) == 2 and all("image/png" in o.data for o in shown)
-  for rule in ("cfg", "sg"):
+  assert len(shown) == 3 and all("image/png" in o.data for o in shown)
+  for rule in ("none", "cfg", "sg"):
     grid = np.asarray(Image.open(workdir / f"samples_{rule}.png"))
     assert grid.shape[0] >= 10 * 28 * 2
   # The FLOP table: SG's guided step (one routed forward) costs less than CFG's (two dense).
