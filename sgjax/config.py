@@ -92,20 +92,6 @@ def _check_sample(config: ml_collections.ConfigDict, num_devices: int | None) ->
   guidance.check_config(config)  # The rule and its schedule, step by step.
 
 
-def _check_sweep(config: ml_collections.ConfigDict, num_devices: int | None) -> None:
-  """`sweep` (sgjax.jobs.sweep's section; its grid's own check is there, `check_grid`)."""
-  del num_devices
-  w = config.sweep
-  for name, ok, allowed in (
-      ("rules", all(r in guidance.RULES for r in w.rules), f"each in {guidance.RULES}"),
-      ("omegas", all(o >= 0 for o in w.omegas), "each >= 0"),
-      ("gammas_strong", all(0 <= g < 1 for g in w.gammas_strong), "each in [0, 1)"),
-      ("gammas_weak", all(0 <= g < 1 for g in w.gammas_weak), "each in [0, 1)"),
-      ("steps", all(int(k) >= 1 for k in w.steps), "each >= 1"),
-      ("per_class", w.per_class >= 1, ">= 1")):
-    errors.check(ok, f"sweep.{name}", w[name], f"must be {allowed}")
-
-
 # Each section's checks, from the module that reads it: (config, num_devices or None) -> None.
 # `model` includes `dtype` and a text model's `text` shapes; `data` a caption set's templates;
 # `vae` latent data's shapes.
@@ -118,7 +104,6 @@ CHECKS: dict[str, Callable[[ml_collections.ConfigDict, int | None], None]] = {
     "train": _check_train,
     "sample": _check_sample,
     "eval": eval_metrics.check_config,
-    "sweep": _check_sweep,
 }
 # Training reads `sample` and `vae` too: the grids it draws while it trains.
 _TRAIN = ("model", "data", "vae", "sparsity", "mesh", "train", "sample")
@@ -131,7 +116,7 @@ JOBS: dict[str, tuple[str, ...]] = {
     "bench": _TRAIN,
     "sample": _SAMPLE,
     "eval": _SAMPLE + ("eval",),
-    "sweep": _SAMPLE + ("sweep",),
+    "sweep": _SAMPLE,  # `sweep` itself: sgjax.jobs.sweep (`study`: sgjax.jobs.study).
     "flops": ("model", "data", "sparsity", "sample"),
     "encode_latents": ("vae",),  # `encode` itself: sgjax.tools.encode_latents.
     "encode_text": ("model", "data"),

@@ -6,7 +6,7 @@ import pytest
 from sgjax import config as config_lib
 from sgjax import configs, errors, guidance, models, sampling, train
 from sgjax.eval import metrics
-from sgjax.jobs import demo
+from sgjax.jobs import demo, sweep
 from sgjax.models import dit
 from sgjax.tools import encode_latents
 from tests.builders import tiny_config
@@ -117,7 +117,7 @@ def test_a_job_checks_the_fields_it_reads_and_a_training_run_ignores_the_rest(tm
     config_lib.validate(c, num_devices=8, job=job)
   assert int(train.train(c, str(tmp_path / "run"))["step"]) == 1
   with pytest.raises(errors.UserError, match=r"^sweep.omegas = \(-1.0,\): must be each >= 0$"):
-    config_lib.validate(c, num_devices=8, job="sweep")
+    sweep.validate(c, num_devices=8)
   with pytest.raises(errors.UserError, match=r"^eval.num_samples = 1: must be >= 2"):
     config_lib.validate(c, num_devices=8, job="eval")
   with pytest.raises(errors.UserError, match=r"^demo.eval_per_class = 0: must be >= 1$"):

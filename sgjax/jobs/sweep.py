@@ -58,6 +58,25 @@ GRID_FIELDS = ("sample.steps", "sample.num_samples", "sample.guidance.rule",
                "sample.guidance.gamma_weak", "sample.guidance.schedule")
 
 
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """The `sweep` section's values (this module owns it); `check_grid` checks the grid."""
+  w = config.sweep
+  for name, ok, allowed in (
+      ("rules", all(r in guidance_lib.RULES for r in w.rules), f"each in {guidance_lib.RULES}"),
+      ("omegas", all(o >= 0 for o in w.omegas), "each >= 0"),
+      ("gammas_strong", all(0 <= g < 1 for g in w.gammas_strong), "each in [0, 1)"),
+      ("gammas_weak", all(0 <= g < 1 for g in w.gammas_weak), "each in [0, 1)"),
+      ("steps", all(int(k) >= 1 for k in w.steps), "each >= 1"),
+      ("per_class", w.per_class >= 1, ">= 1")):
+    errors.check(ok, f"sweep.{name}", w[name], f"must be {allowed}")
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+  """What the sweep reads: the sampling job's fields and `sweep`."""
+  config_lib.validate(config, num_devices, job="sweep")
+  check_config(config)
+
+
 def check_grid(sweep: ml_collections.ConfigDict) -> list[dict]:
   """The grid's points; refuses an empty axis or a grid whose every point is left out."""
   for name in ("rules", "omegas", "gammas_strong", "gammas_weak", "steps"):
@@ -264,7 +283,7 @@ def main(argv) -> None:
   if config is None or not flags.FLAGS.workdir:
     raise errors.UserError("--config, --workdir", "required (except with --plot_only)",
                            "pass both")
-  config_lib.validate(config, jax.device_count(), job="sweep")
+  validate(config, jax.device_count())
   run(config, flags.FLAGS.workdir)
 
 
