@@ -18,8 +18,8 @@ def get_config():
   # (3.30 GMACs/image; the budget is a hair above it so that point itself qualifies).
   c.sample.batch_size = 160
   c.study.update(per_class=15, final_per_class=200, bootstrap=300, steps=(8, 12, 16, 24),
-                 steps_ref=12, omega_ref=3.0, cfg_omegas=(1.5, 2.0, 3.0, 4.0),
-                 cfg_intervals=((0.25, 1.0),), omegas=(1.5, 2.0, 4.0, 6.0),
+                 steps_ref=12, omega_ref=3.0, cfg_omegas=(1.25, 1.5, 2.0, 3.0, 4.0),
+                 cfg_intervals=((0.25, 1.0),), omegas=(1.5, 2.0, 4.0, 6.0, 8.0, 12.0),
                  gammas_strong=(0.0, 0.1, 0.2, 0.3, 0.5), gammas_weak=(0.6, 0.7, 0.8, 0.9),
                  unguided_gammas=(0.0, 0.25, 0.5, 0.75, 0.9), budgets=(3.31,),
                  probe_images=200, probe_draws=2)

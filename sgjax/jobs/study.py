@@ -11,8 +11,8 @@ Stages (`study.stages`, each resumable: every scored point is one JSON line of
                then `steps` at the best γ;
                CFG at every ω × steps, and with each guidance interval at its best ω;
                SG, CFG+SG and AG+SG searched coordinate-wise: γ_strong × γ_weak at `omega_ref`
-               and `steps_ref` (CFG+SG and AG+SG over SG's `top_pairs` best pairs), then ω at
-               the best pair, then steps at the best ω.
+               and `steps_ref` (CFG+SG and AG+SG over SG's 3 best pairs; AG+SG also at γ 0/0,
+               autoguidance alone), then ω at the best pair, then steps at the best ω.
   final        the matched comparison: at each compute level (`budgets` GMACs/image, default
                CFG's at each steps), the best screened setting of each rule within it, scored
                again with `final_per_class` samples per class and a 95% interval (bootstrap).
@@ -328,6 +328,8 @@ def screen(study: Study) -> list[dict]:
     if rule != "sg" and sg_grid:
       tried = [(r["gamma_strong"], r["gamma_weak"])
                for r in sorted(sg_grid, key=lambda r: r[study.metric])[:TOP_PAIRS]]
+    if guidance_lib.uses_guide(rule):
+      tried = [*tried, (0.0, 0.0)]  # Autoguidance alone: how much of AG+SG is the guide.
     grid = study.run([point(rule, s.omega_ref, a, b, s.steps_ref, **at, **extra)
                       for a, b in tried], f"screen, {rule} γ pairs")
     sg_grid = grid if rule == "sg" else sg_grid
