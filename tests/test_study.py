@@ -86,11 +86,12 @@ def test_study_searches_compares_at_matched_compute_and_resumes(tmp_path, monkey
   full = [r for r in by_rule["cfg"] if r["steps"] == 2 and r["interval"] == [0, 1]]
   # Guiding only on part of the path costs less than guiding on all of it.
   assert len(interval) == 1 and interval[0]["gmacs_per_image"] < full[0]["gmacs_per_image"]
-  for rule in ("sg", "ag_sg"):
-    mine = by_rule[rule]
+  fams = {f: [r for r in screen if study_lib.family(r) == f] for f in study_lib.FAMILIES}
+  for fam, pairs in (("sg", {(0, .5), (0, .75)}), ("ag_sg", {(0, .5), (0, .75)}),
+                     ("ag", {(0, 0)})):  # AG+SG at γ 0/0: autoguidance alone, searched apart.
+    mine = fams[fam]
     grid = [r for r in mine if r["omega"] == 2.0 and r["steps"] == 2]
-    dense_guide = {(0, 0)} if rule == "ag_sg" else set()  # Autoguidance alone, the control.
-    assert {(r["gamma_strong"], r["gamma_weak"]) for r in grid} == {(0, .5), (0, .75)} | dense_guide
+    assert {(r["gamma_strong"], r["gamma_weak"]) for r in grid} == pairs
     best = min(grid, key=lambda r: r["fd_fmnist"])
     line = [r for r in mine if r["omega"] == 3.0 and r["steps"] == 2]
     assert [(r["gamma_strong"], r["gamma_weak"]) for r in line] == [(best["gamma_strong"],
@@ -108,7 +109,7 @@ def test_study_searches_compares_at_matched_compute_and_resumes(tmp_path, monkey
   assert all(r["fd_fmnist_lo"] < r["fd_fmnist"] < r["fd_fmnist_hi"] for r in final)
   assert all(0 <= r["class_accuracy_lo"] <= r["class_accuracy_hi"] <= 1 for r in final)
   for budget in budgets:
-    for mine in by_rule.values():
+    for mine in fams.values():
       fits = [r for r in mine if r["gmacs_per_image"] <= budget * 1.000001]
       if fits:
         best = min(fits, key=lambda r: r["fd_fmnist"])

@@ -58,6 +58,14 @@ from sgjax.sparsity import Sparsity
 
 STAGES = ("screen", "final", "checkpoints", "dense", "probe")
 ALL_RULES = ("none", "cfg", "sg", "cfg_sg", "ag_sg")
+# What the tables compare: the rules, and AG+SG at γ 0/0 apart ("ag": autoguidance alone, both
+# branches dense, the control that says how much of AG+SG is the guide).
+FAMILIES = (*ALL_RULES, "ag")
+
+
+def family(r: dict) -> str:
+  dense_ag = r["rule"] == "ag_sg" and r["gamma_strong"] == 0 and r["gamma_weak"] == 0
+  return "ag" if dense_ag else r["rule"]
 SEARCHED = ("sg", "cfg_sg", "ag_sg")  # Rules searched over γ pairs.
 TOP_PAIRS = 3  # CFG+SG and AG+SG start from SG's best γ pairs (the grid costs 20 points).
 LOSS_GAMMAS = (0.0, 0.5, 0.9)
@@ -316,6 +324,19 @@ def screen(study: Study) -> list[dict]:
     rows += cfg + study.run([point("cfg", best["omega"], 0, 0, best["steps"], interval=iv, **at)
                              for iv in s.cfg_intervals], "screen, CFG intervals")
   pairs = [(a, b) for a in s.gammas_strong for b in s.gammas_weak if a < b]
+
+  def search(rule: str, tried: list[tuple[float, float]], extra: dict, what: str) -> list[dict]:
+    """γ pairs at omega_ref, then ω at the best pair, then steps at the best ω."""
+    grid = study.run([point(rule, s.omega_ref, a, b, s.steps_ref, **at, **extra)
+                      for a, b in tried], f"screen, {what} γ pairs")
+    b = study.best(grid)
+    line = study.run([point(rule, w, b["gamma_strong"], b["gamma_weak"], s.steps_ref, **at,
+                            **extra) for w in s.omegas], f"screen, {what} ω")
+    b = study.best(grid + line)
+    return grid + line + study.run(
+        [point(rule, b["omega"], b["gamma_strong"], b["gamma_weak"], n, **at, **extra)
+         for n in s.steps], f"screen, {what} steps")
+
   sg_grid = None
   for rule in [r for r in SEARCHED if r in s.rules]:
     extra = {}
@@ -328,18 +349,12 @@ def screen(study: Study) -> list[dict]:
     if rule != "sg" and sg_grid:
       tried = [(r["gamma_strong"], r["gamma_weak"])
                for r in sorted(sg_grid, key=lambda r: r[study.metric])[:TOP_PAIRS]]
+    found = search(rule, tried, extra, rule)
+    if rule == "sg":
+      sg_grid = [r for r in found if r["omega"] == s.omega_ref and r["steps"] == s.steps_ref]
+    rows += found
     if guidance_lib.uses_guide(rule):
-      tried = [*tried, (0.0, 0.0)]  # Autoguidance alone: how much of AG+SG is the guide.
-    grid = study.run([point(rule, s.omega_ref, a, b, s.steps_ref, **at, **extra)
-                      for a, b in tried], f"screen, {rule} γ pairs")
-    sg_grid = grid if rule == "sg" else sg_grid
-    b = study.best(grid)
-    line = study.run([point(rule, w, b["gamma_strong"], b["gamma_weak"], s.steps_ref, **at,
-                            **extra) for w in s.omegas], f"screen, {rule} ω")
-    b = study.best(grid + line)
-    rows += grid + line + study.run(
-        [point(rule, b["omega"], b["gamma_strong"], b["gamma_weak"], n, **at, **extra)
-         for n in s.steps], f"screen, {rule} steps")
+      rows += search(rule, [(0.0, 0.0)], extra, "ag (autoguidance alone)")
   return rows
 
 
@@ -356,8 +371,8 @@ def final(study: Study, rows: list[dict]) -> list[dict]:
   s = study.config.study
   table = []
   for budget in budgets(study, rows):
-    for rule in ALL_RULES:
-      fits = [r for r in rows if r["rule"] == rule and r["gmacs_per_image"] <= budget * 1.000001]
+    for fam in FAMILIES:
+      fits = [r for r in rows if family(r) == fam and r["gmacs_per_image"] <= budget * 1.000001]
       if fits:
         b = study.best(fits)
         table.append((budget, dict(b, per_class=s.final_per_class)))
@@ -374,8 +389,8 @@ def checkpoints_stage(study: Study, rows: list[dict]) -> list[dict]:
     raise errors.UserError(f"study.checkpoints = {tuple(s.checkpoints)!r}",
                            f"no checkpoint of steps {missing}", f"kept: {study.saved}")
   points = []
-  for rule in ALL_RULES:
-    mine = [r for r in rows if r["rule"] == rule]
+  for fam in FAMILIES:
+    mine = [r for r in rows if family(r) == fam]
     if not mine:
       continue
     b = study.best(mine)
@@ -488,18 +503,18 @@ def report(study: Study, parts: dict[str, list[dict]]) -> str:
             f"| budget GMACs | rule | setting | GMACs | samples | {m} | class accuracy |",
             "|---|---|---|---|---|---|---|"]
     for r in parts["final"]:
-      out.append(f"| {r['budget']:.2f} | {r['rule']} | {label(r)} | {r['gmacs_per_image']:.2f} "
+      out.append(f"| {r['budget']:.2f} | {family(r)} | {label(r)} | {r['gmacs_per_image']:.2f} "
                  f"| {r['num_samples']} | {_ci(r, m)} | {_acc(r)} |")
     out.append("")
   if parts.get("screen"):
     n = parts["screen"][0]["num_samples"]
     out += [f"## Screening ({n} samples a point), best of each rule", "",
             f"| rule | setting | GMACs | {m} | class accuracy |", "|---|---|---|---|---|"]
-    for rule in ALL_RULES:
-      mine = [r for r in parts["screen"] if r["rule"] == rule]
+    for fam in FAMILIES:
+      mine = [r for r in parts["screen"] if family(r) == fam]
       if mine:
         b = study.best(mine)
-        out.append(f"| {rule} | {label(b)} | {b['gmacs_per_image']:.2f} | {b[m]:.2f} | "
+        out.append(f"| {fam} | {label(b)} | {b['gmacs_per_image']:.2f} | {b[m]:.2f} | "
                    f"{_acc(b)} |")
     out.append("")
   if parts.get("dense"):
@@ -522,11 +537,11 @@ def report(study: Study, parts: dict[str, list[dict]]) -> str:
     out += ["## Each rule's best setting over training", "",
             "| rule | setting | " + " | ".join(f"step {s}" for s in steps) + " |",
             "|---|---|" + "---|" * len(steps)]
-    for rule in ALL_RULES:
-      mine = {r["checkpoint"]: r for r in rows if r["rule"] == rule}
+    for fam in FAMILIES:
+      mine = {r["checkpoint"]: r for r in rows if family(r) == fam}
       if mine:
         any_row = next(iter(mine.values()))
-        out.append(f"| {rule} | {label(any_row)} | " + " | ".join(
+        out.append(f"| {fam} | {label(any_row)} | " + " | ".join(
             f"{mine[s][m]:.2f}" if s in mine else "—" for s in steps) + " |")
     out.append("")
   if parts.get("probe"):
@@ -559,7 +574,7 @@ def plot(study: Study, parts: dict[str, list[dict]]) -> list[str]:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   m, paths = study.metric, []
-  colors = dict(zip(ALL_RULES, plt.rcParams["axes.prop_cycle"].by_key()["color"][:5],
+  colors = dict(zip(FAMILIES, plt.rcParams["axes.prop_cycle"].by_key()["color"][:6],
                     strict=True))
   metric_names = [(m, f"{m} (lower is better)")]
   if parts.get("screen") and "class_accuracy" in parts["screen"][0]:
@@ -568,8 +583,8 @@ def plot(study: Study, parts: dict[str, list[dict]]) -> list[str]:
     if not parts.get("screen"):
       break
     fig, ax = plt.subplots(figsize=(7, 5))
-    for rule in ALL_RULES:
-      rows = [r for r in parts["screen"] if r["rule"] == rule]
+    for rule in FAMILIES:
+      rows = [r for r in parts["screen"] if family(r) == rule]
       if not rows:
         continue
       xs = np.array([r["gmacs_per_image"] for r in rows])
@@ -580,15 +595,15 @@ def plot(study: Study, parts: dict[str, list[dict]]) -> list[str]:
     for r in parts.get("final", []):
       lo, hi = r.get(f"{name}_lo", r[name]), r.get(f"{name}_hi", r[name])
       ax.errorbar([r["gmacs_per_image"]], [r[name]], yerr=[[r[name] - lo], [hi - r[name]]],
-                  fmt="D", color=colors[r["rule"]], mec="k", ms=6, capsize=3)
+                  fmt="D", color=colors[family(r)], mec="k", ms=6, capsize=3)
     ax.set_title("screen points (dots), Pareto fronts (lines), final points ± 95% (diamonds)",
                  fontsize=8)
     paths.append(_finish(fig, ax, "GMACs per image (whole sampler)", axis,
                          os.path.join(study.out_dir, f"{name}_vs_gmacs.png")))
   if parts.get("checkpoints"):
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    for rule in ALL_RULES:
-      rows = sorted((r for r in parts["checkpoints"] if r["rule"] == rule),
+    for rule in FAMILIES:
+      rows = sorted((r for r in parts["checkpoints"] if family(r) == rule),
                     key=lambda r: r["checkpoint"])
       if rows:
         ax.plot([r["checkpoint"] for r in rows], [r[m] for r in rows], "-o", ms=3,
@@ -629,10 +644,10 @@ def log_tensorboard(study: Study, parts: dict[str, list[dict]]) -> None:
   by_step: dict[int, dict[str, float]] = {}
   for r in parts.get("checkpoints", []):
     by_step.setdefault(r["checkpoint"], {}).update(
-        {f"{r['rule']}/{m}": r[m] for m in names if m in r})
+        {f"{family(r)}/{m}": r[m] for m in names if m in r})
   for step, values in sorted(by_step.items()):
     metrics.log_scalars(study.workdir, step, values, "study")
-  final = {f"{r['budget']:.2f}GMACs/{r['rule']}/{m}": r[m] for r in parts.get("final", [])
+  final = {f"{r['budget']:.2f}GMACs/{family(r)}/{m}": r[m] for r in parts.get("final", [])
            for m in names if m in r}
   if final:
     metrics.log_scalars(study.workdir, study.saved[-1], final, "study_final")
