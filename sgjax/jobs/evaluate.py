@@ -139,7 +139,7 @@ def _needs_reference(e: ml_collections.ConfigDict) -> bool:
   return any(m in e.metrics for m in ("fid", "sfid", "precision", "recall"))  # Not IS.
 
 
-def _check_inputs(e: ml_collections.ConfigDict) -> None:
+def check_inputs(e: ml_collections.ConfigDict) -> None:
   """Fail before sampling, naming the field, when the Inception run cannot finish."""
   if e.feature_net != "inception":
     return
@@ -253,7 +253,7 @@ def sample_set_name(config: ml_collections.ConfigDict, step: int) -> str:
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Samples, features, metrics; returns the metrics (also in <workdir>/metrics.json)."""
   e = config.eval
-  _check_inputs(e)
+  check_inputs(e)
   mesh = sharding.build_mesh(config.mesh)
   plan = config_lib.sampling_plan(config)
   g = config.sample.guidance

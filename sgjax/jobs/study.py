@@ -187,11 +187,7 @@ def judge_for(config: ml_collections.ConfigDict, workdir: str, mesh, log) -> Jud
     raise errors.UserError(f"eval.feature_net = {e.feature_net!r}", f"data.name = "
                            f"{config.data.name!r} is not Fashion-MNIST",
                            "'inception' with eval.inception_weights and eval.reference")
-  for field in ("inception_weights", "reference"):
-    if not e[field] or not files.exists(e[field]):
-      raise errors.UserError(f"eval.{field} = {e[field]!r}", "no such file",
-                             "the study scores other data than Fashion-MNIST by FID: name the "
-                             "Inception weights and the reference batch (docs/eval.md)")
+  evaluate.check_inputs(e)  # The weights file and the reference, as --mode=eval checks them.
   variables = inception_fid.load_variables(e.inception_weights)
   ref = evaluate.reference_statistics(e, variables, mesh, os.path.join(workdir, "eval"))
 
