@@ -254,7 +254,15 @@ def base_config() -> ml_collections.ConfigDict:
       rules=("cfg", "sg", "cfg_sg", "ag_sg"), guide_step=-1,  # ag_sg: -1 = the earliest kept.
       budgets=(),  # GMACs/image levels of the final comparison (() = CFG's at each steps).
       checkpoints=(), dense_workdir="",
-      probe_ts=(0.25, 0.5, 0.75), probe_images=500, probe_draws=4))
+      probe_ts=(0.25, 0.5, 0.75), probe_images=500, probe_draws=4,
+      # search "coordinate": the grid above searched a coordinate at a time at steps_ref;
+      # "budget": every point at the most Euler steps within a budget (GMACs/image), ω × γ
+      # jointly at budget_ref (0 = the middle budget), each rule's top_settings refit at the
+      # others (docs/study.md). final_seeds: sampling seeds of the final rows (() = seed).
+      # probe_gammas: the probe's (γs, γw) (() = SG's best); probe_routes: the routes the
+      # probe drops tokens on where the model has none (a dense twin; () = the model's).
+      search="coordinate", budget_ref=0.0, top_settings=2, final_seeds=(),
+      probe_gammas=(), probe_routes=()))
   # `--mode=eval`: num_samples class-balanced samples with config.sample's guidance (resumable
   # shards under <workdir>/eval/), scored against `reference` (docs/eval.md). feature_net
   # "inception": FID, sFID, IS, precision/recall (k = nearest_k) in the FID Inception, weights
