@@ -1,6 +1,7 @@
 """Official DiT (facebookresearch/DiT) and SiT (willisma/SiT) PyTorch checkpoints -> our params.
 
   python -m third_party.dit_checkpoint --src=DiT-XL-2-256x256.pt --kind=dit --out=DIR
+  (--src may be a .pt/.pth or a .safetensors file; the bytes tell which)
   python -m sgjax.main --config=DIR/config.py --workdir=DIR --mode=sample
 
 writes DIR as a workdir: an orbax checkpoint at step 0 whose params and EMA are the converted
@@ -25,7 +26,10 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+import ml_dtypes
 import numpy as np
+
+from sgjax import errors, readers
 
 KINDS = {"dit": dict(prediction="eps_vp", time_scale=1.0),
          "sit": dict(prediction="velocity", time_scale=1.0)}
@@ -33,61 +37,91 @@ KINDS = {"dit": dict(prediction="eps_vp", time_scale=1.0),
 HEADS_BY_WIDTH = {384: 6, 768: 12, 1024: 16, 1152: 16}
 
 
-def load_state_dict(src: str | Mapping[str, Any], key: str = "") -> dict[str, np.ndarray]:
-  """A state dict as float32 numpy arrays, from a `.pt` path (read with weights_only=True) or a
-  mapping. `key` picks a sub-dict (a DiT training checkpoint holds "model" and "ema")."""
+def load_state_dict(src: str | Mapping[str, Any], key: str = "",
+                    where: str = "") -> Mapping[str, np.ndarray]:
+  """A DiT/SiT state dict: tensor name -> numpy array in the file's dtype (float32, float16 or
+  ml_dtypes.bfloat16), read lazily where the file allows. `src` is a path (a `.pt`/`.pth`
+  read with weights_only=True, or a `.safetensors` file, told apart by their bytes) or a
+  mapping of arrays or torch tensors. `key` picks a sub-dict (a DiT training checkpoint holds
+  "model" and "ema"; without `key` its "ema" is read, as DiT samples from it). Every file that
+  cannot be read is one UserError naming `where` (default: the path)."""
+  where = where or (f"--src={src}" if isinstance(src, str) else "the state dict")
   if isinstance(src, str):
-    import torch  # Local: only reading a .pt file needs torch.
-    src = torch.load(src, map_location="cpu", weights_only=True)
+    src = readers.tensor_file(src, where, readers.STATE_DICT_ALLOWED)
   if key:
     if key not in src:
-      raise KeyError(f"--key={key!r} is not in the checkpoint; it holds {sorted(src)}")
+      raise errors.UserError(f"--key={key}", f"is not in {where}",
+                             f"it holds {sorted(src)[:8]}")
     src = src[key]
   elif "pos_embed" not in src and "ema" in src:
     src = src["ema"]  # A DiT training checkpoint: sample from its EMA weights, as DiT does.
-  out = {}
-  for k, v in src.items():
-    v = v.detach().cpu().float().numpy() if hasattr(v, "detach") else np.asarray(v)
-    out[k] = v.astype(np.float32)
-  return out
+  if not isinstance(src, Mapping):
+    raise errors.UserError(where, f"holds a {type(src).__name__}, not a state dict",
+                           readers.STATE_DICT_ALLOWED)
+  return _Arrays(src)
 
 
-def architecture(sd: Mapping[str, np.ndarray], heads: int | None = None) -> dict[str, Any]:
+class _Arrays(Mapping):
+  """A state dict's values as numpy arrays, each converted when read (torch tensors share
+  their memory), so a memory-mapped file is never copied whole."""
+
+  def __init__(self, source: Mapping[str, Any]):
+    self._source = source
+
+  def __getitem__(self, name: str) -> np.ndarray:
+    return readers.to_numpy(self._source[name])
+
+  def __iter__(self):
+    return iter(self._source)
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+
+def _shape(sd: Mapping[str, Any], name: str) -> tuple[int, ...]:
+  return tuple(np.shape(sd[name]))  # A view (or torch tensor): nothing is read.
+
+
+def architecture(sd: Mapping[str, np.ndarray], heads: int | None = None,
+                 where: str = "the state dict") -> dict[str, Any]:
   """Model dimensions read off the state dict's shapes (heads from the width unless given)."""
+  allowed = "pass an official DiT/SiT checkpoint"
   for k in ("x_embedder.proj.weight", "pos_embed", "final_layer.linear.weight",
             "y_embedder.embedding_table.weight", "blocks.0.mlp.fc1.weight"):
     if k not in sd:
-      raise KeyError(f"{k!r} missing: not a DiT/SiT state dict (keys: {sorted(sd)[:8]} ...)")
-  width, channels, patch, _ = sd["x_embedder.proj.weight"].shape
-  tokens = sd["pos_embed"].shape[-2]
+      raise errors.UserError(where, f"no {k!r}: not a DiT/SiT state dict "
+                             f"(keys: {sorted(sd)[:8]} ...)", allowed)
+  width, channels, patch, _ = _shape(sd, "x_embedder.proj.weight")
+  tokens = _shape(sd, "pos_embed")[-2]
   grid = int(round(tokens ** 0.5))
   if grid * grid != tokens:
-    raise ValueError(f"pos_embed has {tokens} tokens: not a square grid")
+    raise errors.UserError(where, f"pos_embed has {tokens} tokens: not a square grid", allowed)
   depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k)))
-  out_channels = sd["final_layer.linear.weight"].shape[0] // (patch * patch)
+  out_channels = _shape(sd, "final_layer.linear.weight")[0] // (patch * patch)
   if out_channels not in (channels, 2 * channels):
-    raise ValueError(f"final_layer.linear has {out_channels} channels per pixel; expected "
-                     f"{channels} or {2 * channels} (learn_sigma) for {channels} input channels")
+    raise errors.UserError(where, f"final_layer.linear has {out_channels} channels per pixel",
+                           f"expected {channels} or {2 * channels} (learn_sigma) for "
+                           f"{channels} input channels")
   if heads is None:
     if width not in HEADS_BY_WIDTH:
-      raise ValueError(f"width {width} is not a DiT/SiT size {sorted(HEADS_BY_WIDTH)}: "
-                       "pass heads (--heads)")
+      raise errors.UserError(where, f"width {width} is not a DiT/SiT size "
+                             f"{sorted(HEADS_BY_WIDTH)}", "pass the number of heads (--heads)")
     heads = HEADS_BY_WIDTH[width]
+  if not isinstance(heads, int) or heads < 1 or width % heads:
+    divisors = [h for h in range(1, width + 1) if width % h == 0]
+    raise errors.UserError(f"--heads={heads}", f"does not divide the width {width}",
+                           f"pass one of {divisors[:12]}{' ...' if len(divisors) > 12 else ''} "
+                           "(DiT/SiT use 64-wide heads)")
   return dict(depth=depth, width=int(width), heads=int(heads), patch_size=int(patch),
-              mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / width,
+              mlp_ratio=_shape(sd, "blocks.0.mlp.fc1.weight")[0] / width,
               channels=int(channels), image_size=grid * int(patch),
               # The table has a row for the null label (DiT trains with label dropout 0.1).
-              num_classes=sd["y_embedder.embedding_table.weight"].shape[0] - 1,
+              num_classes=_shape(sd, "y_embedder.embedding_table.weight")[0] - 1,
               learn_sigma=out_channels == 2 * channels)
 
 
-def _linear(sd, prefix):
-  """torch Linear (out, in) -> flax Dense {kernel (in, out), bias}."""
-  return {"kernel": sd[prefix + ".weight"].T, "bias": sd[prefix + ".bias"]}
-
-
 def _mapping(depth: int) -> dict[str, str]:
-  """Our param path ("a/b/kernel") -> the torch module prefix it comes from (Linears only)."""
+  """Our param path ("a/b") of each Linear -> the torch module prefix it comes from."""
   table = {"t_embed1": "t_embedder.mlp.0", "t_embed2": "t_embedder.mlp.2",
            "final_adaLN": "final_layer.adaLN_modulation.1"}
   for i in range(depth):
@@ -99,58 +133,98 @@ def _mapping(depth: int) -> dict[str, str]:
   return table
 
 
-def convert(sd: Mapping[str, np.ndarray], heads: int | None = None,
-            ) -> tuple[dict[str, Any], dict[str, Any]]:
-  """(params, architecture): our linen params (nested dicts of float32 arrays) from a DiT/SiT
-  state dict. Fails naming the keys if any state-dict entry is unused or any param unfilled."""
-  from sgjax.models import dit  # Local: the module's CLI flags parse before jax loads.
-  arch = architecture(sd, heads)
-  p, c, width = arch["patch_size"], arch["channels"], arch["width"]
-  grid = arch["image_size"] // p
-  # pos_embed is a fixed buffer; ours is computed, so the two must agree.
-  ours = dit.sincos_pos_embed_2d(width, grid)
-  err = float(np.abs(sd["pos_embed"].reshape(ours.shape) - ours).max())
-  if err > 1e-5:
-    raise ValueError(f"pos_embed differs from our 2-D sin-cos embedding by {err:.3g}: this "
-                     "checkpoint's position layout is not DiT's")
-  used = {"pos_embed"}
-  flat: dict[str, np.ndarray] = {}
-  for ours_name, prefix in _mapping(arch["depth"]).items():
-    for leaf, value in _linear(sd, prefix).items():
-      flat[f"{ours_name}/{leaf}"] = value
-    used |= {prefix + ".weight", prefix + ".bias"}
+def _plan(arch: Mapping[str, Any]) -> dict[str, tuple[str, Any]]:
+  """Our param path ("a/b/kernel") -> (state-dict key, layout change torch -> ours)."""
+  p, c = arch["patch_size"], arch["channels"]
+  same, transpose = (lambda v: v), (lambda v: v.T)
+  plan = {}
+  for ours_name, prefix in _mapping(arch["depth"]).items():  # Linear (out, in) -> (in, out).
+    plan[f"{ours_name}/kernel"] = (prefix + ".weight", transpose)
+    plan[f"{ours_name}/bias"] = (prefix + ".bias", same)
   # Conv2d (out, in, kh, kw) -> flax Conv (kh, kw, in, out); tokens are raster order in both.
-  flat["patch_embed/kernel"] = sd["x_embedder.proj.weight"].transpose(2, 3, 1, 0)
-  flat["patch_embed/bias"] = sd["x_embedder.proj.bias"]
-  flat["y_embed/embedding"] = sd["y_embedder.embedding_table.weight"]
-  used |= {"x_embedder.proj.weight", "x_embedder.proj.bias", "y_embedder.embedding_table.weight"}
+  plan["patch_embed/kernel"] = ("x_embedder.proj.weight", lambda v: v.transpose(2, 3, 1, 0))
+  plan["patch_embed/bias"] = ("x_embedder.proj.bias", same)
+  plan["y_embed/embedding"] = ("y_embedder.embedding_table.weight", same)
   # Output rows are (row-in-patch, col-in-patch, channel), channel fastest, in both unpatchify
   # orders; with learn_sigma there are 2C channels and the first C are the prediction (ε or v),
   # the rest DDPM's variance interpolation, which an ODE sampler does not use.
   out_c = 2 * c if arch["learn_sigma"] else c
   rows = np.array([r for r in range(p * p * out_c) if r % out_c < c])
-  flat["final_proj/kernel"] = sd["final_layer.linear.weight"][rows].T
-  flat["final_proj/bias"] = sd["final_layer.linear.bias"][rows]
-  used |= {"final_layer.linear.weight", "final_layer.linear.bias"}
+  plan["final_proj/kernel"] = ("final_layer.linear.weight", lambda v: v[rows].T)
+  plan["final_proj/bias"] = ("final_layer.linear.bias", lambda v: v[rows])
+  return plan
 
-  unused = sorted(set(sd) - used)
-  if unused:
-    raise KeyError(f"state-dict keys with no place in our model: {unused}")
+
+def pos_embed_tolerance(dtype: Any) -> float:
+  """How far a stored sin-cos table may be from ours: 1e-5 in float32, one unit in the last
+  place at 1.0 for narrower floats (float16 rounds |x| <= 1 by up to 4.9e-4, bfloat16 3.9e-3);
+  a table of another layout is off by O(1)."""
+  dtype = np.dtype(dtype)
+  if not np.issubdtype(dtype, np.floating) and dtype != ml_dtypes.bfloat16:
+    return 1e-5
+  return max(1e-5, float(ml_dtypes.finfo(dtype).eps))
+
+
+def _float32(sd: Mapping[str, Any], name: str, where: str) -> np.ndarray:
+  """One tensor as float32 numpy (a view where it already is), refused if not finite."""
+  value = np.asarray(readers.to_numpy(sd[name]), np.float32)
+  finite = np.isfinite(value)
+  if not finite.all():
+    raise errors.UserError(where, f"tensor {name!r} holds {int(value.size - finite.sum())} "
+                           f"non-finite values (NaN or inf) of {value.size}",
+                           "import a checkpoint saved before training diverged")
+  return value
+
+
+def convert(sd: Mapping[str, Any], heads: int | None = None, where: str = "the state dict",
+            ) -> tuple[dict[str, Any], dict[str, Any]]:
+  """(params, architecture): our linen params (nested dicts of float32 numpy arrays) from a
+  DiT/SiT state dict (values: numpy arrays or torch tensors of any float dtype, as in the
+  official layout). Refuses (UserError naming `where`) a state-dict entry with no place in our
+  model, a param nothing fills, a shape that does not fit, a `pos_embed` that is not DiT's
+  sin-cos table, and non-finite weights. Tensor by tensor: the peak holds the params once plus
+  one tensor, beside the (memory-mapped) source."""
+  from sgjax.models import dit  # Local: the module's CLI flags parse before jax loads.
+  allowed = "pass an official DiT/SiT checkpoint (and --heads for other widths)"
+  arch = architecture(sd, heads, where)
+  plan = _plan(arch)
+  unused = sorted(set(sd) - {k for k, _ in plan.values()} - {"pos_embed"})
+  missing = sorted({k for k, _ in plan.values()} - set(sd))
+  if unused or missing:
+    parts = [f"{title} ({len(keys)}): {keys[:8]}" for title, keys in (
+        ("state-dict keys with no place in our model", unused),
+        ("keys our model needs that it lacks", missing)) if keys]
+    raise errors.UserError(where, "; ".join(parts), allowed)
+  # Shapes first, on zero-byte stand-ins: nothing is read before the whole layout fits.
   expected = _expected_shapes(arch)
-  missing = sorted(set(expected) - set(flat))
-  extra = sorted(set(flat) - set(expected))
-  wrong = sorted(f"{k}: {flat[k].shape} vs ours {expected[k]}" for k in set(flat) & set(expected)
-                 if tuple(flat[k].shape) != expected[k])
-  if missing or extra or wrong:
-    raise KeyError(f"params not filled: {missing}; converted but not ours: {extra}; "
-                   f"shape mismatches: {wrong}")
+  shapes = {ours: np.broadcast_to(np.float32(0), _shape(sd, key)) for ours, (key, _) in
+            plan.items()}
+  got = {ours: tuple(change(shapes[ours]).shape) for ours, (_, change) in plan.items()}
+  wrong = sorted(f"{plan[k][0]} {_shape(sd, plan[k][0])} gives {got[k]}, ours {expected[k]}"
+                 for k in set(got) & set(expected) if got[k] != expected[k])
+  unfilled = sorted(set(expected) - set(got))
+  if wrong or unfilled:
+    parts = [f"{title} ({len(items)}): {items[:4]}" for title, items in (
+        ("shapes that do not fit", wrong), ("params not filled", unfilled)) if items]
+    raise errors.UserError(where, "; ".join(parts), allowed)
+  # pos_embed is a fixed buffer; ours is computed, so the two must agree (to the file's dtype).
+  grid = arch["image_size"] // arch["patch_size"]
+  ours = dit.sincos_pos_embed_2d(arch["width"], grid)
+  stored = readers.to_numpy(sd["pos_embed"])
+  err = float(np.abs(_float32(sd, "pos_embed", where).reshape(ours.shape) - ours).max())
+  tolerance = pos_embed_tolerance(stored.dtype)
+  if err > tolerance:
+    raise errors.UserError(where, f"pos_embed differs from our 2-D sin-cos embedding by "
+                           f"{err:.3g} (more than {tolerance:.1g} for {stored.dtype}): this "
+                           "checkpoint's position layout is not DiT's", allowed)
   params: dict[str, Any] = {}
-  for path, value in flat.items():
+  for path, (key, change) in plan.items():
     node = params
     *parents, leaf = path.split("/")
     for name in parents:
       node = node.setdefault(name, {})
-    node[leaf] = np.ascontiguousarray(value, np.float32)
+    # A fresh C-order copy per tensor: the params own their memory, the source can close.
+    node[leaf] = np.array(change(_float32(sd, key, where)), np.float32, order="C")
   return params, arch
 
 
@@ -158,7 +232,7 @@ def model(arch: Mapping[str, Any], kind: str):
   """Our DiT for an imported architecture (float32)."""
   from sgjax.models import dit
   if kind not in KINDS:
-    raise ValueError(f"kind = {kind!r}: allowed {sorted(KINDS)}")
+    raise errors.UserError(f"--kind={kind}", "no such kind", f"allowed: {sorted(KINDS)}")
   return dit.DiT(image_size=arch["image_size"], channels=arch["channels"],
                  num_classes=arch["num_classes"], depth=arch["depth"], width=arch["width"],
                  heads=arch["heads"], patch_size=arch["patch_size"],
@@ -208,7 +282,6 @@ def get_config():
 def check_out(out: str) -> None:
   """Refuses an --out that holds anything (a file, or a folder that is not empty): the
   import would mix with, or rotate away, what is there."""
-  from sgjax import errors
   if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
     held = sorted(os.listdir(out))[:5] if os.path.isdir(out) else "a file"
     raise errors.UserError(f"--out={out}", f"is not empty (holds {held})",
@@ -230,7 +303,7 @@ def write_workdir(params: Mapping[str, Any], arch: Mapping[str, Any], kind: str,
   tx = state_lib.make_optimizer(config.train)
   params = jax.tree.map(jnp.asarray, dict(params))
   state = dict(step=jnp.zeros((), jnp.int32), params=params, ema=params,
-               opt_state=tx.init(params),
+               opt_state=_initial_opt_state(tx, params),
                rng=jax.random.key_data(jax.random.key(config.seed)))
   os.makedirs(out, exist_ok=True)
   # max_to_keep=None: this manager deletes nothing (there is nothing else, by check_out).
@@ -248,24 +321,32 @@ def write_workdir(params: Mapping[str, Any], arch: Mapping[str, Any], kind: str,
   return path
 
 
+def _initial_opt_state(tx, params: Any) -> Any:
+  """`tx.init(params)`, with one zero buffer per (shape, dtype) shared by every leaf when the
+  optimizer's initial state is all zeros (AdamW's is): orbax writes each leaf in full, but the
+  import then holds Adam's two moments in one block's worth of memory, not twice the model's."""
+  import jax
+  import jax.numpy as jnp
+  probe = tx.init({"w": jnp.ones((2, 3)), "b": jnp.full((3,), 2.0)})
+  if any(np.any(np.asarray(leaf)) for leaf in jax.tree.leaves(probe)):
+    return tx.init(params)  # An optimizer whose state starts from the params: built in full.
+  zeros: dict[tuple, Any] = {}
+  return jax.tree.map(lambda s: zeros.setdefault((s.shape, s.dtype), jnp.zeros(s.shape, s.dtype)),
+                      jax.eval_shape(tx.init, params))
+
+
 def main(argv) -> None:
   del argv
   from absl import flags, logging
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
-  from sgjax import errors
   f = flags.FLAGS
-  check_out(f.out)  # Before the (slow) read of the .pt.
-  if not os.path.isfile(f.src):
-    raise errors.UserError(f"--src={f.src}", "no such file", "pass a DiT/SiT .pt state dict")
-  try:
-    sd = load_state_dict(f.src, f.key)
-    params, arch = convert(sd, f.heads)
-  except (KeyError, ValueError) as err:  # Not a DiT/SiT state dict of a size we know.
-    raise errors.UserError(f"--src={f.src}", errors.first_line(err).strip('"'),
-                           "pass an official DiT/SiT checkpoint (and --heads for other widths)"
-                           ) from err
+  check_out(f.out)  # Before the (slow) read of the weights.
+  where = f"--src={f.src}"
+  sd = load_state_dict(f.src, f.key, where)
+  params, arch = convert(sd, f.heads, where)
+  n = sum(int(np.prod(_shape(sd, k))) for k in sd)
+  del sd  # The source (memory-mapped) closes before the workdir is written.
   path = write_workdir(params, arch, f.kind, f.out, f.base_config, f.src)
-  n = sum(int(np.prod(v.shape)) for v in sd.values())
   print(f"{f.src}: {f.kind}, {arch}; {n / 1e6:.1f}M numbers -> {f.out}\n"
         f"sample: python -m sgjax.main --config={path} --workdir={f.out} --mode=sample")
 
@@ -273,7 +354,7 @@ def main(argv) -> None:
 def cli() -> None:
   """`python -m sgjax.convert.dit_checkpoint --src=… --out=…` (flags defined here)."""
   from absl import flags
-  flags.DEFINE_string("src", None, "DiT/SiT .pt file (a state dict).")
+  flags.DEFINE_string("src", None, "DiT/SiT weights: a .pt/.pth state dict or .safetensors.")
   flags.DEFINE_string("out", None, "Workdir to write (checkpoint at step 0 and config.py).")
   flags.DEFINE_enum("kind", "dit", sorted(KINDS), "dit: DDPM ε-prediction; sit: velocity.")
   flags.DEFINE_string("key", "", "Sub-dict of the .pt to read ('' = the state dict itself, or "
@@ -282,7 +363,6 @@ def cli() -> None:
   flags.DEFINE_string("base_config", "imagenet256",
                       "Config file the imported config starts from (data, sampling, mesh).")
   flags.mark_flags_as_required(["src", "out"])
-  from sgjax import errors
   errors.run(main)
 
 
