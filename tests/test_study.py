@@ -175,3 +175,77 @@ def test_study_on_latents_scores_fid_with_inception_weights(tmp_path):
   rows = list(study_lib.Study(c, workdir).rows.values())
   assert {r["rule"] for r in rows} == {"none", "cfg"}
   assert all(np.isfinite(r["fid"]) and r["fid"] > 0 and "class_accuracy" not in r for r in rows)
+
+
+def test_budget_search_gives_every_rule_the_whole_budget_and_paired_intervals(tmp_path,
+                                                                               monkeypatch):
+  """study.search = "budget": each point at the most steps within its budget, ω × γ jointly,
+  intervals for every guided rule, the dense twin at the same budgets, paired differences,
+  diversity, the probe's draw noise at a fixed pair (and on the twin through probe_routes)."""
+  c = _config()
+  c.study.update(search="budget", rules=("cfg", "sg"), omegas=(3.0,), top_settings=1,
+                 final_seeds=(2,), bootstrap=8, stages=("screen", "dense", "final"))
+  workdir, dense = str(tmp_path / "routed"), str(tmp_path / "dense")
+  write_checkpoints(c, workdir, [1])
+  c_dense = c.copy_and_resolve_references()
+  c_dense.sparsity.routes = ()
+  write_checkpoints(c_dense, dense, [3])  # Other weights than the routed model's.
+  c.study.dense_workdir = dense
+  judge = _pixel_judge()
+  rng = np.random.default_rng(9)
+  judge.ref_features, judge.ref_labels = rng.normal(5, 1, (64, 12)), np.tile(np.arange(10), 7)[:64]
+  monkeypatch.setattr(study_lib, "judge_for", lambda *a, **k: judge)
+  path = study_lib.run(c, workdir)
+  study = study_lib.Study(c, workdir)
+  rows = list(study.rows.values())
+  levels = study_lib.budget_levels(study)  # CFG's cost at 2 and 3 steps.
+  assert len(levels) == 2 and levels[0] < levels[1]
+  ref = study_lib.reference_budget(study, levels)
+  assert ref == levels[1]
+  screen = [r for r in rows if r["per_class"] == 1]
+  for r in screen:  # Most steps that fit: one more step would not.
+    budget = min(b for b in levels if r["gmacs_per_image"] <= b * 1.000001)
+    assert study.gmacs(dict(r, steps=r["steps"] + 1)) > budget * 1.000001
+  sg_ref = [r for r in screen if r["rule"] == "sg" and r["model"] == "main"
+            and r["interval"] == [0, 1] and r["gmacs_per_image"] > levels[0]]
+  # Joint grid: every ω × pair at the reference budget; SG runs at least as many steps as CFG.
+  assert {(r["omega"], r["gamma_weak"]) for r in sg_ref} == {(3.0, .5), (3.0, .75)}
+  cfg_ref = [r for r in screen if r["rule"] == "cfg" and r["model"] == "main"
+             and r["gmacs_per_image"] > levels[0]]
+  assert {tuple(r["interval"]) for r in cfg_ref} == {(0, 1), (0.25, 1.0)}
+  cfg_full = [r for r in cfg_ref if r["interval"] == [0, 1]][0]
+  assert all(r["steps"] >= cfg_full["steps"] for r in sg_ref)  # (here 1.75 vs 2 passes a step)
+  assert any(r["rule"] == "sg" and r["interval"] == [0.25, 1.0] for r in screen)
+  assert {r["rule"] for r in screen if r["model"] == "dense"} == {"none", "cfg"}
+  # At both budgets, each of 3 main + 2 dense families at the second seed (rows are shared
+  # between budgets where the best point is the same).
+  table = study_lib.final(study, screen)
+  assert len(table) == 2 * 5 and {r["seed"] for r in table} == {2}
+  assert all(r["gmacs_per_image"] <= r["budget"] * 1.000001 for r in table)
+  final = [r for r in rows if r["per_class"] == 2]
+  assert all(0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1 and r["variance_ratio"] > 0
+             for r in final)
+  paired = [json.loads(line) for line in open(os.path.join(workdir, "study", "paired.jsonl"))]
+  got = {(p["a"], p["b"]) for p in paired}
+  assert {("sg", "cfg"), ("sg", "none"), ("none", "dense none"), ("cfg", "dense cfg"),
+          ("dense cfg", "dense none")} <= got
+  for p in paired:  # The estimate is the difference of the two rows' own FDs.
+    fa = [r for r in table if r["budget"] == p["budget"] and r["seed"] == p["seed"]
+          and study_lib.label(r) == p["a_label"] and (p["a"].startswith("dense")
+                                                      == (r["model"] == "dense"))]
+    fb = [r for r in table if r["budget"] == p["budget"] and r["seed"] == p["seed"]
+          and study_lib.label(r) == p["b_label"] and (p["b"].startswith("dense")
+                                                      == (r["model"] == "dense"))]
+    assert p["d_fd_fmnist"] == pytest.approx(fa[0]["fd_fmnist"] - fb[0]["fd_fmnist"])
+    assert p["d_fd_fmnist_lo"] < p["d_fd_fmnist"] < p["d_fd_fmnist_hi"]
+  assert "## Paired differences" in open(path).read()
+
+  # The probe at a fixed pair needs no screen; on the twin it drops tokens on probe_routes.
+  c_dense.study.update(c.study.to_dict())
+  c_dense.study.update(stages=("probe",), probe_gammas=(0.0, 0.75), dense_workdir="",
+                       probe_routes=((0, 1, 0.5),))
+  monkeypatch.setattr(study_lib.Study, "score", lambda *a: pytest.fail("sampled for a probe"))
+  study_lib.run(c_dense, dense)
+  probe = [json.loads(line) for line in open(os.path.join(dense, "study", "probe.jsonl"))]
+  assert [(p["gamma_strong"], p["gamma_weak"]) for p in probe] == [(0.0, 0.75)]
+  assert probe[0]["draw_noise_norm"] > 0 and probe[0]["sg_diff_norm"] > 0

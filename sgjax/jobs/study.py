@@ -33,6 +33,7 @@ against `eval.reference` (docs/eval.md). `report.md` and the plots go beside the
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import time
@@ -42,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import scipy.stats
 from absl import flags, logging
 from ml_collections import config_flags
 
@@ -53,23 +55,32 @@ from sgjax import workdir as workdir_lib
 from sgjax.convert import inception_fid
 from sgjax.data import pipeline
 from sgjax.eval import fmnist, frechet, inception
+from sgjax.eval import metrics as eval_metrics
 from sgjax.jobs import evaluate, sweep
 from sgjax.sparsity import Sparsity
 
 STAGES = ("screen", "final", "checkpoints", "dense", "probe")
-ALL_RULES = ("none", "cfg", "sg", "cfg_sg", "ag_sg")
+SEARCHES = ("coordinate", "budget")
+ALL_RULES = guidance_lib.RULES
 # What the tables compare: the rules, and AG+SG at γ 0/0 apart ("ag": autoguidance alone, both
 # branches dense, the control that says how much of AG+SG is the guide).
 FAMILIES = (*ALL_RULES, "ag")
+# Rules searched over γ pairs: two branches, sparsity a choice.
+SEARCHED = tuple(r for r, b in guidance_lib.RULE_BRANCHES.items() if b.weak and b.sparse)
+TOP_PAIRS = 3  # CFG+SG and AG+SG start from SG's best γ pairs (the grid costs 20 points).
+LOSS_GAMMAS = (0.0, 0.5, 0.9)
+FULL = (0.0, 1.0)
+MAX_STEPS = 1000  # The budget search's ceiling on Euler steps.
+# The differences that carry the verdict (paired: same labels, noise and seed): (a, b) means a − b,
+# families of the main model, or ("dense", family) for the twin.
+PAIRS = (("sg", "cfg"), ("cfg_sg", "cfg"), ("ag_sg", "ag"), ("sg", "none"), ("cfg", "none"),
+         (("dense", "cfg"), ("dense", "none")),  # CFG's gain on each model (the premise).
+         ("none", ("dense", "none")), ("cfg", ("dense", "cfg")))  # Routed − dense.
 
 
 def family(r: dict) -> str:
   dense_ag = r["rule"] == "ag_sg" and r["gamma_strong"] == 0 and r["gamma_weak"] == 0
   return "ag" if dense_ag else r["rule"]
-SEARCHED = ("sg", "cfg_sg", "ag_sg")  # Rules searched over γ pairs.
-TOP_PAIRS = 3  # CFG+SG and AG+SG start from SG's best γ pairs (the grid costs 20 points).
-LOSS_GAMMAS = (0.0, 0.5, 0.9)
-FULL = (0.0, 1.0)
 
 
 def check(config: ml_collections.ConfigDict) -> None:
@@ -105,6 +116,12 @@ def check(config: ml_collections.ConfigDict) -> None:
        "cfg_intervals", "not (lo, hi) with 0 <= lo < hi <= 1", "pairs of t (0 noise, 1 data)")
   need(all(0 < t < 1 for t in s.probe_ts), "probe_ts", "outside (0, 1)", "t values in (0, 1)")
   need(all(b > 0 for b in s.budgets), "budgets", "must be > 0", "GMACs per image")
+  need(s.search in SEARCHES, "search", "unknown search", f"one of {SEARCHES}")
+  need(s.budget_ref >= 0, "budget_ref", "must be >= 0", "GMACs per image (0 = the middle budget)")
+  need(int(s.top_settings) >= 1, "top_settings", "must be >= 1", "a positive integer")
+  need(len(s.probe_gammas) in (0, 2) and (not s.probe_gammas or 0 <= s.probe_gammas[0]
+                                           < s.probe_gammas[1] < 1), "probe_gammas",
+       "not (γs, γw) with 0 <= γs < γw < 1", "() or a (γs, γw) pair")
   if "dense" in s.stages and s.dense_workdir and not files.exists(
       os.path.join(s.dense_workdir, "checkpoints")):
     raise errors.UserError(f"study.dense_workdir = {s.dense_workdir!r}", "no checkpoints there",
@@ -133,8 +150,9 @@ def point(rule: str, omega: float, gamma_strong: float, gamma_weak: float, steps
 
 
 def key(p: dict) -> tuple:
+  # "seed" only on points sampled with another seed than study.seed (the final's second seed).
   return (p["model"], p["checkpoint"], p["per_class"], *sweep.point_key(p), *p["interval"],
-          p["guide_step"])
+          p["guide_step"], p.get("seed"))
 
 
 def label(p: dict) -> str:
@@ -154,14 +172,19 @@ def label(p: dict) -> str:
 @dataclasses.dataclass
 class Judge:
   """Scores uint8 images: a Fréchet distance to fixed reference statistics and, where the
-  feature net is a classifier of the data's classes, class accuracy."""
+  feature net is a classifier of the data's classes, class accuracy; with the reference's own
+  features (`ref_features`, `ref_labels`), diversity beside fidelity on the final points."""
 
   metric: str  # The row key of the distance: fd_fmnist | fid.
   features: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]]  # (feats, logits)
   ref_mu: np.ndarray
   ref_sigma: np.ndarray
+  ref_features: np.ndarray | None = None
+  ref_labels: np.ndarray | None = None
 
-  def score(self, images: np.ndarray, labels: np.ndarray, resamples: int, seed: int) -> dict:
+  def score(self, images: np.ndarray, labels: np.ndarray, resamples: int, seed: int
+            ) -> tuple[dict, np.ndarray, np.ndarray | None]:
+    """(row of scores, features, per-sample class hits or None)."""
     feats, logits = self.features(images)
     row = {self.metric: frechet.distance_of_features(feats, self.ref_mu, self.ref_sigma),
            "num_samples": int(len(images))}
@@ -169,19 +192,39 @@ class Judge:
       lo, hi = frechet.bootstrap_interval(feats, self.ref_mu, self.ref_sigma,
                                           resamples=resamples, seed=seed)
       row.update({f"{self.metric}_lo": lo, f"{self.metric}_hi": hi})
+      if self.ref_features is not None:
+        row.update(diversity(feats, labels, self.ref_features, self.ref_labels, seed))
+    hits = None
     if logits is not None:
       hits = logits.argmax(-1) == labels
       row["class_accuracy"] = float(hits.mean())
       if resamples:
         row["class_accuracy_lo"], row["class_accuracy_hi"] = frechet.proportion_interval(hits)
-    return row
+    return row, feats, hits
+
+
+def diversity(feats: np.ndarray, labels: np.ndarray, ref_feats: np.ndarray,
+              ref_labels: np.ndarray, seed: int, k: int = 3) -> dict:
+  """Precision and recall (k-NN manifolds, k = 3) against as many reference images as samples
+  (a fixed random subset: recall depends on the sample count), and the mean over classes of
+  the samples' per-class feature variance (trace of the covariance) relative to the
+  reference's: the paper's claim that SG keeps the conditional prediction's variance."""
+  pick = np.random.default_rng(seed).permutation(len(ref_feats))[:len(feats)]
+  precision, recall = eval_metrics.precision_recall(ref_feats[pick], feats, k=k)
+  ratios = [np.var(feats[labels == c], axis=0, ddof=1).sum()
+            / np.var(ref_feats[ref_labels == c], axis=0, ddof=1).sum()
+            for c in np.unique(labels) if (labels == c).sum() >= 2]
+  return dict(precision=precision, recall=recall, variance_ratio=float(np.mean(ratios)))
 
 
 def judge_for(config: ml_collections.ConfigDict, workdir: str, mesh, log) -> Judge:
   """FD-FMNIST + class accuracy on Fashion-MNIST; otherwise Inception FID (eval.*)."""
   if config.data.name == "fashion_mnist":
-    clf, (mu, sigma), _ = fmnist.for_workdir(config.data, workdir, log=log)
-    return Judge("fd_fmnist", lambda x: fmnist.apply_in_batches(clf, x), mu, sigma)
+    clf, (mu, sigma), (test_images, test_labels) = fmnist.for_workdir(config.data, workdir,
+                                                                       log=log)
+    test_feats = fmnist.apply_in_batches(clf, test_images)[0]
+    return Judge("fd_fmnist", lambda x: fmnist.apply_in_batches(clf, x), mu, sigma,
+                 np.asarray(test_feats), np.asarray(test_labels))
   e = config.eval
   if e.feature_net != "inception":
     raise errors.UserError(f"eval.feature_net = {e.feature_net!r}", f"data.name = "
@@ -268,9 +311,15 @@ class Study:
                f"{row['gmacs_per_image']:.2f} GMACs/image, {row['seconds']:.0f} s")
     return [self.rows[key(p)] for p in points]
 
+  def gmacs(self, p: dict) -> float:
+    """GMACs per image of a point's whole sampler (attention included)."""
+    c = self.point_config(p)
+    return flops.plan_macs(c, guidance_lib.config_plan(c)).with_attention / 1e9
+
   def score(self, p: dict, resamples: int) -> dict:
     c = self.point_config(p)
-    plan = config_lib.sampling_plan(c)
+    plan = guidance_lib.config_plan(c)
+    seed = p.get("seed", self.config.study.seed)
     t0 = time.perf_counter()
     with jax.set_mesh(self.mesh):
       net, params = self.params(p["model"], p["checkpoint"])
@@ -278,13 +327,23 @@ class Study:
       if guidance_lib.uses_guide(p["rule"]):
         weights[guidance_lib.GUIDE] = self.params(p["model"], p["guide_step"])[1]
       labels = generate.class_labels(net.num_classes, p["per_class"])
-      images = generate.images(c, net, weights, labels, plan, self.mesh,
-                               self.config.study.seed)
+      images = generate.images(c, net, weights, labels, plan, self.mesh, seed)
     seconds = time.perf_counter() - t0
     macs = flops.plan_macs(c, plan)
-    return dict(p, **self.judge().score(images, labels, resamples, self.config.study.seed),
-                gmacs_per_image=macs.with_attention / 1e9,
+    row, feats, hits = self.judge().score(images, labels, resamples, seed)
+    if resamples and jax.process_index() == 0:  # Kept for the paired differences.
+      files.makedirs(os.path.dirname(self.features_path(p)))
+      files.save_npz(self.features_path(p), features=feats, labels=labels,
+                     **({"hits": hits} if hits is not None else {}))
+    return dict(p, **row, gmacs_per_image=macs.with_attention / 1e9,
                 gmacs_per_image_linear=macs.linear_only / 1e9, seconds=seconds)
+
+  def features_path(self, p: dict) -> str:
+    digest = hashlib.sha1(json.dumps(key(p)).encode()).hexdigest()[:16]
+    return os.path.join(self.out_dir, "features", f"{digest}.npz")
+
+  def features_of(self, p: dict) -> dict[str, np.ndarray]:
+    return files.load_npz(self.features_path(p))
 
   def best(self, rows: list[dict]) -> dict:
     return min(rows, key=lambda r: r[self.metric])
@@ -354,6 +413,115 @@ def screen(study: Study) -> list[dict]:
   return rows
 
 
+def fit_steps(study: Study, p: dict | None, budget: float) -> dict | None:
+  """`p` at the most Euler steps whose whole sampler costs at most `budget` GMACs per image
+  (None where one step does not fit): every rule gets the whole budget, not a fixed list."""
+  if p is None:
+    return None
+  at = lambda n: dict(p, steps=int(n))
+  fits = lambda n: study.gmacs(at(n)) <= budget * 1.000001
+  if not fits(1):
+    return None
+  lo, hi = 1, 2
+  while hi <= MAX_STEPS and fits(hi):
+    lo, hi = hi, 2 * hi
+  hi = min(hi, MAX_STEPS + 1)
+  while hi - lo > 1:  # fits(lo), not fits(hi): cost grows with steps.
+    mid = (lo + hi) // 2
+    lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+  return at(lo)
+
+
+def budget_levels(study: Study) -> list[float]:
+  """The budget search's levels: `study.budgets`, or CFG's cost at each of `study.steps`."""
+  s = study.config.study
+  if s.budgets:
+    return sorted(float(b) for b in s.budgets)
+  at = dict(checkpoint_step=study.saved[-1], per_class=s.per_class)
+  return sorted(round(study.gmacs(point("cfg", 2.0, 0, 0, n, **at)), 6) for n in s.steps)
+
+
+def reference_budget(study: Study, levels: list[float]) -> float:
+  ref = float(study.config.study.budget_ref)
+  return ref if ref > 0 else levels[len(levels) // 2]
+
+
+def top(study: Study, rows: list[dict], n: int) -> list[dict]:
+  return sorted(rows, key=lambda r: r[study.metric])[:n]
+
+
+def screen_budget(study: Study, model: str = "main") -> list[dict]:
+  """The fair search: at the reference budget every setting runs at the most steps that fit;
+  ω × γ pairs (and CFG's ω × intervals) jointly on the configured grid, then the guidance
+  intervals at each rule's best; each family's `top_settings` best are refit at the other
+  budgets. The same for every rule, so no rule is searched more than another."""
+  s = study.config.study
+  steps_of = (checkpoint.saved_steps(os.path.join(s.dense_workdir, "checkpoints"))
+              if model == "dense" else study.saved)
+  step = steps_of[-1]
+  at = dict(checkpoint_step=step, per_class=s.per_class, model=model)
+  levels = budget_levels(study)
+  ref = reference_budget(study, levels)
+  fit = lambda ps: [fit_steps(study, p, ref) for p in ps]
+  tag = "" if model == "main" else f" ({model} twin)"
+  rows = study.run(fit([point("none", 1, g, 0, 1, **at) for g in
+                        (s.unguided_gammas if model == "main" else (0.0,))]),
+                   f"screen{tag} @ {ref:.2f} GMACs, unguided")
+  ivs = (FULL, *s.cfg_intervals)
+  rules = [r for r in s.rules if model == "main" or r == "cfg"]
+  if "cfg" in rules:
+    rows += study.run(fit([point("cfg", w, 0, 0, 1, interval=iv, **at)
+                           for w in s.cfg_omegas for iv in ivs]),
+                      f"screen{tag} @ {ref:.2f} GMACs, CFG ω × intervals")
+  pairs = [(a, b) for a in s.gammas_strong for b in s.gammas_weak if a < b]
+  best_pairs = None
+
+  def grid(rule, omegas, tried, extra, what):
+    found = study.run(fit([point(rule, w, a, b, 1, **at, **extra) for w in omegas
+                           for a, b in tried]), f"screen @ {ref:.2f} GMACs, {what} ω × γ")
+    if not found:
+      return []
+    b = study.best(found)
+    return found + study.run(fit([point(rule, b["omega"], b["gamma_strong"], b["gamma_weak"], 1,
+                                        interval=iv, **at, **extra) for iv in s.cfg_intervals]),
+                             f"screen @ {ref:.2f} GMACs, {what} intervals")
+
+  for rule in [r for r in SEARCHED if r in rules]:
+    extra = {}
+    if guidance_lib.uses_guide(rule):
+      extra["guide_step"] = guide_step(study, step)
+      if extra["guide_step"] is None:
+        study.log(f"screen: {rule} left out: no checkpoint before step {step} to guide with")
+        continue
+    tried, omegas = pairs, s.omegas
+    if rule != "sg":  # CFG-scale rules: CFG's ω grid, SG's best pairs.
+      omegas = s.cfg_omegas
+      if best_pairs:
+        tried = best_pairs
+    found = grid(rule, omegas, tried, extra, rule)
+    if rule == "sg" and found:
+      by_pair = {}
+      for r in found:
+        k = (r["gamma_strong"], r["gamma_weak"])
+        by_pair[k] = min(by_pair.get(k, np.inf), r[study.metric])
+      best_pairs = sorted(by_pair, key=by_pair.get)[:TOP_PAIRS]
+    rows += found
+    if guidance_lib.uses_guide(rule):
+      rows += grid(rule, s.cfg_omegas, [(0.0, 0.0)], extra, "ag (autoguidance alone)")
+  refit = []
+  for fam in FAMILIES:
+    mine = [r for r in rows if family(r) == fam]
+    for b in levels:
+      if b != ref:
+        refit += [fit_steps(study, {k: r[k] for k in POINT_FIELDS}, b)
+                  for r in top(study, mine, int(s.top_settings))]
+  return rows + study.run(refit, f"screen{tag}, the best settings at the other budgets")
+
+
+POINT_FIELDS = ("rule", "omega", "gamma_strong", "gamma_weak", "steps", "interval", "guide_step",
+                "checkpoint", "per_class", "model")
+
+
 def budgets(study: Study, rows: list[dict]) -> list[float]:
   s = study.config.study
   if s.budgets:
@@ -363,18 +531,82 @@ def budgets(study: Study, rows: list[dict]) -> list[float]:
 
 
 def final(study: Study, rows: list[dict]) -> list[dict]:
-  """At each budget, each rule's best screened point within it, rescored with more samples."""
+  """At each budget, each rule's best screened point within it (per model: the dense twin's
+  rows too, where screened), rescored with more samples at each of `final_seeds`."""
   s = study.config.study
+  levels = (budget_levels(study) if s.search == "budget"
+            else budgets(study, [r for r in rows if r["model"] == "main"]))
+  seeds = [int(x) for x in s.final_seeds] or [int(s.seed)]
   table = []
-  for budget in budgets(study, rows):
-    for fam in FAMILIES:
-      fits = [r for r in rows if family(r) == fam and r["gmacs_per_image"] <= budget * 1.000001]
-      if fits:
-        b = study.best(fits)
-        table.append((budget, dict(b, per_class=s.final_per_class)))
+  for budget in levels:
+    for model in sorted({r["model"] for r in rows}):
+      for fam in FAMILIES:
+        fits = [r for r in rows if r["model"] == model and family(r) == fam
+                and r["gmacs_per_image"] <= budget * 1.000001]
+        if fits:
+          b = {k: study.best(fits)[k] for k in POINT_FIELDS}
+          for seed in seeds:
+            p = dict(b, per_class=s.final_per_class)
+            if seed != s.seed:
+              p["seed"] = seed
+            table.append((budget, p))
   scored = study.run([p for _, p in table], "final (matched compute)", resamples=s.bootstrap)
   by_key = {key(r): r for r in scored}
   return [dict(by_key[key(p)], budget=budget) for budget, p in table]
+
+
+def paired(study: Study, finals: list[dict]) -> list[dict]:
+  """The differences that carry the verdict (`PAIRS`), each at each budget and seed: the
+  estimate a − b of FD and of class accuracy with a 95% interval from a paired bootstrap — the
+  same resampled sample indices for both rows, which share labels and initial noise, so the
+  interval is that of the difference, not of two separate estimates."""
+  s, m = study.config.study, study.metric
+  by = {(r["budget"], r["model"], family(r), r.get("seed", s.seed)): r for r in finals}
+  side = lambda x: x if isinstance(x, tuple) else ("main", x)
+  name = lambda x: x[1] if x[0] == "main" else f"{x[0]} {x[1]}"
+  out = []
+  for budget, seed in sorted({(k[0], k[3]) for k in by}):
+    for a, b in PAIRS:
+      a, b = side(a), side(b)
+      ra, rb = by.get((budget, *a, seed)), by.get((budget, *b, seed))
+      if ra is None or rb is None:
+        continue
+      row = dict(budget=budget, seed=seed, a=name(a), b=name(b), a_label=label(ra),
+                 b_label=label(rb), a_gmacs=ra["gmacs_per_image"], b_gmacs=rb["gmacs_per_image"])
+      row.update(paired_difference(study.features_of(ra), study.features_of(rb), study.judge(),
+                                   max(s.bootstrap, 2), seed, m))
+      out.append(row)
+  if out and jax.process_index() == 0:
+    files.write_text(os.path.join(study.out_dir, "paired.jsonl"),
+                     "".join(json.dumps(r) + "\n" for r in out))
+  return out
+
+
+def paired_difference(fa: dict, fb: dict, judge: Judge, resamples: int, seed: int,
+                      metric: str, level: float = 0.95) -> dict:
+  """FD(a) − FD(b) (and accuracy) over the same resampled indices: estimate ± z·SD."""
+  if not np.array_equal(fa["labels"], fb["labels"]):
+    raise ValueError("paired rows must share their labels (same per_class and order)")
+  dist = lambda f: frechet.distance_of_features(f, judge.ref_mu, judge.ref_sigma)
+  est = dist(fa["features"]) - dist(fb["features"])
+  rng = np.random.default_rng(seed)
+  n = len(fa["labels"])
+  draws, acc_draws = [], []
+  for _ in range(resamples):
+    idx = rng.integers(0, n, n)
+    draws.append(dist(fa["features"][idx]) - dist(fb["features"][idx]))
+    if "hits" in fa and "hits" in fb:
+      acc_draws.append(fa["hits"][idx].mean() - fb["hits"][idx].mean())
+  z = float(scipy.stats.norm.ppf((1 + level) / 2))
+  half = z * float(np.std(draws, ddof=1))
+  row = {f"d_{metric}": est, f"d_{metric}_lo": est - half, f"d_{metric}_hi": est + half}
+  if acc_draws:
+    d = float(fa["hits"].mean() - fb["hits"].mean())
+    h = z * float(np.std(acc_draws, ddof=1))
+    row.update(d_class_accuracy=d, d_class_accuracy_lo=d - h, d_class_accuracy_hi=d + h)
+  return row
+
+
 
 
 def checkpoints_stage(study: Study, rows: list[dict]) -> list[dict]:
@@ -402,6 +634,8 @@ def dense_stage(study: Study, rows: list[dict]) -> list[dict]:
   if not s.dense_workdir:
     study.log("dense: left out (study.dense_workdir = '')")
     return []
+  if s.search == "budget":
+    return screen_budget(study, "dense")
   dense_steps = checkpoint.saved_steps(os.path.join(s.dense_workdir, "checkpoints"))
   at = dict(checkpoint_step=dense_steps[-1], per_class=s.per_class, model="dense")
   return study.run([point("none", 1, 0, 0, s.steps_ref, **at)]
@@ -416,13 +650,20 @@ def probe(study: Study, rows: list[dict]) -> list[dict]:
     study.log("probe: left out (it reads held-out pixels; data.name is not fashion_mnist)")
     return []
   sg = [r for r in rows if r["rule"] == "sg"]
-  gs, gw = ((study.best(sg)["gamma_strong"], study.best(sg)["gamma_weak"]) if sg else (0.0, 0.5))
+  if s.probe_gammas:
+    gs, gw = (float(g) for g in s.probe_gammas)
+  else:
+    gs, gw = ((study.best(sg)["gamma_strong"], study.best(sg)["gamma_weak"]) if sg
+              else (0.0, 0.5))
   path = os.path.join(study.out_dir, "probe.jsonl")
   done = {(r["checkpoint"], r["t"]): r for r in sweep.load_results(path)}
   images, labels = pipeline.load_split_arrays(c.data, "test")
   x = jnp.asarray(fmnist.to_model_units(images[:s.probe_images]))
   y = jnp.asarray(labels[:s.probe_images], jnp.int32)
-  routes = Sparsity.from_config(c.sparsity)
+  # A dense twin has no routes of its own: `probe_routes` says where its sparse branches drop
+  # tokens (the routed model's, so the two are probed alike).
+  routes = (Sparsity.from_routes(s.probe_routes) if s.probe_routes and not c.sparsity.routes
+            else Sparsity.from_config(c.sparsity))
   steps = sorted(int(v) for v in s.checkpoints) if s.checkpoints else study.saved
   net = study.params("main", steps[-1])[0]  # One model; only its checkpoints differ.
   v = jax.jit(lambda p, xt, t, y, k, sp: net.apply({"params": p}, xt, t, y, sparsity=sp,
@@ -439,28 +680,32 @@ def probe(study: Study, rows: list[dict]) -> list[dict]:
       xt = flow.interpolate(x, noise, tt)
       target = flow.target_velocity(x, noise)
       flat = lambda a: np.asarray(a).reshape(len(x), -1)
-      d_sg, d_cfg, loss = [], [], {g: [] for g in LOSS_GAMMAS}
+      d_sg, d_cfg, d_draw, loss = [], [], [], {g: [] for g in LOSS_GAMMAS}
       for d in range(s.probe_draws):
         k = jax.random.fold_in(key_, d)
-        ks = jax.random.split(k, 2 + len(LOSS_GAMMAS))
+        ks = jax.random.split(k, 3 + len(LOSS_GAMMAS))
         v_c = v(params, xt, tt, y, ks[0], Sparsity())
         d_cfg.append(flat(v_c - v(params, xt, tt, null, ks[0], Sparsity())))
-        d_sg.append(flat(v(params, xt, tt, y, ks[0], routes.with_gamma(gs))
-                         - v(params, xt, tt, y, ks[1], routes.with_gamma(gw))))
-        for g, kg in zip(LOSS_GAMMAS, ks[2:], strict=True):
+        v_weak = v(params, xt, tt, y, ks[1], routes.with_gamma(gw))
+        d_sg.append(flat(v(params, xt, tt, y, ks[0], routes.with_gamma(gs)) - v_weak))
+        # Token-draw noise: the weak branch at two draws of its kept tokens (ω amplifies it).
+        d_draw.append(flat(v_weak - v(params, xt, tt, y, ks[2], routes.with_gamma(gw))))
+        for g, kg in zip(LOSS_GAMMAS, ks[3:], strict=True):
           loss[g].append(float(jnp.mean((v(params, xt, tt, y, kg, routes.with_gamma(g))
                                          - target) ** 2)))
-      d_sg, d_cfg = np.concatenate(d_sg), np.concatenate(d_cfg)
+      d_sg, d_cfg, d_draw = (np.concatenate(a) for a in (d_sg, d_cfg, d_draw))
       n_sg, n_cfg = np.linalg.norm(d_sg, axis=1), np.linalg.norm(d_cfg, axis=1)
       cos = (d_sg * d_cfg).sum(1) / np.maximum(n_sg * n_cfg, 1e-12)
       done[(step, float(t))] = dict(
           checkpoint=step, t=float(t), gamma_strong=gs, gamma_weak=gw,
           sg_diff_norm=float(n_sg.mean()), cfg_diff_norm=float(n_cfg.mean()),
           cosine=float(cos.mean()), cosine_std=float(cos.std()),
+          draw_noise_norm=float(np.linalg.norm(d_draw, axis=1).mean()),
           **{f"loss_gamma{g:g}": float(np.mean(loss[g])) for g in LOSS_GAMMAS})
       r = done[(step, float(t))]
       study.log(f"probe @{step} t={t:g}: ‖ΔSG‖ {r['sg_diff_norm']:.3f}, ‖ΔCFG‖ "
-                f"{r['cfg_diff_norm']:.3f}, cos {r['cosine']:.3f}; loss γ0 "
+                f"{r['cfg_diff_norm']:.3f}, cos {r['cosine']:.3f}, draw noise "
+                f"{r['draw_noise_norm']:.3f}; loss γ0 "
                 f"{r['loss_gamma0']:.4f} γ0.5 {r['loss_gamma0.5']:.4f} γ0.9 "
                 f"{r['loss_gamma0.9']:.4f}")
     if jax.process_index() == 0:
@@ -496,11 +741,27 @@ def report(study: Study, parts: dict[str, list[dict]]) -> str:
          "Intervals: 95%, bootstrap over samples (FD), Wilson (accuracy).", ""]
   if parts.get("final"):
     out += ["## Matched compute: the best of each rule within each budget", "",
-            f"| budget GMACs | rule | setting | GMACs | samples | {m} | class accuracy |",
-            "|---|---|---|---|---|---|---|"]
+            f"| budget GMACs | model | rule | setting | seed | GMACs | samples | {m} | "
+            "class accuracy | precision | recall | variance ratio |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in parts["final"]:
-      out.append(f"| {r['budget']:.2f} | {family(r)} | {label(r)} | {r['gmacs_per_image']:.2f} "
-                 f"| {r['num_samples']} | {_ci(r, m)} | {_acc(r)} |")
+      div = " | ".join(f"{r[k]:.3f}" if k in r else "—"
+                       for k in ("precision", "recall", "variance_ratio"))
+      out.append(f"| {r['budget']:.2f} | {r['model']} | {family(r)} | {label(r)} | "
+                 f"{r.get('seed', study.config.study.seed)} | {r['gmacs_per_image']:.2f} "
+                 f"| {r['num_samples']} | {_ci(r, m)} | {_acc(r)} | {div} |")
+    out.append("")
+  if parts.get("paired"):
+    out += ["## Paired differences (a − b; same labels, noise and seed; 95% paired bootstrap)",
+            "", f"| budget GMACs | seed | a | b | a GMACs | b GMACs | Δ{m} | Δ class accuracy |",
+            "|---|---|---|---|---|---|---|---|"]
+    for r in parts["paired"]:
+      d = f"d_{m}"
+      acc = (f"{100 * r['d_class_accuracy']:+.1f} [{100 * r['d_class_accuracy_lo']:+.1f}, "
+             f"{100 * r['d_class_accuracy_hi']:+.1f}]" if "d_class_accuracy" in r else "—")
+      out.append(f"| {r['budget']:.2f} | {r['seed']} | {r['a']}: {r['a_label']} | {r['b']}: "
+                 f"{r['b_label']} | {r['a_gmacs']:.2f} | {r['b_gmacs']:.2f} | {r[d]:+.2f} "
+                 f"[{r[d + '_lo']:+.2f}, {r[d + '_hi']:+.2f}] | {acc} |")
     out.append("")
   if parts.get("screen"):
     n = parts["screen"][0]["num_samples"]
@@ -514,12 +775,24 @@ def report(study: Study, parts: dict[str, list[dict]]) -> str:
                    f"{_acc(b)} |")
     out.append("")
   if parts.get("dense"):
-    routed = [r for r in parts.get("screen", []) if r["steps"] == study.config.study.steps_ref
-              and tuple(r["interval"]) == FULL and (r["rule"] == "cfg" or (
-                  r["rule"] == "none" and r["gamma_strong"] == 0))]
-    out += ["## CFG's gain: dense-trained twin vs this (routed) model", "",
+    plain = lambda r: tuple(r["interval"]) == FULL and (r["rule"] == "cfg" or (
+        r["rule"] == "none" and r["gamma_strong"] == 0))
+    if study.config.study.search == "budget":  # Both within the reference budget.
+      ref = reference_budget(study, budget_levels(study))
+      within = lambda rs: [r for r in rs if plain(r) and r["gmacs_per_image"] <= ref * 1.000001]
+      routed, dense = within(parts.get("screen", [])), within(parts["dense"])
+      dense = [study.best([r for r in dense if r["rule"] == k]) for k in ("none", "cfg")
+               if any(r["rule"] == k for r in dense)]
+      routed = [study.best([r for r in routed if r["rule"] == k]) for k in ("none", "cfg")
+                if any(r["rule"] == k for r in routed)]
+      where = f" (the best of each within {ref:.2f} GMACs/image)"
+    else:
+      routed = [r for r in parts.get("screen", []) if plain(r)
+                and r["steps"] == study.config.study.steps_ref]
+      dense, where = parts["dense"], ""
+    out += [f"## CFG's gain: dense-trained twin vs this (routed) model{where}", "",
             f"| model | unguided {m} | best CFG {m} (ω) | gain |", "|---|---|---|---|"]
-    for name, rs in (("routed (this)", routed), ("dense twin", parts["dense"])):
+    for name, rs in (("routed (this)", routed), ("dense twin", dense)):
       un = [r for r in rs if r["rule"] == "none"]
       cf = [r for r in rs if r["rule"] == "cfg"]
       if un and cf:
@@ -543,11 +816,13 @@ def report(study: Study, parts: dict[str, list[dict]]) -> str:
   if parts.get("probe"):
     p0 = parts["probe"][0]
     out += [f"## Probe: SG's difference (γ {p0['gamma_strong']:g}/{p0['gamma_weak']:g}) vs CFG's",
-            "", "| step | t | ‖v(c;γs)−v(c;γw)‖ | ‖v(c)−v(∅)‖ | cosine | loss γ0 | loss γ0.5 | "
-            "loss γ0.9 |", "|---|---|---|---|---|---|---|---|"]
+            "", "| step | t | ‖v(c;γs)−v(c;γw)‖ | ‖v(c)−v(∅)‖ | cosine | ‖draw 1 − draw 2‖ "
+            "(γw) | loss γ0 | loss γ0.5 | loss γ0.9 |", "|---|---|---|---|---|---|---|---|---|"]
     for r in parts["probe"]:
+      noise = f"{r['draw_noise_norm']:.3f}" if "draw_noise_norm" in r else "—"
       out.append(f"| {r['checkpoint']} | {r['t']:g} | {r['sg_diff_norm']:.3f} | "
-                 f"{r['cfg_diff_norm']:.3f} | {r['cosine']:.3f} | {r['loss_gamma0']:.4f} | "
+                 f"{r['cfg_diff_norm']:.3f} | {r['cosine']:.3f} | {noise} | "
+                 f"{r['loss_gamma0']:.4f} | "
                  f"{r['loss_gamma0.5']:.4f} | {r['loss_gamma0.9']:.4f} |")
     out.append("")
   return "\n".join(out)
@@ -658,15 +933,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
   stages = config.study.stages
   parts: dict[str, list[dict]] = {}
   t0 = time.perf_counter()
-  needs_screen = any(s in stages for s in ("screen", "final", "checkpoints", "probe"))
-  if needs_screen:
-    parts["screen"] = screen(study)
+  by_budget = config.study.search == "budget"
+  needs_screen = any(s in stages for s in ("screen", "final", "checkpoints")) or (
+      "probe" in stages and not config.study.probe_gammas)
+  parts["screen"] = (screen_budget(study) if by_budget else screen(study)) if needs_screen else []
+  if "dense" in stages:
+    parts["dense"] = dense_stage(study, parts["screen"])
   if "final" in stages:
-    parts["final"] = final(study, parts["screen"])
+    # The budget search also compares the dense twin at matched compute (routed − dense).
+    parts["final"] = final(study, parts["screen"] + (parts.get("dense", []) if by_budget
+                                                     else []))
+    parts["paired"] = paired(study, parts["final"])
   if "checkpoints" in stages:
     parts["checkpoints"] = checkpoints_stage(study, parts["screen"])
-  if "dense" in stages:
-    parts["dense"] = dense_stage(study, parts.get("screen", []))
   if "probe" in stages:
     parts["probe"] = probe(study, parts["screen"])
   log_tensorboard(study, parts)
@@ -703,3 +982,7 @@ def cli() -> None:
   flags.DEFINE_string("workdir", None, "A trained workdir; results go to <workdir>/study/.")
   errors.run(main)
 
+
+
+if __name__ == "__main__":
+  cli()
