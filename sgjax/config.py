@@ -259,9 +259,10 @@ def base_config() -> ml_collections.ConfigDict:
       # "budget": every point at the most Euler steps within a budget (GMACs/image), ω × γ
       # jointly at budget_ref (0 = the middle budget), each rule's top_settings refit at the
       # others (docs/study.md). final_seeds: sampling seeds of the final rows (() = seed).
-      # probe_gammas: the probe's (γs, γw) (() = SG's best); probe_routes: the routes the
-      # probe drops tokens on where the model has none (a dense twin; () = the model's).
-      search="coordinate", budget_ref=0.0, top_settings=2, final_seeds=(),
+      # final_families: the families rescored in the final (() = all). probe_gammas: the
+      # probe's (γs, γw) (() = SG's best); probe_routes: the routes the probe drops tokens on
+      # where the model has none (a dense twin; () = the model's).
+      search="coordinate", budget_ref=0.0, top_settings=2, final_seeds=(), final_families=(),
       probe_gammas=(), probe_routes=()))
   # `--mode=eval`: num_samples class-balanced samples with config.sample's guidance (resumable
   # shards under <workdir>/eval/), scored against `reference` (docs/eval.md). feature_net

@@ -117,6 +117,8 @@ def check(config: ml_collections.ConfigDict) -> None:
   need(all(0 < t < 1 for t in s.probe_ts), "probe_ts", "outside (0, 1)", "t values in (0, 1)")
   need(all(b > 0 for b in s.budgets), "budgets", "must be > 0", "GMACs per image")
   need(s.search in SEARCHES, "search", "unknown search", f"one of {SEARCHES}")
+  need(set(s.final_families) <= set(FAMILIES), "final_families", "unknown family",
+       f"a subset of {FAMILIES} (() = all)")
   need(s.budget_ref >= 0, "budget_ref", "must be >= 0", "GMACs per image (0 = the middle budget)")
   need(int(s.top_settings) >= 1, "top_settings", "must be >= 1", "a positive integer")
   need(len(s.probe_gammas) in (0, 2) and (not s.probe_gammas or 0 <= s.probe_gammas[0]
@@ -540,7 +542,7 @@ def final(study: Study, rows: list[dict]) -> list[dict]:
   table = []
   for budget in levels:
     for model in sorted({r["model"] for r in rows}):
-      for fam in FAMILIES:
+      for fam in [f for f in FAMILIES if not s.final_families or f in s.final_families]:
         fits = [r for r in rows if r["model"] == model and family(r) == fam
                 and r["gmacs_per_image"] <= budget * 1.000001]
         if fits:
