@@ -10,13 +10,20 @@ step and the step to resume from instead (it is never deleted).
 Only the run's own saves count against `max_to_keep`: `protected_steps` (an imported
 checkpoint, steps from before the workdir was recorded) are never deleted, and readers open the
 folder read-only, so they neither create it nor clean up another process's save in progress.
+
+A save that fails for a full disk (or any OSError) stops the run with one line naming the step
+folder, the cause and the last complete checkpoint; the unfinished step (orbax's temporary
+folder, which no resume reads) is removed to give the space back, so a rerun after space is
+freed resumes from the last complete step.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
+import shutil
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,7 +32,46 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from sgjax import errors
+from sgjax import errors, files
+
+
+def _save_failed(directory: str, step: int | None, err: BaseException) -> errors.UserError:
+  """The one line for a save that failed: the step, the cause, the last complete step."""
+  complete = [s for s in saved_steps(directory) if s != step]
+  last = (f"the last complete checkpoint is step {max(complete)} (kept): free space and rerun "
+          "the same command to resume from it" if complete else
+          "there is no complete checkpoint yet: free space and rerun the same command")
+  if jax.process_index() == 0 and "://" not in directory:
+    # The unfinished step: orbax's temporary folder (which no resume reads), ours to remove.
+    pattern = f"{step}.orbax-checkpoint-tmp*" if step is not None else "*.orbax-checkpoint-tmp*"
+    for tmp in glob.glob(os.path.join(glob.escape(directory), pattern)):
+      shutil.rmtree(tmp, ignore_errors=True)
+  what = f"checkpoint step {step}" if step is not None else "a checkpoint"
+  return files.write_failed(os.path.join(directory, str(step)) if step is not None else directory,
+                            err, last, subject=f"{what} was not saved")
+
+
+def _is_write_failure(err: BaseException) -> bool:
+  seen = set()
+  while err is not None and id(err) not in seen:
+    seen.add(id(err))
+    if isinstance(err, OSError) or files.disk_full(err):
+      return True
+    err = err.__cause__ or err.__context__
+  return False
+
+
+class _Manager(ocp.CheckpointManager):
+  """Orbax's manager whose async save errors (raised when a save is waited for) are the one
+  line of a failed save."""
+
+  def wait_until_finished(self) -> None:
+    try:
+      super().wait_until_finished()
+    except Exception as err:
+      if not _is_write_failure(err):
+        raise
+      raise _save_failed(str(self.directory), None, err) from err
 
 
 def manager(directory: str, *, max_to_keep: int | None = 3, async_save: bool = True,
@@ -50,7 +96,7 @@ def manager(directory: str, *, max_to_keep: int | None = 3, async_save: bool = T
                            else policies.AnyPreservationPolicy(keep)),
       create=not read_only, enable_async_checkpointing=async_save and not read_only,
       cleanup_tmp_directories=not read_only)
-  return ocp.CheckpointManager(directory, options=options, item_names=("state", "data"))
+  return _Manager(directory, options=options, item_names=("state", "data"))
 
 
 def saved_steps(directory: str) -> list[int]:
@@ -85,7 +131,12 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_iter: Any | No
   items = dict(state=ocp.args.StandardSave(state))
   if data_iter is not None:
     items["data"] = grain.checkpoint.CheckpointSave(_IteratorSnapshot(data_iter))
-  mngr.save(step, args=ocp.args.Composite(**items), force=True)
+  try:
+    mngr.save(step, args=ocp.args.Composite(**items), force=True)
+  except Exception as err:
+    if not _is_write_failure(err):
+      raise
+    raise _save_failed(str(mngr.directory), step, err) from err
 
 
 def _paths_and_shapes(tree: Any) -> dict[str, tuple]:

@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from sgjax import condition, errors, files, metrics, sampling, sharding
+from sgjax import condition, errors, files, lock, metrics, sampling, sharding
 from sgjax import guidance as guidance_lib
 from sgjax import state as state_lib
 from sgjax import workdir as workdir_lib
@@ -158,6 +158,7 @@ def images(config: ml_collections.ConfigDict, model, weights, cond: Conditions,
   return np.concatenate(out)
 
 
+@lock.holding("out_dir", "sample shards")  # One writer per sample set.
 def write_shards(config: ml_collections.ConfigDict, model, weights, cond: Conditions,
                  plan: guidance_lib.Plan, mesh, out_dir: str, seed: int,
                  null: condition.Null = None, **per_sample: np.ndarray) -> str:

@@ -10,6 +10,7 @@ other jobs add at a checkpoint's step (`log_scalars`: eval, sweeps).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -91,12 +92,16 @@ def log_scalars(workdir: str, step: int, values: Mapping[str, Any], prefix: str 
   """
   scalars = _scalars(values, prefix)
   if jax.process_index() == 0 and scalars:
-    tb = _summary_writer(workdir)
-    try:
-      for tag, v in scalars.items():
-        tb.add_scalar(tag, v, int(step))
-    finally:
-      tb.close()
+    try:  # The scores are already printed and saved: a failed TensorBoard write is said only.
+      tb = _summary_writer(workdir)
+      try:
+        for tag, v in scalars.items():
+          tb.add_scalar(tag, v, int(step))
+      finally:
+        tb.close()
+    except OSError as err:
+      print(f"warning: TensorBoard scalars {prefix or ''} of {workdir} not written "
+            f"({type(err).__name__}: {err})", file=sys.stderr, flush=True)
   return scalars
 
 
@@ -133,47 +138,86 @@ class MetricWriter:
   """Appends `{"step": s, **metrics}` lines to metrics.jsonl and scalars to TensorBoard.
 
   `workdir` may be a gs:// path (etils.epath with gcsfs; tensorboardX's own GCS writer).
+  A write that fails (a full disk, a lost mount) never stops the run: it is said once, on
+  stderr, and later writes are tried again (tensorboardX's writer thread, if it died, is given
+  up for the rest of the run; metrics.jsonl goes on).
   """
 
   def __init__(self, workdir: str, *, enabled: bool | None = None):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self._tb = None
     self._jsonl = None
+    self._remote = None
+    self._warned = False
+    self._path = os.path.join(workdir, "metrics.jsonl")
     if self.enabled:
-      path = epath.Path(workdir) / "metrics.jsonl"
-      path.parent.mkdir(parents=True, exist_ok=True)
-      if "://" in workdir:  # Object stores cannot append: the file is rewritten at each write.
-        self._remote = (path, path.read_text() if path.exists() else "")
-      else:
-        self._jsonl = open(path, "a")
-      self._tb = _summary_writer(workdir)
+      with self._guarded("metrics.jsonl"):
+        path = epath.Path(workdir) / "metrics.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if "://" in workdir:  # Object stores cannot append: the file is rewritten at each write.
+          self._remote = (path, path.read_text() if path.exists() else "")
+        else:
+          self._jsonl = open(path, "a")
+      with self._guarded("TensorBoard"):
+        self._tb = _summary_writer(workdir)
+
+  def _warn(self, what: str, err: BaseException) -> None:
+    if not self._warned:
+      self._warned = True
+      print(f"warning: {what} of {os.path.dirname(self._path)} not written "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); training "
+            "goes on (said once: later metric writes are tried again)",
+            file=sys.stderr, flush=True)
+
+  @contextlib.contextmanager
+  def _guarded(self, what: str):
+    try:
+      yield
+    except OSError as err:
+      self._warn(what, err)
+
+  def _board(self):
+    """The TensorBoard writer, or None once its writer thread has died (a failed write there:
+    adding more would block on its full queue)."""
+    if self._tb is None:
+      return None
+    worker = getattr(getattr(self._tb.file_writer, "event_writer", None), "_worker", None)
+    if worker is not None and not worker.is_alive():
+      self._warn("TensorBoard", OSError("its event writer stopped"))
+      self._tb = None
+    return self._tb
 
   def write(self, step: int, metrics: Mapping[str, float]) -> None:
     if not self.enabled:
       return
     line = json.dumps({"step": step, **{k: float(v) for k, v in metrics.items()}}) + "\n"
-    if self._jsonl is None:
-      path, text = self._remote
-      self._remote = (path, text + line)
-      path.write_text(text + line)
-    else:
-      self._jsonl.write(line)
-      self._jsonl.flush()
-    for k, v in metrics.items():
-      self._tb.add_scalar(k, float(v), step)
-    self._tb.flush()
+    with self._guarded("metrics.jsonl"):
+      if self._remote is not None:
+        path, text = self._remote
+        self._remote = (path, text + line)
+        path.write_text(text + line)
+      elif self._jsonl is not None:
+        self._jsonl.write(line)
+        self._jsonl.flush()
+    with self._guarded("TensorBoard"):
+      if (tb := self._board()) is not None:
+        for k, v in metrics.items():
+          tb.add_scalar(k, float(v), step)
+        tb.flush()
 
   def image(self, step: int, tag: str, image: np.ndarray) -> None:
     """A uint8 HWC image (e.g. a sample grid) at `step`."""
-    if self.enabled:
-      self._tb.add_image(tag, np.asarray(image), step, dataformats="HWC")
-      self._tb.flush()
+    with self._guarded("TensorBoard"):
+      if self.enabled and (tb := self._board()) is not None:
+        tb.add_image(tag, np.asarray(image), step, dataformats="HWC")
+        tb.flush()
 
   def text(self, step: int, tag: str, text: str) -> None:
     """Markdown text at `step` (TensorBoard's Text tab)."""
-    if self.enabled:
-      self._tb.add_text(tag, text, step)
-      self._tb.flush()
+    with self._guarded("TensorBoard"):
+      if self.enabled and (tb := self._board()) is not None:
+        tb.add_text(tag, text, step)
+        tb.flush()
 
   def hparams(self, values: Mapping[str, Any], metrics: Sequence[str]) -> None:
     """The run's hyperparameters (HParams tab), linked to the scalar tags `metrics`.
@@ -185,15 +229,20 @@ class MetricWriter:
       return
     # Local: tensorboardX is imported once, by _summary_writer_class (without torch).
     from tensorboardX.summary import hparams
-    for summary in hparams(dict(values), {m: None for m in metrics}):
-      self._tb.file_writer.add_summary(summary)
-    self._tb.flush()
+    with self._guarded("TensorBoard"):
+      if (tb := self._board()) is not None:
+        for summary in hparams(dict(values), {m: None for m in metrics}):
+          tb.file_writer.add_summary(summary)
+        tb.flush()
 
   def close(self) -> None:
     if self.enabled:
-      if self._jsonl is not None:
-        self._jsonl.close()
-      self._tb.close()
+      with self._guarded("metrics.jsonl"):
+        if self._jsonl is not None:
+          self._jsonl.close()
+      with self._guarded("TensorBoard"):
+        if (tb := self._board()) is not None:
+          tb.close()
 
 
 class Progress:

@@ -24,6 +24,7 @@ from sgjax import (
   condition,
   errors,
   flow,
+  lock,
   models,
   monitor,
   preemption,
@@ -140,15 +141,17 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Trains to `config.train.num_steps`, resuming from the latest checkpoint in `workdir`.
 
   A run that fails before its first checkpoint removes the workdir if this call created it:
-  no half-made workdir (metrics of a run that holds nothing) is left behind.
+  no half-made workdir (metrics of a run that holds nothing) is left behind. One train run
+  per workdir: a second is refused, naming the first (sgjax.lock).
   """
   created = "://" not in workdir and not os.path.exists(workdir)
-  try:
-    return _train(config, workdir)
-  except BaseException:
-    if created and not checkpoint.saved_steps(os.path.join(workdir, "checkpoints")):
-      shutil.rmtree(workdir, ignore_errors=True)
-    raise
+  with lock.hold(workdir, "train"):
+    try:
+      return _train(config, workdir)
+    except BaseException:
+      if created and not checkpoint.saved_steps(os.path.join(workdir, "checkpoints")):
+        shutil.rmtree(workdir, ignore_errors=True)
+      raise
 
 
 def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:

@@ -185,7 +185,7 @@ def output_dir(base: str, settings: dict[str, Any], log=print) -> str:
   import jax
   settings = json.loads(json.dumps(settings, sort_keys=True, default=str))
   path = base
-  if files.exists(base) and files.listdir(base):
+  if files.exists(base) and [n for n in files.listdir(base) if n != "writer.lock"]:
     have = os.path.join(base, SETTINGS)
     if not files.exists(have) or json.loads(files.read_text(have)) != settings:
       path = f"{base}_{digest(settings)}"

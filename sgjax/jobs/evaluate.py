@@ -25,7 +25,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from sgjax import config as config_lib
-from sgjax import errors, files, flops, generate, metrics, sharding
+from sgjax import errors, files, flops, generate, lock, metrics, sharding
 from sgjax.convert import inception_fid
 from sgjax.eval import fmnist, frechet, inception
 from sgjax.eval import metrics as metrics_lib
@@ -197,6 +197,7 @@ def _shards(sample_dir: str) -> list[str]:
   return files.glob(sample_dir, "shard_*.npz")
 
 
+@lock.holding("sample_dir", "eval features")  # One writer of a set's cache.
 def sample_features(e: ml_collections.ConfigDict, variables, mesh, sample_dir: str
                     ) -> dict[str, np.ndarray]:
   """Inception features of the sample set, streamed shard by shard; cached beside the shards."""

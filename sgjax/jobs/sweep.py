@@ -26,7 +26,7 @@ import numpy as np
 from absl import flags, logging
 from ml_collections import config_flags
 
-from sgjax import checkpoint, errors, files, flops, generate, metrics, platform, sharding
+from sgjax import checkpoint, errors, files, flops, generate, lock, metrics, platform, sharding
 from sgjax import config as config_lib
 from sgjax import guidance as guidance_lib
 from sgjax import workdir as workdir_lib
@@ -136,6 +136,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
   workdir_lib.check(workdir, config, resuming=False)  # Before any output folder is made.
   out_dir = workdir_lib.output_dir(os.path.join(workdir, "sweep"),
                                    sweep_settings(config, steps[-1]), log)
+  with lock.hold(out_dir, "sweep", log=log):  # One writer per sweep folder.
+    return _evaluate_points(config, workdir, points, steps, out_dir, log)
+
+
+def _evaluate_points(config: ml_collections.ConfigDict, workdir: str, points: list[dict],
+                     steps: list[int], out_dir: str, log) -> str:
   results_path = os.path.join(out_dir, "results.jsonl")
   done = {point_key(r) for r in load_results(results_path)}
   todo = [p for p in points if point_key(p) not in done]

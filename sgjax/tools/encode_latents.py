@@ -30,7 +30,7 @@ from ml_collections import config_flags
 from PIL import Image
 
 from sgjax import config as config_lib
-from sgjax import errors, metrics, sharding
+from sgjax import errors, files, lock, metrics, sharding
 from sgjax.convert import sd_vae
 from sgjax.data import latents
 from sgjax.models import vae as vae_lib
@@ -75,8 +75,8 @@ class FolderSource:
 
   def __init__(self, root: str):
     if not root or not os.path.isdir(root):
-      raise FileNotFoundError(f"encode.source_dir = {root!r}: not a folder; expected "
-                              "<source_dir>/<class_name>/*.JPEG")
+      raise errors.UserError(f"encode.source_dir = {root!r}", "not a folder",
+                             "expected <source_dir>/<class_name>/*.JPEG")
     self.class_names = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
     self.files: list[tuple[str, int]] = []
     for label, name in enumerate(self.class_names):
@@ -84,8 +84,9 @@ class FolderSource:
       self.files += [(os.path.join(folder, f), label) for f in sorted(os.listdir(folder))
                      if f.lower().endswith(IMAGE_SUFFIXES)]
     if not self.files:
-      raise FileNotFoundError(f"encode.source_dir = {root!r}: no {IMAGE_SUFFIXES} files in "
-                              "class subfolders")
+      raise errors.UserError(f"encode.source_dir = {root!r}",
+                             f"no {IMAGE_SUFFIXES} files in class subfolders",
+                             "expected <source_dir>/<class_name>/*.JPEG")
 
   def __len__(self) -> int:
     return len(self.files)
@@ -153,6 +154,12 @@ def encode(config: ml_collections.ConfigDict) -> str:
                            "pass the diffusers AutoencoderKL safetensors file")
   log = (lambda m: print(m, flush=True)) if jax.process_index() == 0 else (lambda m: None)
   source = make_source(e)
+  with lock.hold(out_dir, "encode_latents", log=log):  # One writer per data.dir.
+    return _encode(config, source, log)
+
+
+def _encode(config: ml_collections.ConfigDict, source, log) -> str:
+  e, v, out_dir = config.encode, config.vae, config.data.dir
   num_shards = -(-len(source) // e.shard_size)
   meta = _metadata(config, source, num_shards)
   latents.write_metadata(out_dir, meta)  # Or check it equals the one being resumed.
@@ -213,7 +220,17 @@ def encode(config: ml_collections.ConfigDict) -> str:
           ahead = prefetch.submit(load_batch, range(nxt, min(nxt + e.batch_size, hi)))
         mean, std = jax.device_get(run_batch(pixels))
         records += [layout.pack(labels[i], mean[i], std[i]) for i in range(len(labels))]
-      latents.write_shard(path(s), records)
+      try:
+        latents.write_shard(path(s), records)
+      except Exception as err:  # ArrayRecord's writer raises its status as a RuntimeError.
+        if not (isinstance(err, OSError) or files.disk_full(err)):
+          raise
+        if os.path.exists(path(s) + ".tmp"):  # The unfinished shard (never read): space back.
+          os.remove(path(s) + ".tmp")
+        complete = sum(os.path.exists(path(k)) for k in range(num_shards))
+        raise files.write_failed(path(s), err, f"{complete} of {num_shards} shards are "
+                                 "complete (kept): free space and rerun the same command to "
+                                 "encode the rest") from err
       done += hi - lo
       progress.report(done, {"shard": s, "img/s": (hi - lo) / max(time.perf_counter() - t0,
                                                                     1e-9)})
