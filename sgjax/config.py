@@ -26,6 +26,7 @@ from sgjax import (
   guidance,
   models,
   monitor,
+  objectives,
   sampling,
   sharding,
   sparsity,
@@ -83,6 +84,7 @@ def check_keys(config: ml_collections.ConfigDict) -> None:
 
 def _check_train(config: ml_collections.ConfigDict, num_devices: int | None) -> None:
   state.check_config(config, num_devices)
+  objectives.check_config(config)  # train.objective fits the model.
   monitor.check_config(config)  # train.sample_every, train.profile_steps.
 
 
@@ -204,7 +206,9 @@ def base_config() -> ml_collections.ConfigDict:
       label_dropout=0.1,
       log_every=50, checkpoint_every=1000, keep_checkpoints=3, async_checkpoint=True,
       keep_period=0,  # > 0: also keep every checkpoint whose step is a multiple (AG guides).
-      mask_loss_weight=0.1,  # λ of a masked model's reconstruction term (docs/masking.md).
+      # What the step minimises (sgjax.objectives): flow (flow matching) | masked (MaskDiT's
+      # objective, for a masked model); mask_loss_weight: its reconstruction term's λ.
+      objective="flow", mask_loss_weight=0.1,
       # Sample grids to TensorBoard and <workdir>/samples/ every sample_every steps (-1 = at
       # each checkpoint, 0 = off) and a jax.profiler trace of the steps profile_steps =
       # (first, last) into <workdir>/tensorboard/ (() = none); sgjax.monitor checks both.

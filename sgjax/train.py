@@ -23,10 +23,10 @@ from sgjax import (
   checkpoint,
   condition,
   errors,
-  flow,
   lock,
   models,
   monitor,
+  objectives,
   preemption,
   previews,
   sharding,
@@ -36,7 +36,6 @@ from sgjax import metrics as metrics_lib
 from sgjax import state as state_lib
 from sgjax import workdir as workdir_lib
 from sgjax.data import pipeline, prefetch
-from sgjax.sparsity import Sparsity
 
 TrainState = state_lib.TrainState
 OPTIMIZER_SCOPE = "optimizer"  # Named scope of the AdamW and EMA updates (profiles).
@@ -54,39 +53,27 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
                     tx: optax.GradientTransformation, null: condition.Null = None):
   """(state, batch) -> (state, metrics). Pure; the caller jits it with shardings.
 
-  `null` is CFG's ∅ for condition dropout: default the model's own (DiT's null label); a text
-  model needs the empty prompt's features (sgjax.data.captions.null_condition).
+  The loss is `train.objective`'s (sgjax.objectives: its draws over the whole batch, then its
+  loss per micro-batch); this step owns the gradients, their accumulation, the optimizer
+  (clipping), the EMA and where each gradient lives. `null` is CFG's ∅ for condition dropout:
+  default the model's own (DiT's null label); a text model needs the empty prompt's features
+  (sgjax.data.captions.null_condition).
   """
   tc = config.train
-  train_sparsity = Sparsity.from_config(config.sparsity)
+  objective = objectives.get(config)
   null = condition.default_null(model) if null is None else null
   compute_dtype = jnp.dtype(config.dtype)
   # Where each parameter (hence its gradient) lives: the FSDP shard of the logical rules.
   param_specs = sharding.logical_specs(
       jax.eval_shape(lambda: state_lib.init_params(model, config.seed)))
 
-  def loss_fn(params, images, noise, t, labels, token_key):
-    if model.masked:
-      # MaskDiT: the model reports which pixels its encoder saw; the loss weights by that.
-      def velocity_visible(x_t, t, y):
-        v, inter = model.apply({"params": params}, x_t, t, y, sparsity=train_sparsity,
-                               token_key=token_key, mutable=["intermediates"])
-        return v, inter["intermediates"]["visible"][0]
-      return flow.masked_loss(velocity_visible, images, noise, t, labels, tc.mask_loss_weight)
-
-    def velocity(x_t, t, y):
-      return model.apply({"params": params}, x_t, t, y, sparsity=train_sparsity,
-                         token_key=token_key)
-    return flow.loss(velocity, images, noise, t, labels)
+  def loss_fn(params, inputs, rng):
+    return objective.loss(model, params, inputs, rng, config)
 
   def step_fn(state: TrainState, batch: dict[str, jax.Array]):
     # Per-step randomness is a pure function of (base key, step): exact on resume.
     key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-    k_drop, k_time, k_noise, k_tokens = jax.random.split(key, 4)
-    images = batch["image"]
-    labels = flow.drop_condition(k_drop, condition.from_batch(batch), tc.label_dropout, null)
-    t = flow.sample_time(k_time, images.shape[0])
-    noise = jax.random.normal(k_noise, images.shape, images.dtype)
+    inputs, loss_key = objective.draw(model, batch, key, config, null)
     accum = tc.grad_accum
     # Differentiate w.r.t. the weights cast to the compute dtype (what every layer multiplies
     # with anyway) and pin each gradient to its parameter's shard before it is cast back to
@@ -94,13 +81,14 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
     # shard, not as a full-shape all-reduce (a cast in between hides the pattern from XLA).
     compute_params = jax.tree.map(lambda p: p.astype(compute_dtype), state["params"])
 
-    def grad_fn(*args):
-      loss, grads = jax.value_and_grad(loss_fn)(compute_params, *args)
+    def grad_fn(inputs, rng):
+      (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(compute_params, inputs,
+                                                                      rng)
       grads = sharding.constrain(grads, param_specs)
-      return loss, jax.tree.map(lambda g: g.astype(jnp.float32), grads)
+      return loss, aux, jax.tree.map(lambda g: g.astype(jnp.float32), grads)
 
     if accum == 1:
-      loss, grads = grad_fn(images, noise, t, labels, k_tokens)
+      loss, aux, grads = grad_fn(inputs, loss_key)
     else:
       # Micro-batch j takes every accum-th example, so each device's shard splits locally.
       def split(a):
@@ -108,13 +96,18 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
 
       def body(carry, xs):
         j, micro = xs
-        loss_j, grads_j = grad_fn(*micro, jax.random.fold_in(k_tokens, j))
-        return jax.tree.map(jnp.add, carry, (loss_j, grads_j)), None
+        return jax.tree.map(jnp.add, carry, grad_fn(micro, jax.random.fold_in(loss_key, j))), None
 
-      zeros = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, state["params"]))
-      micro = jax.tree.map(split, (images, noise, t, labels))
-      (loss, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
-      loss, grads = jax.tree.map(lambda a: a / accum, (loss, grads))
+      # The aux metrics' shapes (to sum them in): eval_shape traces one micro-batch's loss
+      # and adds nothing to the step's program.
+      aux_shapes = jax.eval_shape(
+          lambda i: loss_fn(compute_params, jax.tree.map(lambda a: split(a)[0], i), loss_key)[1],
+          inputs)
+      zeros = (jnp.zeros(()), jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), aux_shapes),
+               jax.tree.map(jnp.zeros_like, state["params"]))
+      micro = jax.tree.map(split, inputs)
+      (loss, aux, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
+      loss, aux, grads = jax.tree.map(lambda a: a / accum, (loss, aux, grads))
 
     with jax.named_scope(OPTIMIZER_SCOPE):
       updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -122,7 +115,8 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
       d = ema_decay(tc, state["step"])
       ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state["ema"], params)
     metrics = dict(loss=loss, grad_norm=optax.tree.norm(grads),
-                   lr=jnp.asarray(state_lib.make_schedule(tc)(state["step"]), jnp.float32))
+                   lr=jnp.asarray(state_lib.make_schedule(tc)(state["step"]), jnp.float32),
+                   **aux)
     new_state = dict(step=state["step"] + 1, params=params, ema=ema, opt_state=opt_state,
                      rng=state["rng"])
     return new_state, metrics
@@ -263,6 +257,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
                         grad_norm=float(np.mean([m["grad_norm"] for m in fetched])),
                         lr=float(fetched[-1]["lr"]), steps_per_s=steps_per_s,
                         examples_per_s=steps_per_s * tc.batch_size)
+          # The objective's own metrics (its `aux`), each a mean over the reported steps.
+          report.update({k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]
+                         if k not in ("loss", "grad_norm", "lr")})
           writer.write(step, report)
           progress.report(step, dict(loss=report["loss"], grad_norm=report["grad_norm"]))
         if is_ckpt:

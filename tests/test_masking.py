@@ -227,6 +227,9 @@ def test_flops_of_a_masked_model_by_hand():
     ("model.decoder_width", 90, r"model.decoder_width = 90: must be a positive multiple of 4"),
     ("model.decoder_depth", -1, r"model.decoder_depth = -1: must be >= 0"),
     ("train.mask_loss_weight", -0.1, r"train.mask_loss_weight = -0.1: must be >= 0"),
+    ("train.objective", "flow", r"train.objective = 'flow': a masked model .* set "
+                                r"train.objective = 'masked'"),
+    ("train.objective", "mae", r"train.objective = 'mae': allowed: \('flow', 'masked'\)"),
 ])
 def test_bad_masking_configs_are_rejected(field, value, message):
   c = _load("fashion_mnist_mask")
@@ -240,6 +243,10 @@ def test_mask_gamma_needs_a_decoder():
   c = _load("fashion_mnist")
   c.sparsity.update(routes=(), mask_gamma=0.5)
   with pytest.raises(ValueError, match=r"sparsity.mask_gamma = 0.5: masking needs a decoder"):
+    config_lib.validate(c, num_devices=8)
+  c.sparsity.mask_gamma = 0.0
+  c.train.objective = "masked"  # MaskDiT's loss reads what the encoder saw: a decoder's model.
+  with pytest.raises(ValueError, match=r"train.objective = 'masked': needs a masked model"):
     config_lib.validate(c, num_devices=8)
   with pytest.raises(ValueError, match="needs a masked model"):
     dit.DiT(image_size=8, channels=1, num_classes=2, depth=1, width=8, heads=2,

@@ -2,11 +2,12 @@
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
 from sgjax import config as config_lib
-from sgjax import sharding, train
+from sgjax import objectives, sharding, train
 from sgjax import state as state_lib
 from sgjax.models import dit
 from tests.builders import tiny_config
@@ -133,3 +134,35 @@ def test_logged_lr_is_the_schedule_the_optimizer_steps_with():
   # no schedule step count.
   assert not [s for s in jax.tree.leaves(constant["opt_state"], is_leaf=is_sched)
               if is_sched(s)]
+
+
+def _probe_loss(model, params, inputs, rng, config):
+  """An objective that reads no model: a loss of one bias and the batch's t, and t's mean."""
+  del model, rng, config
+  bias = params["final_proj"]["bias"]
+  return jnp.mean((bias.sum() - inputs.t) ** 2), {"t_mean": jnp.mean(inputs.t)}
+
+
+def test_an_added_objective_trains_and_reports_its_metrics(monkeypatch):
+  # The seam: an objective in sgjax.objectives.OBJECTIVES is picked by train.objective; the
+  # step differentiates its loss and averages its aux metrics over the micro-batches (the
+  # draws are the whole batch's, made before the split).
+  monkeypatch.setitem(objectives.OBJECTIVES, "probe",
+                      objectives.Objective(objectives.draw_flow, _probe_loss))
+  c = tiny_config()
+  c.train.update(objective="probe", grad_accum=2)
+  config_lib.validate(c, 8)
+  model = dit.from_config(c)
+  tx = state_lib.make_optimizer(c.train)
+  state = nn.unbox(state_lib.init_state(model, tx, c.seed))
+  batch = _batch(c)
+  new, m = jax.jit(train.make_train_step(c, model, tx))(state, batch)
+  key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), 0)
+  inputs, _ = objectives.draw_flow(model, batch, key, c, model.builtin_null())
+  t = np.asarray(inputs.t, np.float64)
+  np.testing.assert_allclose(float(m["t_mean"]), t.mean(), rtol=1e-6)
+  np.testing.assert_allclose(float(m["loss"]), np.mean(t ** 2), rtol=1e-5)  # The bias is 0.
+  moved = np.asarray(new["params"]["final_proj"]["bias"])
+  np.testing.assert_allclose(moved, c.train.lr, rtol=1e-3)  # Adam's first step: +lr each.
+  assert np.array_equal(np.asarray(new["params"]["block0"]["fc1"]["kernel"]),
+                        np.asarray(state["params"]["block0"]["fc1"]["kernel"]))

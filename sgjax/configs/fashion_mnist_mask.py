@@ -15,7 +15,7 @@ def get_config():
   c = load_config_file("fashion_mnist")
   c.model.update(decoder_depth=2, decoder_width=96, decoder_heads=4)
   c.sparsity.update(routes=(), mask_gamma=0.5)
-  c.train.mask_loss_weight = 0.1  # MaskDiT's weight for the reconstruction term.
+  c.train.update(objective="masked", mask_loss_weight=0.1)  # MaskDiT's λ for its reconstruction.
   c.sample.guidance.update(rule="sg", omega=2.0, gamma_strong=0.0, gamma_weak=0.3)
   # Masked models tolerate less inference sparsity than routed ones: a lower γ_weak grid.
   c.sweep.update(gammas_weak=(0.2, 0.3, 0.5))

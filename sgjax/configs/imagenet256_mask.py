@@ -14,7 +14,7 @@ def get_config():
   c.model.update(decoder_depth=8, decoder_width=512, decoder_heads=16)
   c.sparsity.update(routes=(), mask_gamma=0.5)
   # MaskDiT's weight for its reconstruction (MAE) term; the SG paper gives none.
-  c.train.mask_loss_weight = 0.1
+  c.train.update(objective="masked", mask_loss_weight=0.1)
   # Masked models tolerate little inference sparsity (paper: γ_s <~ 0.12, γ_w ~ 0.2-0.3).
   c.sample.guidance.update(rule="sg", omega=1.5, gamma_strong=0.1, gamma_weak=0.3)
   return c
