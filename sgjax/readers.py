@@ -11,8 +11,8 @@ pickle naming any callable beyond torch's tensor rebuilders before calling anyth
 `allow_pickle=False`; safetensors files are a JSON header and raw bytes, read here without any
 unpickling. (Config files are Python and do run: trust them as you trust a script.)
 
-Tensors are read lazily where the format allows (safetensors and zip-format `.pt` files are
-memory-mapped), so a converter holds one copy of the weights, not two.
+Tensors are read lazily where the format allows (a safetensors tensor when it is asked for;
+zip-format `.pt` files memory-mapped), so a converter holds one copy of the weights, not two.
 """
 
 from __future__ import annotations
@@ -69,15 +69,16 @@ def _cause(err: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def reading(path: str | os.PathLike, where: str = "", allowed: str = "") -> Iterator[None]:
-  """Inside, a failure to read `path` is one UserError `<where>: cannot be read (<why>);
-  <allowed>` (`where` defaults to the path)."""
+def reading(path: str | os.PathLike, where: str = "", allowed: str = "",
+            what: str = "file") -> Iterator[None]:
+  """Inside, a failure to read `path` is one UserError `<where>: not a readable <what>
+  (<why>); <allowed>` (`where` defaults to the path)."""
   try:
     yield
   except errors.UserError:
     raise
   except READ_ERRORS as err:
-    raise errors.UserError(where or os.fspath(path), f"cannot be read: {_cause(err)}",
+    raise errors.UserError(where or os.fspath(path), f"not a readable {what} ({_cause(err)})",
                            allowed) from err
 
 
@@ -111,7 +112,7 @@ def file_format(path: str | os.PathLike) -> str:
 
 
 class SafetensorsFile(Mapping):
-  """The tensors of a .safetensors file, each read (memory-mapped) when first asked for.
+  """The tensors of a .safetensors file, each read when asked for.
 
   The header is checked whole on opening: JSON, known dtypes, shapes, and data offsets that tile
   the data section, so a corrupt header is refused before any tensor is used.
@@ -121,23 +122,22 @@ class SafetensorsFile(Mapping):
     self.path, self.where, self.allowed = path, where or path, allowed
     check_file(path, self.where, allowed)
     size = epath.Path(path).stat().length
-    with reading(path, self.where, allowed), epath.Path(path).open("rb") as f:
+    with reading(path, self.where, allowed, "safetensors file"), epath.Path(path).open("rb") as f:
       (n,) = struct.unpack("<Q", f.read(8))
       if not 2 <= n <= min(_MAX_HEADER, size - 8):
         raise ValueError(f"header length {n} does not fit a {size}-byte file")
       try:
         header = json.loads(f.read(n))
       except ValueError as err:
-        raise ValueError(f"corrupt safetensors header (not JSON: {err})") from err
+        raise ValueError(f"corrupt header, not JSON: {err}") from err
     self.metadata = header.pop("__metadata__", None) if isinstance(header, dict) else None
     self._entries = self._checked(header, size - 8 - n)
     self._offset = 8 + n
-    self._map = None
 
   def _checked(self, header: Any, data_size: int) -> dict[str, tuple[np.dtype, tuple, int]]:
     def bad(what: str) -> errors.UserError:
-      return errors.UserError(self.where, f"cannot be read: corrupt safetensors header ({what})",
-                              self.allowed)
+      return errors.UserError(self.where, f"not a readable safetensors file (corrupt header: "
+                              f"{what})", self.allowed)
     if not isinstance(header, dict):
       raise bad("not a JSON object")
     entries, spans = {}, []
@@ -167,11 +167,15 @@ class SafetensorsFile(Mapping):
     return entries
 
   def __getitem__(self, name: str) -> np.ndarray:
+    """The tensor, read now into its own array (not memory-mapped: a converter that drops each
+    tensor once converted then holds one tensor of the source at a time)."""
     dt, shape, start = self._entries[name]
-    if self._map is None:
-      self._map = np.memmap(self.path, np.uint8, "r")
-    n = int(np.prod(shape)) * dt.itemsize
-    raw = self._map[self._offset + start:self._offset + start + n]
+    raw = np.empty(int(np.prod(shape)) * dt.itemsize, np.uint8)
+    with reading(self.path, self.where, self.allowed, "safetensors file"):
+      with epath.Path(self.path).open("rb") as f:
+        f.seek(self._offset + start)
+        if f.readinto(memoryview(raw)) != raw.size:
+          raise EOFError(f"{name!r} ends past the end of the file")
     return raw.view(dt).reshape(shape)
 
   def __iter__(self) -> Iterator[str]:
@@ -194,12 +198,14 @@ def torch_file(path: str, where: str = "", allowed: str = STATE_DICT_ALLOWED) ->
     raise errors.UserError(where, f"is not a PyTorch file (it begins {_head(path, 12)!r})",
                            allowed)
   if kind == "zip":  # A truncated zip has lost its central directory: say so, not errno 22.
-    with reading(path, where, allowed), epath.Path(path).open("rb") as f, zipfile.ZipFile(f):
+    with (reading(path, where, allowed, "PyTorch file"), epath.Path(path).open("rb") as f,
+          zipfile.ZipFile(f)):
       pass
   import torch  # Local: only .pt files need torch.
   # A DiT training checkpoint also pickles its argparse.Namespace of arguments: plain data
   # (attributes set from a dict), allowed beside the tensors; nothing else is.
-  with reading(path, where, allowed), torch.serialization.safe_globals([argparse.Namespace]):
+  with (reading(path, where, allowed, "PyTorch file"),
+        torch.serialization.safe_globals([argparse.Namespace])):
     if files.is_remote(path):
       return torch.load(io.BytesIO(files.read_bytes(path)), map_location="cpu",
                         weights_only=True)
@@ -238,7 +244,7 @@ def npz(path: str, where: str = "", allowed: str = "") -> dict[str, np.ndarray]:
   where = where or path
   check_file(path, where, allowed)
   out = {}
-  with reading(path, where, allowed), epath.Path(path).open("rb") as f:
+  with reading(path, where, allowed, ".npz"), epath.Path(path).open("rb") as f:
     source = f if not files.is_remote(path) else io.BytesIO(f.read())  # np.load needs seeks.
     with np.load(source, allow_pickle=False) as z:
       for key in z.files:
@@ -259,7 +265,8 @@ def npz_headers(path: str, where: str = "", allowed: str = "") -> dict[str, tupl
   where = where or path
   check_file(path, where, allowed)
   out = {}
-  with reading(path, where, allowed), epath.Path(path).open("rb") as f, zipfile.ZipFile(f) as z:
+  with (reading(path, where, allowed, ".npz"), epath.Path(path).open("rb") as f,
+        zipfile.ZipFile(f) as z):
     for name in z.namelist():
       if not name.endswith(".npy"):
         continue
@@ -280,5 +287,5 @@ def json_file(path: str, where: str = "", allowed: str = "") -> Any:
   """A JSON file's value."""
   where = where or path
   check_file(path, where, allowed)
-  with reading(path, where, allowed or "a JSON file"):
+  with reading(path, where, allowed or "a JSON file", "JSON file"):
     return json.loads(files.read_text(path))

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from flax import traverse_util
 
-from sgjax import errors, files
+from sgjax import errors, files, readers
 from sgjax.eval import inception
 
 IGNORED_SUFFIXES = (".num_batches_tracked",)  # BN step counters: not weights.
@@ -38,19 +38,17 @@ _CONV_BN = {("params", "conv", "kernel"): "conv.weight", ("params", "bn", "scale
             ("batch_stats", "bn", "var"): "bn.running_var"}
 
 
-def load_state_dict(src: str | Mapping[str, Any]) -> dict[str, np.ndarray]:
-  """float32 numpy arrays from a .pth path (torch.load with weights_only=True) or a mapping."""
+SOURCE_ALLOWED = "pass pytorch-fid's pt_inception-2015-12-05-6726825d.pth"
+WEIGHTS_ALLOWED = ("a converted .npz (python -m sgjax.convert.inception_fid) or pytorch-fid's "
+                   ".pth; see docs/eval.md")
+
+
+def load_state_dict(src: str | Mapping[str, Any], where: str = "") -> dict[str, np.ndarray]:
+  """Numpy arrays from a .pth path (sgjax.readers: weights_only=True; one line naming the file
+  if it cannot be read) or a mapping."""
   if isinstance(src, str):
-    import io
-
-    import torch  # Local: only a .pth file needs torch.
-
-    src = torch.load(io.BytesIO(files.read_bytes(src)), map_location="cpu", weights_only=True)
-  out = {}
-  for k, v in src.items():
-    v = v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)
-    out[k] = v
-  return out
+    src = readers.tensor_file(src, where or src, SOURCE_ALLOWED)
+  return {k: readers.to_numpy(v) for k, v in src.items()}
 
 
 def _torch_key(collection: str, path: tuple[str, ...]) -> tuple[str, Any]:
@@ -63,8 +61,10 @@ def _torch_key(collection: str, path: tuple[str, ...]) -> tuple[str, Any]:
   return ".".join((*path[:-2], suffix)), transform
 
 
-def convert(state_dict: Mapping[str, Any]) -> dict[str, Any]:
-  """{"params", "batch_stats"} for sgjax.eval.inception.InceptionV3, float32 numpy leaves."""
+def convert(state_dict: Mapping[str, Any], where: str = "the Inception state dict"
+            ) -> dict[str, Any]:
+  """{"params", "batch_stats"} for sgjax.eval.inception.InceptionV3, float32 numpy leaves.
+  A state dict that does not fit is a UserError naming `where` and each problem."""
   sd = load_state_dict(state_dict)
   template = inception.variables_template()
   flat = traverse_util.flatten_dict(template)
@@ -85,16 +85,17 @@ def convert(state_dict: Mapping[str, Any]) -> dict[str, Any]:
   unexpected = sorted(k for k in sd if k not in used and not k.endswith(IGNORED_SUFFIXES))
   problems += [f"unexpected source tensor {k!r} {np.shape(sd[k])}" for k in unexpected]
   if problems:
-    raise ValueError(f"{len(problems)} problem(s) converting the Inception state dict "
-                     "(expected pytorch-fid's pt_inception-2015-12-05):\n  "
-                     + "\n  ".join(problems))
+    raise errors.UserError(where, f"{len(problems)} problem(s) converting it to the FID "
+                           "Inception: " + "; ".join(problems[:6])
+                           + (" ..." if len(problems) > 6 else ""), SOURCE_ALLOWED)
   return traverse_util.unflatten_dict(out)
 
 
 def save(variables: Mapping[str, Any], path: str) -> None:
   """Converted variables as .npz, keys 'collection/module/.../leaf' (written atomically)."""
   if not path.endswith(".npz"):
-    raise ValueError(f"{path!r}: converted weights are saved as .npz")
+    raise errors.UserError(f"--out={path}", "converted weights are saved as .npz",
+                           "pass a path ending in .npz")
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   flat = traverse_util.flatten_dict(variables, sep="/")
   with open(path + ".tmp", "wb") as f:
@@ -102,21 +103,22 @@ def save(variables: Mapping[str, Any], path: str) -> None:
   os.replace(path + ".tmp", path)
 
 
-def load(path: str) -> dict[str, Any]:
+def load(path: str, where: str = "") -> dict[str, Any]:
   """Variables from a .pth (converted now) or a converted .npz; names and shapes checked."""
+  where = where or f"eval.inception_weights = {path!r}"
   if path.endswith((".pth", ".pt")):
-    return convert(load_state_dict(path))
+    return convert(load_state_dict(path, where), where)
   if not path.endswith(".npz"):
-    raise ValueError(f"{path!r}: Inception weights must be a .pth or a converted .npz")
-  variables = traverse_util.unflatten_dict(files.load_npz(path), sep="/")
+    raise errors.UserError(where, "is neither a .pth nor an .npz", WEIGHTS_ALLOWED)
+  variables = traverse_util.unflatten_dict(readers.npz(path, where, WEIGHTS_ALLOWED), sep="/")
   want = traverse_util.flatten_dict(inception.variables_template(), sep="/")
   got = traverse_util.flatten_dict(variables, sep="/")
   missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
   bad = [k for k in set(want) & set(got) if tuple(np.shape(got[k])) != want[k].shape]
   if missing or extra or bad:
-    raise ValueError(f"{path}: not converted FID Inception weights; missing {missing[:5]}, "
-                     f"unexpected {extra[:5]}, wrong shape {sorted(bad)[:5]} "
-                     f"({len(missing)}/{len(extra)}/{len(bad)} in all)")
+    raise errors.UserError(where, f"not converted FID Inception weights: missing {missing[:5]}, "
+                           f"unexpected {extra[:5]}, wrong shape {sorted(bad)[:5]} "
+                           f"({len(missing)}/{len(extra)}/{len(bad)} in all)", WEIGHTS_ALLOWED)
   return variables
 
 
@@ -132,18 +134,11 @@ def main(argv=None) -> None:
   p.add_argument("--src", required=True, help="pt_inception-2015-12-05-6726825d.pth")
   p.add_argument("--out", required=True, help="output .npz")
   args = p.parse_args(argv)
-  if not files.exists(args.src):
-    raise errors.UserError(f"--src={args.src}", "no such file",
-                           "pass pytorch-fid's pt_inception-2015-12-05-6726825d.pth")
   if files.exists(args.out):
     raise errors.UserError(f"--out={args.out}", "exists",
                            "pass a new path; an existing file is never overwritten")
-  try:
-    variables = convert(load_state_dict(args.src))
-  except ValueError as err:  # Not pytorch-fid's Inception: its problems as one line.
-    lines = [s.strip() for s in str(err).splitlines() if s.strip()]
-    raise errors.UserError(f"--src={args.src}", "; ".join(lines)[:400],
-                           "pass pytorch-fid's pt_inception-2015-12-05 weights") from err
+  where = f"--src={args.src}"
+  variables = convert(load_state_dict(args.src, where), where)
   save(variables, args.out)
   n = sum(np.size(v) for v in traverse_util.flatten_dict(variables).values())
   print(f"wrote {args.out}: {n:,} numbers")
@@ -151,10 +146,11 @@ def main(argv=None) -> None:
 
 def load_variables(path: str):
   """Converted weights (.npz from this converter) or a .pth directly."""
-  if not path or not files.exists(path):
-    raise FileNotFoundError(f"Inception weights {path!r} not found (convert "
-                            "pt_inception-2015-12-05-6726825d.pth, see docs/eval.md)")
-  return load(path)
+  where = f"eval.inception_weights = {path!r}"
+  if not path:
+    raise errors.UserError(where, "not set", WEIGHTS_ALLOWED)
+  readers.check_file(path, where, WEIGHTS_ALLOWED)
+  return load(path, where)
 
 
 def cli() -> None:

@@ -28,9 +28,8 @@ import ml_collections
 import numpy as np
 from absl import flags, logging
 from ml_collections import config_flags
-from safetensors.numpy import load_file
 
-from sgjax import errors, sharding
+from sgjax import errors, readers, sharding
 from sgjax.models import vae
 
 # New diffusers attention names -> the ones older files use.
@@ -85,10 +84,16 @@ def _listing(title: str, items: list[str], limit: int = 20) -> str:
   return f"  {title} ({len(items)}):\n    " + "\n    ".join(items[:limit]) + more
 
 
-def convert(state: Mapping[str, np.ndarray], abstract_params: Mapping[str, Any]) -> dict:
+WEIGHTS_ALLOWED = ("pass the diffusers AutoencoderKL file (e.g. sd-vae-ft-ema/"
+                   "diffusion_pytorch_model.safetensors) of the vae.* architecture")
+
+
+def convert(state: Mapping[str, np.ndarray], abstract_params: Mapping[str, Any],
+            where: str = "the VAE state dict") -> dict:
   """A diffusers state dict -> the Flax param tree shaped like `abstract_params` (float32).
 
-  Raises ValueError listing every missing key, unused key and shape mismatch.
+  Raises a UserError naming `where` that lists every missing key, unused key and shape
+  mismatch (the first lines of each list in the one line; all of them with --verbose).
   """
   missing, mismatched, used, flat = [], [], set(), {}
   for path, leaf in _flatten(abstract_params).items():
@@ -106,32 +111,30 @@ def convert(state: Mapping[str, np.ndarray], abstract_params: Mapping[str, Any])
     flat[path] = value
   unused = sorted(set(state) - used)
   if missing or mismatched or unused:
-    parts = [_listing(t, items) for t, items in (
+    lists = [(t, items) for t, items in (
         ("missing from the file", missing), ("shape mismatches", mismatched),
-        ("in the file but read by nothing (another architecture? check the vae.* config "
-         "fields)", unused)) if items]
-    raise ValueError("SD-VAE weights do not fit the configured architecture:\n"
-                     + "\n".join(parts))
+        ("in the file but read by nothing (another architecture?)", unused)) if items]
+    detail = ValueError("SD-VAE weights do not fit the configured architecture:\n"
+                        + "\n".join(_listing(t, items) for t, items in lists))
+    short = "; ".join(f"{t} ({len(items)}): " + ", ".join(items[:3])
+                      + (" ..." if len(items) > 3 else "") for t, items in lists)
+    raise errors.UserError(where, f"does not fit the configured SD-VAE: {short}",
+                           "check the vae.* config fields (--verbose lists it all)") from detail
   return _unflatten(flat)
 
 
-def load(path: str, abstract_params: Mapping[str, Any]) -> dict:
-  """Reads a diffusers safetensors file and converts it (see `convert`)."""
-  return convert(load_file(path), abstract_params)
+def load(path: str, abstract_params: Mapping[str, Any], where: str = "") -> dict:
+  """Reads a diffusers safetensors file (lazily, via sgjax.readers: one line naming the file if
+  it cannot be read) and converts it (see `convert`)."""
+  where = where or f"vae.weights = {path!r}"
+  return convert(readers.SafetensorsFile(path, where, WEIGHTS_ALLOWED), abstract_params, where)
 
 
 def main(argv) -> None:
   del argv
   logging.set_verbosity(logging.WARNING)
   vc = flags.FLAGS.config.vae
-  try:
-    params = load_params(vc)
-  except ValueError as err:  # The listing of every key that does not fit, as one line.
-    if isinstance(err, errors.UserError):
-      raise
-    lines = [s.strip() for s in str(err).splitlines() if s.strip()]
-    raise errors.UserError(f"vae.weights = {vc.weights!r}", "; ".join(lines[1:]) or lines[0],
-                           "check the vae.* config fields (--verbose lists it all)") from err
+  params = load_params(vc)
   count = sum(int(np.prod(np.shape(v))) for v in _flatten(params).values())
   print(f"{vc.weights}: OK, {count:,} parameters fill the configured SD-VAE "
         f"(channels {tuple(vc.block_out_channels)}, {vc.layers_per_block} layers per block, "
@@ -142,10 +145,6 @@ def main(argv) -> None:
 def load_params(vc: ml_collections.ConfigDict) -> Any:
   """Params from `vc.weights`, a diffusers `diffusion_pytorch_model.safetensors` (nothing is
   downloaded); every key and shape is checked against the configured architecture."""
-  if not os.path.exists(vc.weights):
-    raise FileNotFoundError(f"vae.weights = {vc.weights!r}: no such file; pass the diffusers "
-                            "AutoencoderKL file (e.g. sd-vae-ft-ema/diffusion_pytorch_model"
-                            ".safetensors)")
   return load(vc.weights, vae.abstract_params(vae.from_config(vc)))
 
 
@@ -170,9 +169,9 @@ def to_pixels(config: ml_collections.ConfigDict, mesh, x: jax.Array) -> jax.Arra
   vc = config.vae
   if not vc.weights:
     if config.data.name == "latents":
-      raise ValueError("vae.weights = '': a model trained on latents needs the SD-VAE file to "
-                       "decode its samples (--config.vae.weights=.../diffusion_pytorch_model"
-                       ".safetensors)")
+      raise errors.UserError("vae.weights = ''", "a model trained on latents needs the SD-VAE "
+                             "file to decode its samples",
+                             "--config.vae.weights=.../diffusion_pytorch_model.safetensors")
     return x
   arch = tuple(tuple(vc[k]) if k == "block_out_channels" else vc[k] for k in _ARCH_FIELDS)
   mtime = os.path.getmtime(vc.weights) if os.path.exists(vc.weights) else 0.0

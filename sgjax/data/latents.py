@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from sgjax import errors, readers
+
 FORMAT = "sgjax-latents-v1"
 METADATA = "metadata.json"
 
@@ -39,6 +41,10 @@ class Layout:
   def _count(self) -> int:
     return int(np.prod(self.shape))
 
+  @property
+  def record_bytes(self) -> int:
+    return 4 + 2 * self._count * np.dtype(self.dtype).itemsize
+
   def pack(self, label: int, mean: np.ndarray, std: np.ndarray) -> bytes:
     dt = np.dtype(self.dtype)
     return (np.int32(label).tobytes() + np.asarray(mean, dt).tobytes()
@@ -52,15 +58,27 @@ class Layout:
     return {"mean": mean, "std": std, "label": label}
 
 
+ENCODE_FIRST = "encode the images first (python -m sgjax.tools.encode_latents --config=...)"
+
+
 def read_metadata(directory: str) -> dict[str, Any]:
+  """metadata.json, checked: its format, and the fields that say how to read the shards."""
   path = os.path.join(directory, METADATA)
   if not os.path.exists(path):
-    raise FileNotFoundError(f"data.dir = {directory!r}: no {METADATA}; encode the images first "
-                            "(python -m sgjax.tools.encode_latents --config=...)")
-  with open(path) as f:
-    meta = json.load(f)
-  if meta.get("format") != FORMAT:
-    raise ValueError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    raise errors.UserError(f"data.dir = {directory!r}", f"no {METADATA}", ENCODE_FIRST)
+  meta = readers.json_file(path, path, ENCODE_FIRST)
+  if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+    raise errors.UserError(path, f"format {found!r}, expected {FORMAT!r}", ENCODE_FIRST)
+  shape, counts = meta.get("shape"), [meta.get(k) for k in ("num_records", "num_shards")]
+  if (not isinstance(shape, list) or len(shape) != 3
+      or not all(isinstance(d, int) and d > 0 for d in shape)
+      or meta.get("dtype") not in ("float16", "float32")
+      or not all(isinstance(n, int) and n > 0 for n in counts)):
+    raise errors.UserError(path, f"shape {shape!r}, dtype {meta.get('dtype')!r}, num_records "
+                           f"{counts[0]!r}, num_shards {counts[1]!r}",
+                           "a (H, W, C) of positive ints, float16 or float32, positive counts: "
+                           "re-encode into a new folder")
   return meta
 
 
@@ -71,9 +89,10 @@ def write_metadata(directory: str, meta: dict[str, Any]) -> None:
     old = read_metadata(directory)
     diff = sorted(k for k in set(old) | set(meta) if old.get(k) != meta.get(k))
     if diff:
-      raise ValueError(f"{path} was written with other settings ({', '.join(diff)} differ: "
-                       f"{[(k, old.get(k), meta.get(k)) for k in diff]}); resume with the same "
-                       "config, or point data.dir at a new folder")
+      raise errors.UserError(f"data.dir = {directory!r}",
+                             f"{METADATA} was written with other settings ({', '.join(diff)} "
+                             f"differ: {[(k, old.get(k), meta.get(k)) for k in diff]})",
+                             "resume with the same config, or point data.dir at a new folder")
     return
   os.makedirs(directory, exist_ok=True)
   tmp = path + ".tmp"
@@ -103,21 +122,48 @@ class LatentSource:
     paths = [os.path.join(directory, shard_name(i, count)) for i in range(count)]
     missing = [os.path.basename(p) for p in paths if not os.path.exists(p)]
     if missing:
-      raise FileNotFoundError(f"data.dir = {directory!r}: {len(missing)} of {count} shards not "
-                              f"written yet ({', '.join(missing[:3])}...); rerun the encoder to "
-                              "finish them")
+      raise errors.UserError(f"data.dir = {directory!r}", f"{len(missing)} of {count} shards "
+                             f"not written yet ({', '.join(missing[:3])}...)",
+                             "rerun the encoder to finish them")
     self.layout = Layout(tuple(meta["shape"]), meta["dtype"])
+    total = sum(check_shard(p, self.layout) for p in paths)
+    if total != meta["num_records"]:
+      raise errors.UserError(f"data.dir = {directory!r}", f"the shards hold {total} records, "
+                             f"{METADATA} says {meta['num_records']}",
+                             "shards and metadata from different encodings: re-encode into a "
+                             "new folder")
     import grain  # Local: the encoder imports this module and needs no grain (or orbax).
     self._source = grain.sources.ArrayRecordDataSource(paths)
-    if len(self._source) != meta["num_records"]:
-      raise ValueError(f"{directory}: {len(self._source)} records, metadata says "
-                       f"{meta['num_records']}")
 
   def __len__(self) -> int:
     return len(self._source)
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     return self.layout.unpack(self._source[index])
+
+
+def check_shard(path: str, layout: Layout) -> int:
+  """The number of records in one shard, after checking that its first record has the size
+  metadata.json's shape and dtype give (a shard of another encoding would be read as noise:
+  float32 records read as float16 are garbage, not an error)."""
+  from array_record.python.array_record_module import ArrayRecordReader
+  with readers.reading(path, path, "rerun the encoder into a new folder", "ArrayRecord shard"):
+    reader = ArrayRecordReader(path)
+    try:
+      count = reader.num_records()
+      size = len(reader.read([0])[0]) if count else layout.record_bytes
+    finally:
+      reader.close()
+  if size != layout.record_bytes:
+    n = int(np.prod(layout.shape))
+    fits = [d for d in ("float16", "float32") if 4 + 2 * n * np.dtype(d).itemsize == size]
+    raise errors.UserError(path, f"records of {size} bytes, but {METADATA}'s shape "
+                           f"{list(layout.shape)} and dtype {layout.dtype} make "
+                           f"{layout.record_bytes}"
+                           + (f" (they fit {fits[0]})" if fits else ""),
+                           "shards and metadata from different encodings: re-encode into a new "
+                           "folder")
+  return count
 
 
 def sample_latent(record: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:

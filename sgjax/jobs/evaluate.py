@@ -16,16 +16,14 @@ import hashlib
 import io
 import json
 import os
-import zipfile
 
 import jax
 import ml_collections
 import numpy as np
-from etils import epath
 from jax.experimental import multihost_utils
 
 from sgjax import config as config_lib
-from sgjax import errors, files, flops, generate, lock, metrics, sharding
+from sgjax import errors, files, flops, generate, lock, metrics, readers, sharding
 from sgjax.convert import inception_fid
 from sgjax.eval import fmnist, frechet, inception
 from sgjax.eval import metrics as metrics_lib
@@ -63,26 +61,14 @@ def check_images(shape: tuple, dtype, where: str) -> None:
                            IMAGES_EXPECTED)
 
 
+REFERENCE_ALLOWED = ("an ADM reference batch .npz, an .npz of uint8 images (arr_0) or an image "
+                     "folder")
+
+
 def npz_headers(path: str) -> dict[str, tuple[tuple, np.dtype]]:
   """{key: (shape, dtype)} of an .npz's arrays, read from the headers only (a reference batch
-  is gigabytes)."""
-  out = {}
-  try:
-    with epath.Path(path).open("rb") as f, zipfile.ZipFile(f) as z:
-      for name in z.namelist():
-        if not name.endswith(".npy"):
-          continue
-        with z.open(name) as member:
-          read_header = (np.lib.format.read_array_header_1_0
-                         if np.lib.format.read_magic(member) == (1, 0)
-                         else np.lib.format.read_array_header_2_0)
-          shape, _, dtype = read_header(member)
-        out[name[:-4]] = (tuple(shape), np.dtype(dtype))
-  except (OSError, ValueError, zipfile.BadZipFile) as err:
-    raise errors.UserError(path, f"not a readable .npz ({errors.first_line(err)})",
-                           "an ADM reference batch .npz, an .npz of uint8 images (arr_0) or an "
-                           "image folder") from err
-  return out
+  is gigabytes); a file that cannot be read is one line naming it (sgjax.readers)."""
+  return readers.npz_headers(path, path, REFERENCE_ALLOWED)
 
 
 def check_reference(path: str, needs_images: bool) -> None:
@@ -114,7 +100,7 @@ def check_reference(path: str, needs_images: bool) -> None:
 def read_images(path: str) -> np.ndarray:
   """uint8 NHWC images from an .npz (`arr_0`) or a folder of same-sized PNG/JPEG files."""
   if path.endswith(".npz"):
-    z = files.load_npz(path)
+    z = readers.npz(path, f"eval.reference = {path!r}", REFERENCE_ALLOWED)
     if "arr_0" not in z:
       raise errors.UserError(f"eval.reference = {path!r}", "no 'arr_0' images in it",
                              f"keys found: {list(z)}")
@@ -125,8 +111,12 @@ def read_images(path: str) -> np.ndarray:
   if not names:
     raise errors.UserError(f"eval.reference = {path!r}", f"no {IMAGE_SUFFIXES} files there",
                            "a folder of same-sized images")
-  images = [np.asarray(Image.open(io.BytesIO(files.read_bytes(os.path.join(path, n))))
-                       .convert("RGB")) for n in names]
+  images = []
+  for n in names:
+    with readers.reading(os.path.join(path, n), f"eval.reference = {path!r} ({n})",
+                         "PNG or JPEG files", "image"):
+      images.append(np.asarray(Image.open(io.BytesIO(files.read_bytes(os.path.join(path, n))))
+                               .convert("RGB")))
   sizes = sorted({im.shape for im in images})
   if len(sizes) > 1:
     raise errors.UserError(f"eval.reference = {path!r}", f"images of sizes {sizes[:4]}",
@@ -174,7 +164,7 @@ def reference_statistics(e: ml_collections.ConfigDict, variables, mesh, cache_di
   stats, has_images = {}, True
   check_reference(e.reference, need_pool)
   if e.reference.endswith(".npz"):
-    z = files.load_npz(e.reference)
+    z = readers.npz(e.reference, f"eval.reference = {e.reference!r}", REFERENCE_ALLOWED)
     stats = {k: z[k] for k in STATISTICS if k in z}
     has_images = "arr_0" in z
   if need_pool or len(stats) < 4:
