@@ -369,3 +369,31 @@ def summaries(folder):
     for value in event.summary.value:
       out.setdefault(value.tag, []).append((event.step, value))
   return out
+
+
+def official_dit_state_dict(depth=2, width=64, patch=2, channels=4, image_size=8,
+                            num_classes=10, learn_sigma=True, seed=0, dtype=np.float32):
+  """A DiT/SiT state dict in the official layout (facebookresearch/DiT key names and torch
+  shapes), random non-zero weights of `dtype`, the exact sin-cos `pos_embed` (numpy arrays).
+  DiT-XL/2 is depth=28, width=1152, image_size=32 (latents of 256 px), num_classes=1000."""
+  rng = np.random.default_rng(seed)
+  grid, out_c = image_size // patch, (2 if learn_sigma else 1) * channels
+  shapes = {"x_embedder.proj.weight": (width, channels, patch, patch),
+            "x_embedder.proj.bias": (width,),
+            "t_embedder.mlp.0.weight": (width, 256), "t_embedder.mlp.0.bias": (width,),
+            "t_embedder.mlp.2.weight": (width, width), "t_embedder.mlp.2.bias": (width,),
+            "y_embedder.embedding_table.weight": (num_classes + 1, width),
+            "final_layer.linear.weight": (patch * patch * out_c, width),
+            "final_layer.linear.bias": (patch * patch * out_c,),
+            "final_layer.adaLN_modulation.1.weight": (2 * width, width),
+            "final_layer.adaLN_modulation.1.bias": (2 * width,)}
+  for i in range(depth):
+    for name, (rows, cols) in {"attn.qkv": (3 * width, width), "attn.proj": (width, width),
+                               "mlp.fc1": (4 * width, width), "mlp.fc2": (width, 4 * width),
+                               "adaLN_modulation.1": (6 * width, width)}.items():
+      shapes[f"blocks.{i}.{name}.weight"] = (rows, cols)
+      shapes[f"blocks.{i}.{name}.bias"] = (rows,)
+  sd = {"pos_embed": dit.sincos_pos_embed_2d(width, grid)[None].astype(dtype)}
+  for name, shape in shapes.items():
+    sd[name] = (rng.standard_normal(shape, np.float32) * 0.05).astype(dtype)
+  return sd
