@@ -35,8 +35,16 @@ from orbax.checkpoint import checkpoint_managers as policies
 from sgjax import errors, files
 
 
+def _drop_disk_full_task_errors(record: logging.LogRecord) -> bool:
+  """asyncio's "Task exception was never retrieved" for each of orbax's writes that hit the
+  full disk: that failure is reported once, as the save's one line."""
+  return not (record.exc_info and files.disk_full(record.exc_info[1]))
+
+
 def _save_failed(directory: str, step: int | None, err: BaseException) -> errors.UserError:
   """The one line for a save that failed: the step, the cause, the last complete step."""
+  if files.disk_full(err):
+    logging.getLogger("asyncio").addFilter(_drop_disk_full_task_errors)  # Once: a set.
   complete = [s for s in saved_steps(directory) if s != step]
   last = (f"the last complete checkpoint is step {max(complete)} (kept): free space and rerun "
           "the same command to resume from it" if complete else

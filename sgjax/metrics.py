@@ -68,7 +68,14 @@ def _summary_writer(workdir: str):
   other's file without the process id and a counter in the name.
   """
   suffix = f".{os.getpid()}.{next(_writers)}"
-  return _summary_writer_class()(os.path.join(workdir, "tensorboard"), filename_suffix=suffix)
+  tb = _summary_writer_class()(os.path.join(workdir, "tensorboard"), filename_suffix=suffix)
+  # Events are written in the caller's thread, not tensorboardX's: there a failed write (a full
+  # disk) kills its thread silently and every later add blocks on its full queue (a hung run);
+  # here it raises where MetricWriter says so and goes on.
+  events = tb.file_writer.event_writer
+  events._worker.stop()
+  events.add_event = events._ev_writer.write_event
+  return tb
 
 
 def _scalars(values: Mapping[str, Any], prefix: str) -> dict[str, float]:
@@ -139,8 +146,7 @@ class MetricWriter:
 
   `workdir` may be a gs:// path (etils.epath with gcsfs; tensorboardX's own GCS writer).
   A write that fails (a full disk, a lost mount) never stops the run: it is said once, on
-  stderr, and later writes are tried again (tensorboardX's writer thread, if it died, is given
-  up for the rest of the run; metrics.jsonl goes on).
+  stderr, and later writes are tried again.
   """
 
   def __init__(self, workdir: str, *, enabled: bool | None = None):
@@ -176,17 +182,6 @@ class MetricWriter:
     except OSError as err:
       self._warn(what, err)
 
-  def _board(self):
-    """The TensorBoard writer, or None once its writer thread has died (a failed write there:
-    adding more would block on its full queue)."""
-    if self._tb is None:
-      return None
-    worker = getattr(getattr(self._tb.file_writer, "event_writer", None), "_worker", None)
-    if worker is not None and not worker.is_alive():
-      self._warn("TensorBoard", OSError("its event writer stopped"))
-      self._tb = None
-    return self._tb
-
   def write(self, step: int, metrics: Mapping[str, float]) -> None:
     if not self.enabled:
       return
@@ -200,7 +195,7 @@ class MetricWriter:
         self._jsonl.write(line)
         self._jsonl.flush()
     with self._guarded("TensorBoard"):
-      if (tb := self._board()) is not None:
+      if (tb := self._tb) is not None:
         for k, v in metrics.items():
           tb.add_scalar(k, float(v), step)
         tb.flush()
@@ -208,14 +203,14 @@ class MetricWriter:
   def image(self, step: int, tag: str, image: np.ndarray) -> None:
     """A uint8 HWC image (e.g. a sample grid) at `step`."""
     with self._guarded("TensorBoard"):
-      if self.enabled and (tb := self._board()) is not None:
+      if self.enabled and (tb := self._tb) is not None:
         tb.add_image(tag, np.asarray(image), step, dataformats="HWC")
         tb.flush()
 
   def text(self, step: int, tag: str, text: str) -> None:
     """Markdown text at `step` (TensorBoard's Text tab)."""
     with self._guarded("TensorBoard"):
-      if self.enabled and (tb := self._board()) is not None:
+      if self.enabled and (tb := self._tb) is not None:
         tb.add_text(tag, text, step)
         tb.flush()
 
@@ -230,7 +225,7 @@ class MetricWriter:
     # Local: tensorboardX is imported once, by _summary_writer_class (without torch).
     from tensorboardX.summary import hparams
     with self._guarded("TensorBoard"):
-      if (tb := self._board()) is not None:
+      if (tb := self._tb) is not None:
         for summary in hparams(dict(values), {m: None for m in metrics}):
           tb.file_writer.add_summary(summary)
         tb.flush()
@@ -241,7 +236,7 @@ class MetricWriter:
         if self._jsonl is not None:
           self._jsonl.close()
       with self._guarded("TensorBoard"):
-        if (tb := self._board()) is not None:
+        if (tb := self._tb) is not None:
           tb.close()
 
 

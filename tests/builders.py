@@ -3,7 +3,9 @@
 The one place test files take helpers from (no test module imports another).
 """
 
+import contextlib
 import os
+import subprocess
 import zlib
 
 import jax
@@ -397,3 +399,41 @@ def official_dit_state_dict(depth=2, width=64, patch=2, channels=4, image_size=8
   for name, shape in shapes.items():
     sd[name] = (rng.standard_normal(shape, np.float32) * 0.05).astype(dtype)
   return sd
+
+
+# ---- faults: a small real disk, an image folder for the latent writer.
+
+
+def image_folder(root, classes=4, per_class=2, seed=0) -> str:
+  """`<root>/c<k>/img<i>.png`: `classes` folders of `per_class` noisy RGB images (40x48, above
+  latent_config's 32 px crop), the layout sgjax.tools.encode_latents reads; its path."""
+  from PIL import Image
+  rng = np.random.default_rng(seed)
+  for k in range(classes):
+    os.makedirs(os.path.join(root, f"c{k}"), exist_ok=True)
+    for i in range(per_class):
+      pixels = rng.integers(0, 256, (40, 48, 3), np.uint8)
+      Image.fromarray(pixels).save(os.path.join(root, f"c{k}", f"img{i}.png"))
+  return str(root)
+
+
+@contextlib.contextmanager
+def tmpfs(folder, size: str):
+  """A tmpfs of `size` (e.g. "5m") mounted on the new, empty `folder` for the block (a disk that
+  really fills up); skips where mounting is not allowed. `remount(size)` resizes it."""
+  import pytest
+  os.makedirs(folder)
+  run = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                       capture_output=True, text=True)
+  if run.returncode:
+    os.rmdir(folder)
+    pytest.skip(f"cannot mount a tmpfs here ({run.stderr.strip() or run.returncode}): the "
+                "full-disk tests need root and mount")
+
+  def remount(new_size: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,size={new_size}", str(folder)], check=True)
+
+  try:
+    yield remount
+  finally:
+    subprocess.run(["umount", "-l", str(folder)], check=False)
