@@ -1,6 +1,7 @@
 """The one generation path: condition -> guided sampler -> decode -> uint8 -> grid / shards.
 
-Every job that makes images (`--mode=sample`, `--mode=eval`, the demos, the sweep) goes through
+Every job that makes images (`--mode=sample`, `--mode=eval`, the demos, the sweep, the grids
+while training; from Python: sgjax.pipeline, which keeps the compiled samplers) goes through
 here, so a class-conditional and a text model, in pixels or in SD-VAE latents, come out the same
 way: conditions (class labels (N,), or text {"text" (N, L, D), "text_mask" (N, L)}) are cut into
 batches of `sample.batch_size` (the last padded by repeating its final row: one compile for all
@@ -66,8 +67,9 @@ def encode_prompts(config: ml_collections.ConfigDict, prompts: list[str]
   "text_mask"} and ∅ = the empty prompt's features (what training's condition dropout used)."""
   enc = encoder_lib.get(config.text.encoder)
   if enc.width != config.text.width:
-    raise ValueError(f"text.width = {config.text.width}: the encoder {enc.name!r} gives "
-                     f"{enc.width}-wide features")
+    raise errors.UserError(f"text.width = {config.text.width}",
+                           f"the encoder {enc.name!r} gives {enc.width}-wide features",
+                           f"set text.width = {enc.width} or another text.encoder")
   text, mask = enc.encode(list(prompts) + [""], config.text.max_tokens)
   return ({"text": text[:-1], "text_mask": mask[:-1]},
           {"text": text[-1], "text_mask": mask[-1]})
@@ -112,36 +114,51 @@ def _pixels(config: ml_collections.ConfigDict, mesh, x: jax.Array, n: int) -> np
   return sampling.to_uint8(jax.device_get(x))[:n]
 
 
+def compile_sampler(config: ml_collections.ConfigDict, model, weights, y: Conditions,
+                    plan: guidance_lib.Plan, key: jax.Array, null: condition.Null = None
+                    ) -> Callable[..., jax.Array]:
+  """The sampler of `plan` compiled for these shapes and shardings: (weights, y, key, null=)
+  -> samples in model units (what sampling.sample returns for them)."""
+  return sampling.sample.lower(model, weights, y, key, plan=plan,
+                               sampler=config.sample.sampler, null=null).compile()
+
+
+def _signature(tree: Any) -> tuple:
+  """What an executable is specialised to: the tree's structure and each leaf's shape, dtype
+  and sharding (a Python int, e.g. DiT's null label, by its type)."""
+  def leaf(a):
+    if not hasattr(a, "shape"):
+      return type(a).__name__
+    return (tuple(a.shape), str(a.dtype), getattr(a, "sharding", None))
+  return (str(jax.tree.structure(tree)), tuple(leaf(a) for a in jax.tree.leaves(tree)))
+
+
 def batch(config: ml_collections.ConfigDict, model, weights, cond: Conditions,
-          plan: guidance_lib.Plan, mesh, key: jax.Array, null: condition.Null = None
-          ) -> np.ndarray:
-  """One batch of at most `sample.batch_size` conditions -> uint8 NHWC pixels, on every host."""
+          plan: guidance_lib.Plan, mesh, key: jax.Array, null: condition.Null = None,
+          cache: dict | None = None) -> np.ndarray:
+  """One batch of at most `sample.batch_size` conditions -> uint8 NHWC pixels, on every host.
+
+  `cache` (a dict the caller keeps, e.g. sgjax.pipeline's): executables by (model, plan,
+  sampler, shapes and shardings of weights, conditions and null), each compiled once
+  (`compile_sampler`) and reused; the images are the same as without it.
+  """
   y = _placed(config, cond, mesh)
-  x = sampling.sample(model, weights, y, key, plan=plan, sampler=config.sample.sampler,
-                      null=null)
+  if cache is None:
+    x = sampling.sample(model, weights, y, key, plan=plan, sampler=config.sample.sampler,
+                        null=null)
+  else:
+    signature = (model, plan, config.sample.sampler, _signature((weights, y, null)))
+    if signature not in cache:
+      cache[signature] = compile_sampler(config, model, weights, y, plan, key, null)
+    x = cache[signature](weights, y, key, null=null)
   return _pixels(config, mesh, x, num_conditions(cond))
 
 
-def compiled_batch(config: ml_collections.ConfigDict, model, weights, cond: Conditions,
-                   plan: guidance_lib.Plan, mesh, key: jax.Array, null: condition.Null = None
-                   ) -> Callable[[Any], np.ndarray]:
-  """`batch` of fixed conditions, noise and plan with the sampler compiled here, once:
-  weights -> uint8 NHWC pixels (what `batch` returns for them).
-
-  For the grids a run draws while it trains: every call reuses the one executable, so weights
-  of other shapes or shardings than `weights` (the first weights; abstract ones will do) are an
-  error, never a recompilation.
-  """
-  y = _placed(config, cond, mesh)
-  compiled = sampling.sample.lower(model, weights, y, key, plan=plan,
-                                   sampler=config.sample.sampler, null=null).compile()
-  n = num_conditions(cond)
-  return lambda w: _pixels(config, mesh, compiled(w, y, key, null=null), n)
-
-
 def images(config: ml_collections.ConfigDict, model, weights, cond: Conditions,
-           plan: guidance_lib.Plan, mesh, seed: int, null: condition.Null = None) -> np.ndarray:
-  """uint8 NHWC samples of every condition, in batches of `sample.batch_size`.
+           plan: guidance_lib.Plan, mesh, seed: int, null: condition.Null = None,
+           cache: dict | None = None) -> np.ndarray:
+  """uint8 NHWC samples of every condition, in batches of `sample.batch_size` (`cache`: see
+  `batch`).
 
   Long runs (≥ 8 batches) report progress about ten times.
   """
@@ -152,7 +169,7 @@ def images(config: ml_collections.ConfigDict, model, weights, cond: Conditions,
   for i, s in enumerate(starts):
     part = jax.tree.map(lambda a, s=s: a[s:s + bs], cond)
     out.append(batch(config, model, weights, part, plan, mesh,
-                     jax.random.fold_in(jax.random.key(seed), i), null))
+                     jax.random.fold_in(jax.random.key(seed), i), null, cache))
     if progress and ((i + 1) % max(1, len(starts) // 10) == 0 or i + 1 == len(starts)):
       progress.report(i + 1, {"images": sum(len(o) for o in out)})
   return np.concatenate(out)
@@ -161,9 +178,11 @@ def images(config: ml_collections.ConfigDict, model, weights, cond: Conditions,
 @lock.holding("out_dir", "sample shards")  # One writer per sample set.
 def write_shards(config: ml_collections.ConfigDict, model, weights, cond: Conditions,
                  plan: guidance_lib.Plan, mesh, out_dir: str, seed: int,
-                 null: condition.Null = None, **per_sample: np.ndarray) -> str:
+                 null: condition.Null = None, cache: dict | None = None,
+                 **per_sample: np.ndarray) -> str:
   """Samples of every condition as resumable shards of `sample.shard_batches` batches, merged
-  into `<out_dir>.npz` (with the `per_sample` arrays, e.g. labels, cut alike); its path."""
+  into `<out_dir>.npz` (with the `per_sample` arrays, e.g. labels, cut alike); its path.
+  `cache`: see `batch`."""
   bs, per_shard = config.sample.batch_size, config.sample.shard_batches
   total = num_conditions(cond)
   num_batches = -(-total // bs)
@@ -185,7 +204,7 @@ def write_shards(config: ml_collections.ConfigDict, model, weights, cond: Condit
     for b in range(s * per_shard, min((s + 1) * per_shard, num_batches)):
       part = jax.tree.map(lambda a, b=b: a[b * bs:(b + 1) * bs], cond)
       shard.append(batch(config, model, weights, part, plan, mesh,
-                         jax.random.fold_in(jax.random.key(seed), b), null))
+                         jax.random.fold_in(jax.random.key(seed), b), null, cache))
       done += 1
       if done % max(1, per_shard // 2) == 0 or done == num_batches:
         progress.report(done, {"images": min(done * bs, total)})
@@ -203,10 +222,12 @@ def write_shards(config: ml_collections.ConfigDict, model, weights, cond: Condit
 
 
 def write_samples(config: ml_collections.ConfigDict, model, weights, plan: guidance_lib.Plan,
-                  mesh, out_dir: str, num_samples: int, seed: int) -> str:
+                  mesh, out_dir: str, num_samples: int, seed: int, cache: dict | None = None
+                  ) -> str:
   """`num_samples` class-balanced samples as resumable shards (`write_shards`), with labels."""
   labels = balanced_labels(model.num_classes, num_samples)
-  return write_shards(config, model, weights, labels, plan, mesh, out_dir, seed, labels=labels)
+  return write_shards(config, model, weights, labels, plan, mesh, out_dir, seed, cache=cache,
+                      labels=labels)
 
 
 def sample_settings(config: ml_collections.ConfigDict, step: int, **extra) -> dict:

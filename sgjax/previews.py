@@ -3,12 +3,14 @@
 One image per class (classes spread evenly, at most one `sample.batch_size` batch), or per prompt
 for a text model (`sample.prompts`, else the caption data's held-out prompts, one per class),
 from fixed noise (`sample.seed`): the configured guidance (`sample.guidance`) and CFG beside it
-at the same ω, `sample.steps` steps. Each grid goes to TensorBoard (`samples/<rule>`) and to
-`<workdir>/samples/step_<N>_<rule>.png`.
+at CFG's own ω (`demo.omega_cfg`: the configured rule's ω would over-guide CFG, e.g. SG's 8),
+`sample.steps` steps. Each grid goes to TensorBoard, its ω in the tag
+(`samples/<rule>_omega<ω>`), and to `<workdir>/samples/step_<N>_<rule>.png`.
 
-Through the one generation path (sgjax.generate.compiled_batch): each rule's sampler is compiled
-at the first grid and called with the live EMA (or raw, `sample.use_ema`) params after that. It
-reads the weights and draws from its own fixed key: the training trajectory is unchanged.
+Through the one sampling path (a sgjax.pipeline.Pipeline without weights of its own, over
+sgjax.generate): each rule's sampler is compiled at the first grid and called with the live EMA
+(or raw, `sample.use_ema`) params after that. It reads the weights and draws from its own fixed
+key: the training trajectory is unchanged.
 
 AG+SG needs its guide checkpoint (`sample.guidance.guide_step`): until it exists the AG+SG grid
 is skipped (said once) and CFG's is drawn alone.
@@ -25,7 +27,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from sgjax import checkpoint, files, generate, metrics, models, sampling, sharding
+from sgjax import checkpoint, files, generate, metrics, models, pipeline, sampling, sharding
 from sgjax import config as config_lib
 from sgjax import guidance as guidance_lib
 from sgjax import state as state_lib
@@ -38,6 +40,19 @@ def rules(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   """The configured rule, then CFG (once, if that is the configured one)."""
   rule = config.sample.guidance.rule
   return (rule,) if rule == BESIDE else (rule, BESIDE)
+
+
+def omega(config: ml_collections.ConfigDict, rule: str) -> float:
+  """The ω a grid of `rule` is drawn at: the configured one for the configured rule, CFG's own
+  (`demo.omega_cfg`) for CFG beside it."""
+  if rule == config.sample.guidance.rule:
+    return float(config.sample.guidance.omega)
+  return float(config.demo.omega_cfg)
+
+
+def tag(rule: str, w: float) -> str:
+  """The TensorBoard tag of a rule's grid at ω `w` ("samples/cfg_omega1.5")."""
+  return f"samples/{rule}_omega{w:g}"
 
 
 def class_conditions(num_classes: int, count: int) -> np.ndarray:
@@ -90,15 +105,15 @@ class Previews:
       return
     self.cond, self.null, self.shows = found
     self.model = models.from_config(config)
-    self.key = jax.random.fold_in(jax.random.key(config.sample.seed), 0)  # Fixed noise.
+    # Weights come with each call: the live params of the run.
+    self.pipe = pipeline.Pipeline(config, self.model, None, mesh, workdir=workdir)
     # One batch, padded only to the data-parallel size (not to sample.batch_size): cheap.
     shards = math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
     batch = -(-len(self.shows) // shards) * shards
     self.configs = {r: config_lib.replace(config, {"sample.guidance.rule": r,
+                                                   "sample.guidance.omega": omega(config, r),
                                                    "sample.batch_size": batch})
                     for r in rules(config)}
-    self.plans = {r: config_lib.sampling_plan(c) for r, c in self.configs.items()}
-    self._samplers: dict[str, Any] = {}
     self._guide = None
     self._waiting_noted = False
     self._shown = False
@@ -128,19 +143,14 @@ class Previews:
     if not self.enabled:
       return 0.0
     t0 = time.perf_counter()
-    compile_s, drawn = None, []
+    compiled, compile_s0, drawn = self.pipe.compiled, self.pipe.compile_seconds, []
     for rule, c in self.configs.items():
       weights = self._weights(rule, state)
       if weights is None:
         continue
-      if rule not in self._samplers:
-        t_compile = time.perf_counter()
-        self._samplers[rule] = generate.compiled_batch(c, self.model, weights, self.cond,
-                                                       self.plans[rule], self.mesh, self.key,
-                                                       self.null)
-        compile_s = (compile_s or 0.0) + time.perf_counter() - t_compile
-      images = self._samplers[rule](weights)
-      drawn.append(rule)
+      # One batch: batch 0 of sample.seed, the same noise at every step.
+      images = self.pipe.images(c, self.cond, self.null, weights=weights)
+      drawn.append(f"{rule} ω={c.sample.guidance.omega:g}")
       if jax.process_index() == 0:
         if not self._shown:  # What the grid's cells show, read row by row; once per run.
           self._shown = True
@@ -150,11 +160,11 @@ class Previews:
           grid = grid.repeat(2, axis=0).repeat(2, axis=1)
         files.makedirs(self.out_dir)
         sampling.save_png(os.path.join(self.out_dir, f"step_{step}_{rule}.png"), grid)
-        self.writer.image(step, f"samples/{rule}", grid)
+        self.writer.image(step, tag(rule, c.sample.guidance.omega), grid)
     seconds = time.perf_counter() - t0
-    g = self.config.sample.guidance
-    compiled = f", {compile_s:.1f}s of it compiling the sampler" if compile_s is not None else ""
-    self.log(f"samples at step {step}: {', '.join(drawn) or 'none'} (ω={g.omega:g}, "
-             f"{len(self.shows)} images, {self.config.sample.steps} steps) in {seconds:.1f}s"
-             f"{compiled} -> {self.out_dir}")
+    compile_s = self.pipe.compile_seconds - compile_s0
+    note = (f", {compile_s:.1f}s of it compiling the sampler" if self.pipe.compiled > compiled
+            else "")
+    self.log(f"samples at step {step}: {', '.join(drawn) or 'none'} ({len(self.shows)} images, "
+             f"{self.config.sample.steps} steps) in {seconds:.1f}s{note} -> {self.out_dir}")
     return seconds

@@ -10,10 +10,8 @@ import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JOB_PACKAGES = ("sgjax.jobs", "sgjax.tools")
-# Entry modules: `python -m` targets and the thin modules that keep old import paths working.
-JOB_MODULES = ("sgjax.main", "sgjax.aot", "sgjax.sweep", "sgjax.study", "sgjax.bench",
-               "sgjax.sampling_job",
-               "sgjax.text.demo")
+# Entry modules outside sgjax/jobs/: `python -m` targets (no thin modules keep old paths).
+JOB_MODULES = ("sgjax.main", "sgjax.aot")
 # Function-level imports that close a cycle, each with its reason. errors -> config: a flag
 # error names the known config keys from base_config() when the config file did not load, and
 # sgjax.config raises sgjax.errors' UserError (the one error type) at import.

@@ -40,14 +40,16 @@ def test_grids_and_a_profile_while_training_leave_the_run_bit_exact(tmp_path, ca
   off = train.train(c, str(tmp_path / "off"))
 
   compiled = []  # Every sampler compilation of the grids, by rule.
-  real = generate.compiled_batch
-  monkeypatch.setattr(generate, "compiled_batch",
+  real = generate.compile_sampler
+  monkeypatch.setattr(generate, "compile_sampler",
                       lambda cfg, *a, **k: compiled.append(cfg.sample.guidance.rule)
                       or real(cfg, *a, **k))
   on = c.copy_and_resolve_references()
-  # AG+SG, its guide the step-2 checkpoint of this run: until that exists, CFG's grid alone.
+  # AG+SG, its guide the step-2 checkpoint of this run: until that exists, CFG's grid alone,
+  # CFG at its own ω (demo.omega_cfg), not AG+SG's.
   on.train.update(num_steps=3, sample_every=1, profile_steps=(2, 2))
   on.sample.guidance.update(rule="ag_sg", guide_step=2)
+  on.demo.omega_cfg = 2.0
   workdir = str(tmp_path / "on")
   capsys.readouterr()
   train.train(on, workdir)  # Grids at steps 1, 2, 3; checkpoints at 2 and 3; step 2 traced.
@@ -64,11 +66,11 @@ def test_grids_and_a_profile_while_training_leave_the_run_bit_exact(tmp_path, ca
   # The log: the parameter table, each grid's cost (with its compile the first time), the
   # wait for the guide (said once), the profile.
   assert "Total: 255,440 -- 1,021,760 bytes" in log
-  grid_line = r"samples at step {}: {} \(ω=1.5, 4 images, 3 steps\) in [\d.]+s{} -> "
+  grid_line = r"samples at step {}: {} \(4 images, 3 steps\) in [\d.]+s{} -> "
   compiling = r", [\d.]+s of it compiling the sampler"
-  assert re.search(grid_line.format(1, "cfg", compiling), log), log
-  assert re.search(grid_line.format(2, "ag_sg, cfg", compiling), log), log
-  assert re.search(grid_line.format(3, "ag_sg, cfg", ""), log), log
+  assert re.search(grid_line.format(1, "cfg ω=2", compiling), log), log
+  assert re.search(grid_line.format(2, "ag_sg ω=1.5, cfg ω=2", compiling), log), log
+  assert re.search(grid_line.format(3, "ag_sg ω=1.5, cfg ω=2", ""), log), log
   assert log.count("note: no ag_sg grids until its guide checkpoint exists (step 2 in "
                    f"{workdir}); CFG's are drawn meanwhile") == 1
   assert f"profile of steps 2..2 in {workdir}/tensorboard/plugins/profile/" in log
@@ -91,6 +93,14 @@ def test_grids_and_a_profile_while_training_leave_the_run_bit_exact(tmp_path, ca
   assert png(4, "ag_sg").shape == (76, 76)
   np.testing.assert_array_equal(png(4, "ag_sg"), grid)
   assert not np.array_equal(png(1, "cfg"), png(4, "cfg"))  # The weights moved.
+  # CFG's grid: CFG at ω 2 (demo.omega_cfg) from the same weights and noise.
+  cfg = config_lib.replace(on, {"sample.guidance.rule": "cfg", "sample.guidance.omega": 2.0})
+  with jax.set_mesh(mesh):
+    want_cfg = generate.batch(cfg, model, {"main": weights["main"]}, np.arange(4, dtype=np.int32),
+                              config_lib.sampling_plan(cfg), mesh,
+                              jax.random.fold_in(jax.random.key(on.sample.seed), 0))
+  np.testing.assert_array_equal(
+      png(4, "cfg"), sampling.image_grid(want_cfg, rows=2).repeat(2, 0).repeat(2, 1)[..., 0])
 
   # An eval of a checkpoint adds its scores at that step (what sgjax.jobs.evaluate calls).
   assert metrics.log_scalars(workdir, 4, {"fid": 12.5, "rule": "sg", "n": 8}, "eval/sg") == {
@@ -100,9 +110,10 @@ def test_grids_and_a_profile_while_training_leave_the_run_bit_exact(tmp_path, ca
   tb = os.path.join(workdir, "tensorboard")
   assert len(glob.glob(os.path.join(tb, "events.out.tfevents.*"))) == 3
   found = summaries(tb)
-  assert [s for s, _ in found["samples/cfg"]] == [1, 2, 3, 4]
-  assert [s for s, _ in found["samples/ag_sg"]] == [2, 3, 4]
-  image = found["samples/ag_sg"][-1][1].image
+  # Each grid's ω in its tag.
+  assert [s for s, _ in found["samples/cfg_omega2"]] == [1, 2, 3, 4]
+  assert [s for s, _ in found["samples/ag_sg_omega1.5"]] == [2, 3, 4]
+  image = found["samples/ag_sg_omega1.5"][-1][1].image
   assert (image.height, image.width) == (76, 76)
   np.testing.assert_array_equal(
       np.asarray(Image.open(io.BytesIO(image.encoded_image_string)).convert("L")), grid)

@@ -97,10 +97,10 @@ def test_cli_refusals_are_one_line_without_traceback(tmp_path):
       "sample_missing": ["-m", "sgjax.main", *tiny, f"--workdir={missing}", "--mode=sample"],
       "verbose": ["-m", "sgjax.main", *tiny, f"--workdir={missing}", "--mode=sample",
                   "--verbose"],
-      "empty_grid": ["-m", "sgjax.sweep", *tiny, f"--workdir={missing}",
+      "empty_grid": ["-m", "sgjax.jobs.sweep", *tiny, f"--workdir={missing}",
                      "--config.sweep.rules=('sg',)", "--config.sweep.gammas_strong=(0.5,)",
                      "--config.sweep.gammas_weak=(0.3,)"],
-      "sweep_only": ["-m", "sgjax.sweep", *tiny, f"--workdir={missing}",
+      "sweep_only": ["-m", "sgjax.jobs.sweep", *tiny, f"--workdir={missing}",
                      "--config.sweep.omegas=(-1.0,)"],  # A training run ignores it (test_config).
       "converter": ["-m", "sgjax.convert.dit_checkpoint", "--src=nothing.pt", f"--out={used}"],
       "help": ["-m", "sgjax.flops", "--help"],

@@ -1,9 +1,9 @@
 """Benchmarks of the jitted train step and guided sampling step, with MFU against a measured peak.
 
-  python -m sgjax.bench --config=configs/imagenet256.py --what=train [--config.…] [--json]
-  python -m sgjax.bench --config=configs/imagenet256.py --what=sample --rules=dense,cfg,sg,cfg_sg
-  python -m sgjax.bench --config=configs/imagenet256.py --what=input  # grain-fed vs synthetic
-  python -m sgjax.bench --config=configs/imagenet256.py --what=profile  # time by kind of work
+  python -m sgjax.jobs.bench --config=imagenet256 --what=train [--config.…] [--json]
+  python -m sgjax.jobs.bench --config=imagenet256 --what=sample --rules=dense,cfg,sg,cfg_sg
+  python -m sgjax.jobs.bench --config=imagenet256 --what=input  # grain-fed vs synthetic
+  python -m sgjax.jobs.bench --config=imagenet256 --what=profile  # time by kind of work
 
 Every timing: compile (timed separately), warm-up, then `--steps` calls, each synchronised with
 `block_until_ready`; we report the median and the 10th/90th percentiles. Inputs are synthetic
@@ -378,7 +378,7 @@ def main(argv) -> None:
 
 
 def cli() -> None:
-  """`python -m sgjax.bench` (flags defined here, only for this command)."""
+  """`python -m sgjax.jobs.bench` (flags defined here, only for this command)."""
   config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=False)
   flags.DEFINE_string("what", "peak,train",
                       "Comma list of peak, train, profile, input, route_cost, sample, all.")
@@ -395,3 +395,7 @@ def cli() -> None:
   flags.DEFINE_bool("json", False, "Print JSON.")
   flags.mark_flag_as_required("config")
   errors.run(main)
+
+
+if __name__ == "__main__":
+  cli()

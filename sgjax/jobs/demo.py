@@ -6,10 +6,12 @@ rules take the most sampler steps that stay within it. Grids samples_<rule>.png 
 `sample.per_class` of each class) and, on Fashion-MNIST, FD-FMNIST and class accuracy beside
 steps and GMACs per image (demo_metrics.json).
 
-A text model (`python -m sgjax.text.demo`, or `--mode=demo` of a text config) samples held-out
+A text model (`python -m sgjax.jobs.demo`, or `--mode=demo` of a text config) samples held-out
 prompts (`text.eval_templates`: wording never seen in training, spread evenly over the
 templates) with CFG, SG and CFG+SG (and `none` on request): grids t2i_<rule>.png (rows =
 classes), scored with the same classifier on the prompt's class (t2i_metrics.json).
+
+Every rule samples through the workdir's one pipeline (sgjax.pipeline): its weights load once.
 """
 
 from __future__ import annotations
@@ -24,9 +26,8 @@ import numpy as np
 from absl import flags, logging
 
 from sgjax import config as config_lib
-from sgjax import errors, files, flops, generate, metrics, models, sharding
+from sgjax import errors, files, flops, generate, metrics, models, pipeline, sharding
 from sgjax import guidance as guidance_lib
-from sgjax import state as state_lib
 from sgjax.data import captions
 from sgjax.eval import fmnist
 
@@ -115,14 +116,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> tuple[list[str], dic
   mesh = sharding.build_mesh(config.mesh)
   samples, paths = {}, []
   budget = gmacs(rule_config(config, MATCHED_TO))
+  pipe = pipeline.from_workdir(workdir, config, mesh=mesh)
+  model, step = pipe.model, pipe.step
+  labels = generate.class_labels(model.num_classes, per_class)
   for rule in CLASS_RULES:
     c = matched_config(config, rule, budget)
     plan = config_lib.sampling_plan(c)
-    with jax.set_mesh(mesh):
-      model, weights, step = generate.load_weights(c, workdir, mesh)
-      labels = generate.class_labels(model.num_classes, per_class)
-      t0 = time.perf_counter()
-      images = generate.images(c, model, weights, labels, plan, mesh, config.sample.seed)
+    t0 = time.perf_counter()
+    images = pipe.images(c, labels)
     metrics.print0(f"sampled {len(images)} images ({rule}, ω={c.sample.guidance.omega:g}, "
                    f"{c.sample.steps} steps) in {time.perf_counter() - t0:.1f}s")
     samples[rule] = (images, flops.plan_macs(c, plan), c.sample.guidance, c.sample.steps)
@@ -164,23 +165,21 @@ def run_text(config: ml_collections.ConfigDict, workdir: str,
   num_classes = int(batch["label"].max()) + 1
   cond = {k: batch[k] for k in ("text", "text_mask")}
   samples = {}
-  with jax.set_mesh(mesh):
-    model, params, step = state_lib.restore_params(config, workdir, mesh,
-                                                   ema=config.sample.use_ema)
-    weights = {guidance_lib.MAIN: params}
-    for rule in rules:
-      c = text_rule_config(config, rule)
-      plan = config_lib.sampling_plan(c)
-      t0 = time.perf_counter()
-      images = generate.images(c, model, weights, cond, plan, mesh, config.sample.seed, null)
-      metrics.print0(f"sampled {len(images)} images ({rule}, ω={c.sample.guidance.omega:g}) "
-                     f"in {time.perf_counter() - t0:.1f}s")
-      samples[rule] = (images, flops.plan_macs(c, plan), c.sample.guidance, c.sample.steps)
-      if jax.process_index() == 0:
-        generate.save_grid(c, workdir, f"t2i_{rule}",
-                           generate.grid_rows(images, num_classes, config.sample.per_class),
-                           num_classes, step, images, labels=batch["label"],
-                           captions=batch["caption"])
+  pipe = pipeline.from_workdir(workdir, config, mesh=mesh)
+  step = pipe.step
+  for rule in rules:
+    c = text_rule_config(config, rule)
+    plan = config_lib.sampling_plan(c)
+    t0 = time.perf_counter()
+    images = pipe.images(c, cond, null)
+    metrics.print0(f"sampled {len(images)} images ({rule}, ω={c.sample.guidance.omega:g}) "
+                   f"in {time.perf_counter() - t0:.1f}s")
+    samples[rule] = (images, flops.plan_macs(c, plan), c.sample.guidance, c.sample.steps)
+    if jax.process_index() == 0:
+      generate.save_grid(c, workdir, f"t2i_{rule}",
+                         generate.grid_rows(images, num_classes, config.sample.per_class),
+                         num_classes, step, images, labels=batch["label"],
+                         captions=batch["caption"])
   results = _score(config, workdir, samples, batch["label"], step=step)
   if jax.process_index() == 0:
     path = os.path.join(workdir, "t2i_metrics.json")
@@ -202,10 +201,15 @@ def text_main(argv) -> None:
 
 
 def text_cli() -> None:
-  """`python -m sgjax.text.demo --config=… --workdir=… [--rules=cfg,sg,cfg_sg]`."""
+  """`python -m sgjax.jobs.demo --config=… --workdir=… [--rules=cfg,sg,cfg_sg]` (= the
+  `sgjax-t2i-demo` command): the text demo of a trained workdir."""
   from ml_collections import config_flags  # Local: defines flags, only for this command.
   config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=False)
   flags.DEFINE_string("workdir", None, "The trained workdir.")
   flags.DEFINE_list("rules", ["cfg", "sg", "cfg_sg"], f"Any of {list(TEXT_RULES)}.")
   flags.mark_flags_as_required(["config", "workdir"])
   errors.run(text_main)
+
+
+if __name__ == "__main__":
+  text_cli()

@@ -6,6 +6,9 @@ Two outputs:
   * with `sample.num_samples` > 0 (class-conditional models), that many class-balanced
     samples for FID-style evaluation as resumable shards (sgjax.generate.write_shards) merged
     into `<name>_<N>.npz`.
+
+Both through the workdir's pipeline (sgjax.pipeline, what `sgjax.load` returns): the images a
+Python call with the same settings and batch size gives.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import ml_collections
 import numpy as np
 
 from sgjax import config as config_lib
-from sgjax import generate, metrics, models, sharding
+from sgjax import errors, generate, metrics, models, pipeline, sharding
 from sgjax import workdir as workdir_lib
 
 
@@ -27,9 +30,9 @@ def prompt_conditions(config: ml_collections.ConfigDict):
   `sample.prompts`."""
   prompts = tuple(config.sample.prompts)
   if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
-    raise ValueError(f"sample.prompts = {prompts!r}: a text model (model.kind = "
-                     f"{config.model.kind!r}) samples the prompts named there, e.g. "
-                     "--config.sample.prompts=\"('a photo of a sneaker', 'a bag')\"")
+    raise errors.UserError(f"sample.prompts = {prompts!r}", "a text model (model.kind = "
+                           f"{config.model.kind!r}) samples the prompts named there",
+                           "e.g. --config.sample.prompts=\"('a photo of a sneaker', 'a bag')\"")
   cond, null = generate.encode_prompts(config, list(prompts))
   rows = np.repeat(np.arange(len(prompts)), config.sample.per_class)
   return np.array(prompts)[rows], jax.tree.map(lambda a: a[rows], cond), null
@@ -45,11 +48,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, name: str | None = N
   g = config.sample.guidance
   name = name or f"samples_{g.rule}"
   with jax.set_mesh(mesh):
-    model, weights, step = generate.load_weights(config, workdir, mesh)
+    pipe = pipeline.from_workdir(workdir, config, mesh=mesh)
+    model, step = pipe.model, pipe.step
     if not text_model:
       cond, null = generate.class_labels(model.num_classes, config.sample.per_class), None
+    pipe.weights(config)  # AG+SG's guide checkpoint loads here, before the clock starts.
     t0 = time.perf_counter()
-    images = generate.images(config, model, weights, cond, plan, mesh, config.sample.seed, null)
+    images = pipe.images(config, cond, null)
     if text_model:
       rows = len(config.sample.prompts)
       what, extra = f"of {rows} prompts ", dict(prompts=prompts)
@@ -64,8 +69,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, name: str | None = N
       out_dir = workdir_lib.output_dir(
           os.path.join(workdir, f"{name}_{config.sample.num_samples}"),
           generate.sample_settings(config, step, seed=config.sample.seed + 1))
-      npz = generate.write_samples(config, model, weights, plan, mesh, out_dir,
-                                   config.sample.num_samples, config.sample.seed + 1)
+      npz = pipe.write_samples(config, out_dir, config.sample.num_samples,
+                               config.sample.seed + 1)
       metrics.print0(f"wrote {config.sample.num_samples} samples to {npz}")
   png = os.path.join(workdir, name + ".png")
   if jax.process_index() == 0:

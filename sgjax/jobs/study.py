@@ -988,3 +988,7 @@ def cli() -> None:
 
 if __name__ == "__main__":
   cli()
+
+
+if __name__ == "__main__":
+  cli()

@@ -1,6 +1,6 @@
 """Quality vs compute: evaluate a grid of guidance settings from one checkpoint, then plot it.
 
-  python -m sgjax.sweep --config=configs/fashion_mnist.py --workdir=DIR [--config.sweep.…]
+  python -m sgjax.jobs.sweep --config=configs/fashion_mnist.py --workdir=DIR [--config.sweep.…]
 
 The grid is `config.sweep` (rule × ω × γ_strong × γ_weak × steps); settings a rule does not use
 (γ for CFG) collapse, and SG/CFG+SG points with γ_strong ≥ γ_weak are left out. Every point
@@ -190,7 +190,7 @@ def draw(results_path: str, log=print) -> list[str]:
     import matplotlib  # noqa: F401
   except ImportError:
     log(f"plots not drawn: matplotlib is not installed here; copy {results_path} and run "
-        "`python -m sgjax.sweep --plot_only --results=<it>` where it is")
+        "`python -m sgjax.jobs.sweep --plot_only --results=<it>` where it is")
     return []
   paths = plot(load_results(results_path), os.path.dirname(results_path))
   for path in paths:
@@ -294,10 +294,14 @@ def main(argv) -> None:
 
 
 def cli() -> None:
-  """`python -m sgjax.sweep` (flags defined here, only for this command)."""
+  """`python -m sgjax.jobs.sweep` (flags defined here, only for this command)."""
   config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=False)
   flags.DEFINE_string("workdir", None, "A trained workdir; results go to <workdir>/sweep/.")
   flags.DEFINE_bool("plot_only", False, "Only redraw the plots of an existing results table.")
   flags.DEFINE_string("results", "", "--plot_only: the results.jsonl (default: "
                       "<workdir>/sweep/results.jsonl); plots go beside it.")
   errors.run(main)
+
+
+if __name__ == "__main__":
+  cli()
