@@ -988,7 +988,3 @@ def cli() -> None:
 
 if __name__ == "__main__":
   cli()
-
-
-if __name__ == "__main__":
-  cli()
