@@ -229,6 +229,7 @@ def hold(directory: str, what: str, log: Callable[[str], None] | None = None
   lead = jax is None or jax.process_index() == 0
   info = _info(what)
   fd, token, refusal = None, None, None
+  created = lead and not files.is_remote(directory) and not os.path.exists(directory)
   if lead:
     files.makedirs(directory)
     path = path_of(directory)
@@ -256,6 +257,9 @@ def hold(directory: str, what: str, log: Callable[[str], None] | None = None
     del _held[key]
     if lead and token is not None:
       _release(directory, fd, token)
+    if created:  # A folder made for the lock alone (the job then refused early) goes again.
+      with contextlib.suppress(OSError):
+        os.rmdir(directory)
 
 
 def holding(param: str, what: str, sub: str = "") -> Callable:

@@ -121,3 +121,8 @@ def test_a_workdir_that_names_a_file_is_refused(tmp_path):
     with lock.hold(str(path), "train"):
       pass
   assert path.read_text() == "not a folder"
+  # A folder made for the lock alone (a job that then stops early) does not stay behind.
+  fresh = tmp_path / "fresh" / "study"
+  with lock.hold(str(fresh), "study"):
+    assert os.listdir(fresh) == [lock.LOCK]
+  assert not fresh.exists()
