@@ -19,8 +19,8 @@ mkdir -p "$out"
 cfg=configs/imagenet256.py
 run() {  # name, then bench flags
   local name=$1; shift
-  echo "=== $name: python -m sgjax.bench --config=$cfg $*"
-  if python -m sgjax.bench --config=$cfg --json "$@" > "$out/$name.json" 2> "/tmp/$name.err"; then
+  echo "=== $name: python -m sgjax.jobs.bench --config=$cfg $*"
+  if python -m sgjax.jobs.bench --config=$cfg --json "$@" > "$out/$name.json" 2> "/tmp/$name.err"; then
     echo "ok"
   else
     echo "FAILED (tail of /tmp/$name.err):"; tail -5 "/tmp/$name.err"; rm -f "$out/$name.json"

@@ -18,7 +18,7 @@ if [[ -d data/fashion-mnist ]]; then  # Carried into the checkout; else the Debi
 fi
 python -m sgjax.main --config=$cfg --workdir="$workdir" --mode=train "${data[@]}" "$@" 2>&1 \
   | tee -a "$out/train.log"
-python -m sgjax.sweep --config=$cfg --workdir="$workdir" "${data[@]}" "$@" 2>&1 \
+python -m sgjax.jobs.sweep --config=$cfg --workdir="$workdir" "${data[@]}" "$@" 2>&1 \
   | tee -a "$out/sweep.log"
 shopt -s nullglob  # No plots where matplotlib is missing: the table is what matters.
 plots=("$workdir"/sweep/*.png)

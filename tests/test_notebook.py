@@ -1,5 +1,6 @@
 """The Colab demo notebook runs top to bottom on CPU (tiny override): devices shown, a model
-trained, CFG and SG grids displayed inline and written, the FLOP table printed."""
+trained, CFG and SG grids displayed inline and written, the FLOP table printed, the workdir
+sampled from Python (sgjax.load)."""
 
 import os
 import re
@@ -50,3 +51,9 @@ def test_colab_notebook_executes_on_cpu(tmp_path, monkeypatch):
   cfg, sg = rows["guided step"]
   assert 0 < sg < cfg
   assert np.isclose(rows["sampler per image"][0], 2 * cfg)  # Two sampling steps.
+  # sgjax.load of the workdir: one image per class, shown, and SG's GMACs below CFG's.
+  python = _text(code[7])
+  assert "(10, 28, 28, 1) uint8" in python, python
+  assert [o.output_type for o in code[7].outputs].count("display_data") == 1
+  m = re.search(r"^SG ([\d.]+) GMACs per image, CFG ([\d.]+)$", python, re.M)
+  assert m and 0 < float(m[1]) < float(m[2]), python
