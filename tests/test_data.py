@@ -2,6 +2,8 @@
 
 import gzip
 import os
+import subprocess
+import sys
 import time
 
 import ml_collections
@@ -170,3 +172,17 @@ def test_device_prefetch_reads_ahead_but_checkpoints_what_was_consumed(tmp_path)
   assert _same(_take(bare, 2), plain[3:5])
   with pytest.raises(ValueError, match=r"data.prefetch = -1"):
     prefetch.DevicePrefetch(pipeline.make_train_iterator(cfg, 8, seed=0), put, depth=-1)
+
+
+def test_processes_preparing_one_cache_at_once_all_succeed(tmp_path):
+  """Three trainings started together used to race on tfds' final rename (FileExistsError in
+  all but one): preparation now takes a lock in the cache, so the others wait and reuse it."""
+  code = ("import sys; from tests.test_data import _cfg; from sgjax.data import pipeline; "
+          "print(len(pipeline.data_source(_cfg(cache_dir=sys.argv[1]), 'test')))")
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=os.path.dirname(os.path.dirname(__file__))) for _ in range(2)]
+  outs = [p.communicate(timeout=600) for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+  assert [out.split()[-1] for out, _ in outs] == ["10000", "10000"]

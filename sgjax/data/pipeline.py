@@ -11,6 +11,8 @@ resumed run sees exactly the batches an uninterrupted run would.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,7 +20,7 @@ import grain
 import ml_collections
 import numpy as np
 
-from sgjax import errors
+from sgjax import errors, files
 from sgjax.data import captions, fashion_mnist, latents
 
 DATASETS = ("fashion_mnist", "synthetic", "latents", "fashion_mnist_captions")
@@ -73,10 +75,22 @@ def data_source(dc: ml_collections.ConfigDict, split: str = "train"):
   if dc.name == "fashion_mnist":
     _check_fashion_mnist(dc)
     fashion_mnist.read_split(dc.dir, "test")  # Fails early, with the install hint.
-    builder = fashion_mnist.FashionMnist(raw_dir=dc.dir, data_dir=dc.cache_dir or DEFAULT_CACHE,
-                                         file_format="array_record")
-    # Idempotent: tfds writes into an `incomplete.*` folder and renames it when done.
-    builder.download_and_prepare()
+    cache = dc.cache_dir or DEFAULT_CACHE
+    prepare = lambda: fashion_mnist.FashionMnist(raw_dir=dc.dir, data_dir=cache,
+                                                 file_format="array_record")
+    # tfds writes into an `incomplete.*` folder and renames it when done, but two processes
+    # preparing at once (three trainings started together) race on that rename and the loser
+    # dies of FileExistsError: one preparer at a time; the others wait, then build their
+    # builder (it reads what is prepared when it is made) and find the data there.
+    if files.is_remote(cache):  # A bucket has no flock; prepare it from one process first.
+      builder = prepare()
+      builder.download_and_prepare()
+    else:
+      os.makedirs(cache, exist_ok=True)
+      with open(os.path.join(cache, ".fashion_mnist.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        builder = prepare()
+        builder.download_and_prepare()
     return builder.as_data_source()[split]
   if dc.name == "latents":
     return _latent_source(dc, split)

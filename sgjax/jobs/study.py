@@ -511,13 +511,20 @@ def screen_budget(study: Study, model: str = "main") -> list[dict]:
     if guidance_lib.uses_guide(rule):
       rows += grid(rule, s.cfg_omegas, [(0.0, 0.0)], extra, "ag (autoguidance alone)")
   refit = []
-  for fam in FAMILIES:
+  for fam in [f for f in FAMILIES if everywhere(study, model, f)]:
     mine = [r for r in rows if family(r) == fam]
     for b in levels:
       if b != ref:
         refit += [fit_steps(study, {k: r[k] for k in POINT_FIELDS}, b)
                   for r in top(study, mine, int(s.top_settings))]
   return rows + study.run(refit, f"screen{tag}, the best settings at the other budgets")
+
+
+def everywhere(study: Study, model: str, fam: str) -> bool:
+  """Whether a family is compared at every budget, not at the reference budget only
+  (`final_families`: main-model families; () = all, the twin included)."""
+  f = study.config.study.final_families
+  return not f or (model == "main" and fam in f)
 
 
 POINT_FIELDS = ("rule", "omega", "gamma_strong", "gamma_weak", "steps", "interval", "guide_step",
@@ -539,10 +546,12 @@ def final(study: Study, rows: list[dict]) -> list[dict]:
   levels = (budget_levels(study) if s.search == "budget"
             else budgets(study, [r for r in rows if r["model"] == "main"]))
   seeds = [int(x) for x in s.final_seeds] or [int(s.seed)]
+  ref = reference_budget(study, levels) if s.search == "budget" else None
   table = []
-  for budget in levels:
+  # The reference budget first: it holds the most rows, so a study cut short still has it.
+  for budget in sorted(levels, key=lambda b: (b != ref, b)):
     for model in sorted({r["model"] for r in rows}):
-      for fam in [f for f in FAMILIES if not s.final_families or f in s.final_families]:
+      for fam in [f for f in FAMILIES if budget == ref or everywhere(study, model, f)]:
         fits = [r for r in rows if r["model"] == model and family(r) == fam
                 and r["gmacs_per_image"] <= budget * 1.000001]
         if fits:
