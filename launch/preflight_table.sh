@@ -2,6 +2,8 @@
 # The TPU pre-flight rows of docs/scaling.md: each row's command, run on a CPU machine with
 # libtpu (`pip install "jax[tpu]==<jax>"`). Writes docs/preflight/<row>.{txt,json}.
 #   bash launch/preflight_table.sh [ROW ...]   (default: every row; XL/2 ≈ 4-8 min each on 2 cores)
+#   TRAFFIC_ONLY=1 bash launch/preflight_table.sh [ROW ...]   adds the analytic HBM traffic to the
+#     saved <row>.json (traced, not compiled: ≈ 30 s a row) and recomputes its estimate
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 PY=${PY:-.venv/bin/python}
@@ -28,9 +30,15 @@ ORDER=(xl2_routed_v5p-8 xl2_sample_v5p-8 xl2_routed_v5e-8 xl2_dense_v5e-8 xl2_de
 [ $# -gt 0 ] && ORDER=("$@")
 for row in "${ORDER[@]}"; do
   args=${ROWS[$row]:?unknown row $row}
+  if [ -n "${TRAFFIC_ONLY:-}" ]; then
+    echo "== $row (analytic traffic): python -m sgjax.aot $args --traffic_only" | tee -a "$OUT/$row.txt"
+    # shellcheck disable=SC2086
+    "$PY" -m sgjax.aot $args --json="$OUT/$row.json" --traffic_only 2>&1 | tee -a "$OUT/$row.txt"
+    echo "exit ${PIPESTATUS[0]}" | tee -a "$OUT/$row.txt"
+    continue
+  fi
   echo "== $row: python -m sgjax.aot $args" | tee "$OUT/$row.txt"
   # shellcheck disable=SC2086  # The row's flags are words.
-  "$PY" -m sgjax.aot $args --json="$OUT/$row.json" 2>&1 \
-    | grep -v -E '^(W0|I0|E0000)|WARNING|Source Location|libtpu_init|^=== ' | tee -a "$OUT/$row.txt"
+  "$PY" -m sgjax.aot $args --json="$OUT/$row.json" 2>&1 | tee -a "$OUT/$row.txt"
   echo "exit ${PIPESTATUS[0]}" | tee -a "$OUT/$row.txt"
 done

@@ -1,49 +1,46 @@
-"""Config loading and validation: `base_config()` (every field, with defaults), config files,
-and `validate(config, num_devices, job)`, which runs the checks of the sections `job` reads.
+"""The config's declarations: `base_config()` (every field sgjax reads, with its default), config
+files (`load_config_file`, the shipped ones found by name with `resolve`) and `replace`. A leaf:
+it imports nothing of sgjax, so anything (errors, workdir records, the checkers) may read it.
 
-Each section's fields are checked in the module that reads them (`check_config` there, with the
-allowed values it defines: sgjax.models and its kinds, data.pipeline, models.vae, sparsity,
-sharding, state, monitor, sampling, generate, guidance, eval.metrics); a job's own section is
-checked by the job (sgjax.jobs.demo, sgjax.tools.encode_latents, the study). So a training run
-does not fail on a sweep-only setting, and every job still fails in its first second on a bad
-value of a field it uses. Errors name the field and the allowed range: `sgjax.errors.UserError`,
-one line, exit 2. A key that `base_config()` does not have (a typo in a config file, where
-`ConfigDict.update` would add it silently) is refused for every job.
+What a value may be is checked by the module that reads it, and `sgjax.validation.validate(config,
+num_devices, job)` runs the checks of the sections a job reads (docs/design.md).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
-from collections.abc import Callable
 
 import ml_collections
 
-from sgjax import (
-  configs,
-  errors,
-  generate,
-  guidance,
-  models,
-  monitor,
-  objectives,
-  sampling,
-  sharding,
-  sparsity,
-  state,
-)
-from sgjax.data import pipeline
-from sgjax.eval import metrics as eval_metrics
-from sgjax.models import vae
+# The shipped config files (sgjax/configs/), one `get_config()` each.
+SHIPPED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+
+
+def shipped_names() -> list[str]:
+  """The shipped configs' names."""
+  return sorted(n[:-3] for n in os.listdir(SHIPPED_DIR)
+                if n.endswith(".py") and n != "__init__.py")
+
+
+def resolve(path: str) -> str:
+  """`path` when it exists; else the shipped config its file name names; else `path` (whose
+  loading then fails, naming it). So `--config=fashion_mnist`, `fashion_mnist.py` and
+  `configs/fashion_mnist.py` name sgjax/configs/fashion_mnist.py from any directory, unless that
+  path exists where the command runs (a user's own config file always wins)."""
+  if os.path.exists(path):
+    return path
+  name = os.path.basename(path).removesuffix(".py")
+  return os.path.join(SHIPPED_DIR, name + ".py") if name in shipped_names() else path
 
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:
   """`get_config()` of a config file: a path, or a shipped config's name ("imagenet256"; see
-  sgjax.configs.resolve).
+  `resolve`).
 
   What `--config=` does, for code and config files that build on another config.
   """
-  path = configs.resolve(path)
+  path = resolve(path)
   spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -63,86 +60,6 @@ def replace(config: ml_collections.ConfigDict, fields: dict[str, object]
         node = node[key]
       node[last] = value
   return c
-
-
-apply_preset = models.apply_preset  # The presets are the models' (model.preset).
-
-
-def check_keys(config: ml_collections.ConfigDict) -> None:
-  """Refuses a key that `base_config()` lacks, naming it, its section's keys and the closest.
-
-  Nothing would read such a key: it is a typo or a field that does not exist (yet).
-  """
-  def walk(node, reference, path):
-    for key in node.keys():
-      if key not in reference:
-        raise errors.unknown_key(".".join(path + [key]), list(reference.keys()))
-      if isinstance(reference[key], ml_collections.ConfigDict) and hasattr(node[key], "keys"):
-        walk(node[key], reference[key], path + [key])
-  walk(config, base_config(), [])
-
-
-def _check_train(config: ml_collections.ConfigDict, num_devices: int | None) -> None:
-  state.check_config(config, num_devices)
-  objectives.check_config(config)  # train.objective fits the model.
-  monitor.check_config(config)  # train.sample_every, train.profile_steps.
-
-
-def _check_sample(config: ml_collections.ConfigDict, num_devices: int | None) -> None:
-  sampling.check_config(config)  # The sampler and its time grid.
-  generate.check_config(config, num_devices)  # The batches.
-  guidance.check_config(config)  # The rule and its schedule, step by step.
-
-
-# Each section's checks, from the module that reads it: (config, num_devices or None) -> None.
-# `model` includes `dtype` and a text model's `text` shapes; `data` a caption set's templates;
-# `vae` latent data's shapes.
-CHECKS: dict[str, Callable[[ml_collections.ConfigDict, int | None], None]] = {
-    "model": lambda c, n: models.check_config(c),
-    "data": lambda c, n: pipeline.check_config(c),
-    "vae": lambda c, n: vae.check_config(c),
-    "sparsity": lambda c, n: sparsity.check_config(c),
-    "mesh": sharding.check_config,
-    "train": _check_train,
-    "sample": _check_sample,
-    "eval": eval_metrics.check_config,
-}
-# Training reads `sample` and `vae` too: the grids it draws while it trains.
-_TRAIN = ("model", "data", "vae", "sparsity", "mesh", "train", "sample")
-_SAMPLE = ("model", "data", "vae", "sparsity", "mesh", "sample")
-# The sections each job reads. "all": every one (what a caller that names no job gets).
-JOBS: dict[str, tuple[str, ...]] = {
-    "all": tuple(CHECKS),
-    "train": _TRAIN,
-    "demo": _TRAIN,  # Trains, then samples; `demo` itself: sgjax.jobs.demo.
-    "bench": _TRAIN,
-    "sample": _SAMPLE,
-    "eval": _SAMPLE + ("eval",),
-    "sweep": _SAMPLE,  # `sweep` itself: sgjax.jobs.sweep (`study`: sgjax.jobs.study).
-    "flops": ("model", "data", "sparsity", "sample"),
-    "encode_latents": ("vae",),  # `encode` itself: sgjax.tools.encode_latents.
-    "encode_text": ("model", "data"),
-}
-
-
-def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
-             job: str = "all") -> None:
-  """Raises UserError naming the first bad field among those `job` reads (a key of JOBS).
-  Resolves the model preset in place. num_devices: None skips what depends on the device
-  count (the mesh, batches split over it)."""
-  if job not in JOBS:
-    raise KeyError(f"job {job!r}: not one of {tuple(JOBS)}")  # A caller's bug, not the user's.
-  # Older modules' checks (sparsity, guidance plan, mesh) raise ValueErrors in the same form.
-  with errors.user_errors():
-    check_keys(config)
-    models.apply_preset(config.model)
-    for section in JOBS[job]:
-      CHECKS[section](config, num_devices)
-
-
-def sampling_plan(config: ml_collections.ConfigDict) -> guidance.Plan:
-  """The per-step guidance plan of `config.sample` (sgjax.guidance.config_plan)."""
-  return guidance.config_plan(config)
 
 
 def base_config() -> ml_collections.ConfigDict:

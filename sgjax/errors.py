@@ -26,7 +26,7 @@ from typing import Any, NoReturn
 
 from absl import app, flags
 
-from sgjax import configs
+from sgjax import config as config_lib
 
 EXIT_USAGE = 2
 HELP_FLAGS = ("--help", "-h", "-?", "--helpshort", "--helpfull", "--helpxml")
@@ -35,7 +35,6 @@ HELP_FLAGS = ("--help", "-h", "-?", "--helpshort", "--helpfull", "--helpxml")
 def config_sections() -> tuple[str, ...]:
   """The config's top-level names (those of sgjax.config.base_config, read there, never
   listed here): a ValueError whose message starts with one names a field the user set."""
-  from sgjax import config as config_lib  # Local: sgjax.config imports this module.
   return tuple(config_lib.base_config().keys())
 
 
@@ -185,7 +184,6 @@ def _flag_error(argv: Sequence[str], err: BaseException, flag_values) -> UserErr
       continue
     config = flag_values[m.group(1)].value
     if config is None or _loaded_config(config) is not None:
-      from sgjax import config as config_lib  # Local: sgjax.config imports this module.
       config = config_lib.base_config()
     bad = missing_config_key(config, m.group(2), prefix=f"--{m.group(1)}.")
     if bad is not None:
@@ -218,7 +216,7 @@ def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) ->
   config flag is read once here. A `--config=` that names no file where the command runs but a
   shipped config (a name, or configs/<name>.py from another directory) loads that one.
   """
-  argv = [f"--config={configs.resolve(a.split('=', 1)[1])}" if a.startswith("--config=") else a
+  argv = [f"--config={config_lib.resolve(a.split('=', 1)[1])}" if a.startswith("--config=") else a
           for a in argv]
   try:
     rest = flag_values(argv)

@@ -36,8 +36,7 @@ from collections.abc import Sequence
 
 import ml_collections
 
-from sgjax import config as config_lib
-from sgjax import models
+from sgjax import guidance, models, validation
 from sgjax.models.macs import Macs
 from sgjax.sparsity import DENSE, Sparsity
 
@@ -77,7 +76,7 @@ def xla_flops(fn, *args) -> float:
 def report(config: ml_collections.ConfigDict) -> dict[str, dict[str, float]]:
   """GMACs per image: dense model, the first step's branches and guided step, the mean step and
   the whole sampler (schedules and guidance intervals make steps differ)."""
-  plan = config_lib.sampling_plan(config)
+  plan = guidance.config_plan(config)
   first = plan.segments[0].guidance
   rows = {"dense model": forward_macs(config, Sparsity()),
           "strong branch": forward_macs(config, first.strong.sparsity)}
@@ -95,7 +94,7 @@ def main(argv) -> None:
   del argv
   from absl import flags  # Local: the CLI only.
   config = flags.FLAGS.config
-  config_lib.validate(config, job="flops")
+  validation.validate(config, job="flops")
   table = report(config)
   if flags.FLAGS.json:
     print(json.dumps(table, indent=2))

@@ -54,8 +54,7 @@ def main(argv) -> None:
   # Local imports from here on: XLA flags must be in place before anything imports jax.
   import jax
 
-  from sgjax import config as config_lib
-  from sgjax import train
+  from sgjax import train, validation
   from sgjax.jobs import demo, evaluate, sample
 
   config = _CONFIG.value
@@ -64,7 +63,7 @@ def main(argv) -> None:
   if _MODE.value == "demo":
     demo.validate(config, jax.device_count())
   else:
-    config_lib.validate(config, jax.device_count(), job=_MODE.value)
+    validation.validate(config, jax.device_count(), job=_MODE.value)
   if _MODE.value in ("train", "demo"):
     train.train(config, workdir)
   if _MODE.value == "sample":

@@ -48,6 +48,7 @@ from sgjax import (
   models,
   sampling,
   sharding,
+  validation,
 )
 from sgjax import config as config_lib
 from sgjax import guidance as guidance_lib
@@ -171,14 +172,14 @@ class Pipeline:
                                f"allowed: {', '.join(allowed)}"
                                + errors.did_you_mean(name, allowed))
     c = config_lib.replace(self.config, dotted)
-    config_lib.validate(c, jax.device_count(), job="sample")
+    validation.validate(c, jax.device_count(), job="sample")
     return c
 
   def flops(self, **fields: Any) -> float:
     """GMACs per image of a setting (the DiT papers' "GFLOPs", attention included;
     sgjax.flops.report(pipe.settings(...)) gives the whole table)."""
     c = self.settings(**fields)
-    return flops.plan_macs(c, config_lib.sampling_plan(c)).with_attention / 1e9
+    return flops.plan_macs(c, guidance_lib.config_plan(c)).with_attention / 1e9
 
   def conditions(self, labels: Any = None, prompts: Sequence[str] | None = None
                  ) -> tuple[Any, Any]:
@@ -244,7 +245,7 @@ class Pipeline:
     """uint8 NHWC samples of every condition with `config`'s sampling settings, in batches
     of its `sample.batch_size` (seed: `sample.seed`; weights: this pipeline's, or e.g. the
     live EMA of a run that trains)."""
-    plan = config_lib.sampling_plan(config)
+    plan = guidance_lib.config_plan(config)
     seed = config.sample.seed if seed is None else seed
     with jax.set_mesh(self.mesh):
       w = dict(weights) if weights is not None else self.weights(config)
@@ -254,7 +255,7 @@ class Pipeline:
   def write_samples(self, config: ml_collections.ConfigDict, out_dir: str, num_samples: int,
                     seed: int) -> str:
     """`num_samples` class-balanced samples as resumable shards merged into <out_dir>.npz."""
-    plan = config_lib.sampling_plan(config)
+    plan = guidance_lib.config_plan(config)
     with jax.set_mesh(self.mesh):
       return generate.write_samples(config, self.model, self.weights(config), plan, self.mesh,
                                     out_dir, num_samples, seed, self._compiled)
@@ -295,7 +296,7 @@ def from_file(path: str, overrides: Mapping[str, Any] | None = None, *,
     raise errors.UserError("ema = False", f"{path} holds the EMA weights only",
                            "load the workdir for the raw params")
   config = with_overrides(config_from_flat(json.loads(meta["sgjax.config"])), overrides)
-  config_lib.validate(config, jax.device_count(), job="sample")
+  validation.validate(config, jax.device_count(), job="sample")
   mesh = mesh or sharding.build_mesh(config.mesh)
   model = models.from_config(config)
   abstract, shardings = state_lib.abstract_params_and_shardings(model, config.seed, mesh)
@@ -336,7 +337,7 @@ def load(source: str, step: int | None = None, ema: bool = True,
   else:
     c = config
   c = with_overrides(c, overrides)
-  config_lib.validate(c, jax.device_count(), job="sample")
+  validation.validate(c, jax.device_count(), job="sample")
   return from_workdir(source, c, step=step, ema=ema)
 
 

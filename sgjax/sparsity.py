@@ -122,7 +122,7 @@ class Sparsity:
 
 DENSE = Sparsity()
 # The named scope of the token selection, gather and scatter: profiles attribute time by it
-# (sgjax.profiling).
+# (sgjax.jobs.profiling).
 ROUTE_SCOPE = "route"
 
 

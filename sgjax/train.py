@@ -31,7 +31,6 @@ from sgjax import (
   previews,
   sharding,
 )
-from sgjax import config as config_lib
 from sgjax import metrics as metrics_lib
 from sgjax import state as state_lib
 from sgjax import workdir as workdir_lib
@@ -134,6 +133,9 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Arra
 def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Trains to `config.train.num_steps`, resuming from the latest checkpoint in `workdir`.
 
+  `config` is validated by the caller (`sgjax.validation.validate(config, jax.device_count(),
+  job="train")`: what `--mode=train` does), which also resolves `model.preset`.
+
   A run that fails before its first checkpoint removes the workdir if this call created it:
   no half-made workdir (metrics of a run that holds nothing) is left behind. One train run
   per workdir: a second is refused, naming the first (sgjax.lock).
@@ -149,8 +151,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
 
 
 def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-  # ---- Config and mesh.
-  config_lib.validate(config, jax.device_count(), job="train")
+  # ---- Config and mesh. The config is the job's, validated once by it (sgjax.validation).
   tc = config.train
   mesh = sharding.build_mesh(config.mesh)
   if "://" not in workdir:  # gs:// and friends: orbax and the metric writer create their own.

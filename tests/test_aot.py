@@ -9,11 +9,13 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sgjax import aot, errors, flops, models, sharding, tpu
+from sgjax import errors, flops, models, sharding
 from sgjax import state as state_lib
+from sgjax.preflight import job, tpu, traffic
 from tests.builders import tiny_config, tiny_t2i_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -87,7 +89,7 @@ def _fsdp_config():
 def fsdp_reports():
   c = _fsdp_config()
   topology = tpu.parse("v5e:2x4")
-  return c, topology, aot.preflight(c, topology, "all", log=lambda *_: None)
+  return c, topology, job.preflight(c, topology, "all", log=lambda *_: None)
 
 
 def test_preflight_compiles_train_and_both_sampling_steps(fsdp_reports):
@@ -102,8 +104,8 @@ def test_preflight_compiles_train_and_both_sampling_steps(fsdp_reports):
 
 def test_saved_reports_make_the_docs_table(fsdp_reports):
   c, topology, reports = fsdp_reports
-  doc = json.loads(json.dumps(aot.report_doc(c, topology, reports)))  # As --json writes it.
-  rows = aot.markdown_table([doc], ["tiny"]).splitlines()[2:]
+  doc = json.loads(json.dumps(job.report_doc(c, topology, reports)))  # As --json writes it.
+  rows = job.markdown_table([doc], ["tiny"]).splitlines()[2:]
   assert len(rows) == 3
   cells = [x.strip() for x in rows[0].split("|")[1:-1]]
   assert cells[:5] == ["tiny", "v5litepod-8 (8)", "2×4×1", "train_step", "16"]
@@ -136,6 +138,39 @@ def test_fsdp_collectives_are_the_intended_ones(fsdp_reports):
   assert col.get("all-to-all", {"bytes": 0})["bytes"] < 2**16  # Token indices only.
 
 
+def test_matmul_traffic_by_hand():
+  # y = x @ w, differentiated w.r.t. w: the forward reads x and w and writes y, the weight
+  # gradient reads x and dy and writes dw; float32, batch b, 6 -> 5 features.
+  def step(w, x):
+    return jax.grad(lambda w: (x @ w).sum())(w)
+
+  def jaxpr_at(b):
+    return jax.make_jaxpr(step)(jax.ShapeDtypeStruct((6, 5), np.float32),
+                                jax.ShapeDtypeStruct((b, 6), np.float32))
+  assert traffic.matmul_bytes(jaxpr_at(3).jaxpr) == 4 * (3 * 6 + 6 * 5 + 3 * 5) * 2
+  weights, activations = traffic.split_by_batch(lambda b: traffic.matmul_bytes(
+      jaxpr_at(b).jaxpr), 3)
+  assert (weights, activations) == (4 * 6 * 5 * 2, 4 * 3 * (6 + 5) * 2)
+  # A loop's body counts once per trip.
+  looped = jax.make_jaxpr(lambda w, xs: jax.lax.scan(lambda c, x: (c + step(w, x), None),
+                                                     jnp.zeros((6, 5)), xs)[0])(
+      jax.ShapeDtypeStruct((6, 5), np.float32), jax.ShapeDtypeStruct((4, 3, 6), np.float32))
+  assert traffic.matmul_bytes(looped.jaxpr) == 4 * traffic.matmul_bytes(jaxpr_at(3).jaxpr)
+
+
+def test_the_estimate_uses_the_analytic_traffic(fsdp_reports):
+  # XLA's bytes accessed counts on-chip traffic too: the analytic floor is lower, and it is
+  # what the HBM term uses; both are printed.
+  _, topology, reports = fsdp_reports
+  for r in reports:
+    t = r.traffic
+    assert 0 < t.total < r.bytes_accessed and t.weights > 0 and t.activations > 0, r.name
+    assert np.isclose(r.estimate["hbm_s"], t.total / (topology.chip.hbm_gbps * 1e9))
+  assert reports[0].traffic.state > 0 and reports[1].traffic.state == 0
+  table = job.format_table(reports, topology)
+  assert "analytic" in table and "XLA" in table
+
+
 def test_compiled_flops_match_the_analytic_count(fsdp_reports):
   c, topology, reports = fsdp_reports
   by_name = {r.name: r for r in reports}
@@ -162,7 +197,7 @@ def test_text_model_compiles_for_tpu():
   c = tiny_t2i_config()
   c.dtype = "bfloat16"
   c.mesh.update(data=1, fsdp=4, tensor=1)
-  reports = aot.preflight(c, tpu.parse("v5e:2x2"), "all", log=lambda *_: None)
+  reports = job.preflight(c, tpu.parse("v5e:2x2"), "all", log=lambda *_: None)
   assert [r.name for r in reports] == ["train_step", "sample_step_cfg_sg", "sample_step_cfg"]
   assert all(r.fits and r.flops > 0 for r in reports)
 
@@ -172,13 +207,21 @@ def test_gradient_accumulation_loop_is_counted_per_trip():
   c.train.grad_accum = 4
   c.mesh.update(data=1, fsdp=4)
   topology = tpu.parse("v5e:2x2")
-  (r,) = aot.preflight(c, topology, "train", log=lambda *_: None)
+  (r,) = job.preflight(c, topology, "train", log=lambda *_: None)
   assert r.repeats == 4
   # XLA's cost analysis sees the loop body (one micro-batch) once.
   assert 0.97 < 4 * r.flops / r.analytic_flops < 1.10
   e = r.estimate
-  assert np.isclose(e["hbm_s"], 4 * r.bytes_accessed / (topology.chip.hbm_gbps * 1e9))
-  assert "multiply it by its 4 trips" in aot.format_table([r], topology)
+  assert np.isclose(e["hbm_xla_s"], 4 * r.bytes_accessed / (topology.chip.hbm_gbps * 1e9))
+  assert "multiply it by its 4 trips" in job.format_table([r], topology)
+  # The analytic traffic holds every trip: the weights are read (and their gradients written)
+  # once per micro-batch, the activations of the whole batch once, the state once.
+  assert np.isclose(e["hbm_s"], r.traffic.total / (topology.chip.hbm_gbps * 1e9))
+  mesh = sharding.build_mesh(c.mesh, tpu.devices(topology))
+  c.train.grad_accum = 1
+  once = job.train_traffic(c, mesh)
+  assert r.traffic.weights == 4 * once.weights
+  assert r.traffic.activations == once.activations and r.traffic.state == once.state
 
 
 def test_too_big_for_the_chip_does_not_fit_and_exits_nonzero(tmp_path):
@@ -193,6 +236,9 @@ def test_too_big_for_the_chip_does_not_fit_and_exits_nonzero(tmp_path):
                        env={**os.environ, "PYTHONPATH": ROOT})
   assert run.returncode == 2, run.stderr[-2000:]
   assert "DOES NOT FIT" in run.stdout
+  # The report is all a user sees: our first line first, no libtpu start-up messages.
+  assert run.stdout.startswith("pre-flight for v5litepod-1 "), run.stdout[:300]
+  assert len(run.stderr.strip().splitlines()) == 1, run.stderr[-2000:]
   last = run.stderr.strip().splitlines()[-1]
   assert last.startswith("error: train_step: needs ") and "v5e has 16 GiB HBM" in last, last
   assert "Traceback" not in run.stderr

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from sgjax import config as config_lib
-from sgjax import errors, sampling, sharding, workdir
+from sgjax import errors, sampling, sharding, validation, workdir
 from sgjax import guidance as gl
 from sgjax import state as state_lib
 from sgjax.convert import dit_checkpoint as ckpt
@@ -200,14 +200,14 @@ def test_written_workdir_samples_with_our_sampler(reference, tmp_path):
     ckpt.write_workdir(params, arch, "dit", out, src=src)
   config = config_lib.load_config_file(path)
   config.sample.update(steps=3, batch_size=8)
-  config_lib.validate(config, jax.device_count())
+  validation.validate(config, jax.device_count())
   assert (config.model.prediction, config.model.time_scale) == ("eps_vp", 1.0)
   mesh = sharding.build_mesh(config.mesh)
   with jax.set_mesh(mesh):
     model, loaded, step = state_lib.restore_params(config, out, mesh)
   assert step == 0
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), loaded, params)
-  plan = config_lib.sampling_plan(config)
+  plan = gl.config_plan(config)
   assert [s.guidance.rule for s in plan.segments] == ["cfg"]
   labels = jnp.arange(8) % CLASSES
   run = lambda: np.asarray(sampling.sample(model, {gl.MAIN: loaded}, labels, jax.random.key(0),

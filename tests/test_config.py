@@ -4,7 +4,7 @@
 import pytest
 
 from sgjax import config as config_lib
-from sgjax import configs, errors, guidance, models, sampling, train
+from sgjax import errors, guidance, models, sampling, train, validation
 from sgjax.eval import metrics
 from sgjax.jobs import demo, sweep
 from sgjax.models import dit
@@ -16,14 +16,14 @@ def _load(name):
   return config_lib.load_config_file(name)
 
 
-@pytest.mark.parametrize("name", configs.names())
+@pytest.mark.parametrize("name", config_lib.shipped_names())
 def test_shipped_configs_validate(name):
-  config_lib.validate(_load(name), num_devices=8)
+  validation.validate(_load(name), num_devices=8)
 
 
 def test_imagenet_recipe_is_the_papers():
   c = _load("imagenet256")
-  config_lib.validate(c)
+  validation.validate(c)
   assert (c.model.depth, c.model.width, c.model.heads, c.model.patch_size) == (28, 1152, 16, 2)
   assert (c.data.image_size, c.data.channels) == (32, 4)
   assert tuple(map(tuple, c.sparsity.routes)) == ((2, 24, 0.5),)
@@ -58,7 +58,7 @@ def test_bad_values_name_the_field(field, value, message):
     node = node[p]
   node[leaf] = value
   with pytest.raises(ValueError, match=message):
-    config_lib.validate(c, num_devices=8)
+    validation.validate(c, num_devices=8)
 
 
 def test_cosine_schedule_end_is_range_checked_at_its_step():
@@ -67,40 +67,40 @@ def test_cosine_schedule_end_is_range_checked_at_its_step():
   last = c.sample.steps - 1
   message = rf"gamma_weak = 1.0: must be in \[0, 1\) \(value at sampling step {last}\)"
   with pytest.raises(ValueError, match=message):
-    config_lib.validate(c, num_devices=8)
+    validation.validate(c, num_devices=8)
 
 
 def test_routes_are_required_only_where_a_branch_is_sparse():
   c = _load("fashion_mnist")
   c.sparsity.routes = ()
   c.sample.guidance.update(rule="cfg", gamma_strong=0.5)  # CFG ignores γ: a dense model is fine.
-  config_lib.validate(c, num_devices=8)
+  validation.validate(c, num_devices=8)
   c.sample.guidance.rule = "none"
   with pytest.raises(ValueError, match=r"sparsity.routes = \(\): sparse guidance needs"):
-    config_lib.validate(c, num_devices=8)
+    validation.validate(c, num_devices=8)
 
 
 def test_ag_sg_needs_a_guide_step():
   c = _load("fashion_mnist")
   c.sample.guidance.rule = "ag_sg"
   with pytest.raises(ValueError, match=r"sample.guidance.guide_step = -1: rule 'ag_sg' needs"):
-    config_lib.validate(c, num_devices=8)
+    validation.validate(c, num_devices=8)
   c.sample.guidance.guide_step = 500
-  config_lib.validate(c, num_devices=8)
+  validation.validate(c, num_devices=8)
 
 
 def test_mesh_must_fit_devices():
   c = _load("fashion_mnist")
   c.mesh.update(data=3, fsdp=1, tensor=1)
   with pytest.raises(ValueError, match="must divide the device count 8"):
-    config_lib.validate(c, num_devices=8)
+    validation.validate(c, num_devices=8)
 
 
 def test_presets_fill_model_dims():
   c = _load("fashion_mnist")
   c.model.preset = "B/4"
   c.data.image_size = 32
-  config_lib.validate(c)
+  validation.validate(c)
   assert (c.model.depth, c.model.width, c.model.heads, c.model.patch_size) == (12, 768, 12, 4)
 
 
@@ -114,29 +114,29 @@ def test_a_job_checks_the_fields_it_reads_and_a_training_run_ignores_the_rest(tm
   c.demo.eval_per_class = 0
   c.encode.batch_size = 0
   for job in ("train", "sample", "bench", "flops", "encode_text"):
-    config_lib.validate(c, num_devices=8, job=job)
+    validation.validate(c, num_devices=8, job=job)
   assert int(train.train(c, str(tmp_path / "run"))["step"]) == 1
   with pytest.raises(errors.UserError, match=r"^sweep.omegas = \(-1.0,\): must be each >= 0$"):
     sweep.validate(c, num_devices=8)
   with pytest.raises(errors.UserError, match=r"^eval.num_samples = 1: must be >= 2"):
-    config_lib.validate(c, num_devices=8, job="eval")
+    validation.validate(c, num_devices=8, job="eval")
   with pytest.raises(errors.UserError, match=r"^demo.eval_per_class = 0: must be >= 1$"):
     demo.validate(c, num_devices=8)
   with pytest.raises(errors.UserError, match=r"^encode.batch_size = 0: must be >= 1$"):
     encode_latents.check_config(c)
   with pytest.raises(errors.UserError, match=r"^(sweep|eval)\."):  # No job named: all of core.
-    config_lib.validate(c, num_devices=8)
+    validation.validate(c, num_devices=8)
 
 
 def test_train_fields_are_not_the_samplers():
   c = tiny_config()
   c.train.batch_size = 36  # Not read by sampling, which still checks its own batches.
-  config_lib.validate(c, num_devices=8, job="sample")
+  validation.validate(c, num_devices=8, job="sample")
   with pytest.raises(errors.UserError, match=r"^train.batch_size = 36: .*divisible"):
-    config_lib.validate(c, num_devices=8, job="train")
+    validation.validate(c, num_devices=8, job="train")
   c.sample.batch_size = 12
   with pytest.raises(errors.UserError, match=r"^sample.batch_size = 12: must be divisible"):
-    config_lib.validate(c, num_devices=8, job="sample")
+    validation.validate(c, num_devices=8, job="sample")
 
 
 def test_every_allowed_values_list_is_its_modules():

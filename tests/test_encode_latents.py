@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sgjax import config as config_lib
-from sgjax import train
+from sgjax import train, validation
 from sgjax.convert import sd_vae
 from sgjax.data import latents, pipeline
 from sgjax.jobs import sample as sample_job
@@ -138,7 +137,7 @@ def test_pipeline_draws_posterior_samples(encoded):
   c = latent_config()
   c.data.image_size = 4
   with pytest.raises(ValueError, match="data.image_size = 4: latents of encode.image_size"):
-    config_lib.validate(c)
+    validation.validate(c)
 
 
 def test_train_on_latents_then_sample_decodes_to_pixels(encoded, tmp_path):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from sgjax import config as config_lib
-from sgjax import flops, flow, sampling
+from sgjax import flops, flow, sampling, validation
 from sgjax import guidance as gl
 from sgjax import state as state_lib
 from sgjax import train as train_lib
@@ -156,7 +156,7 @@ def test_masked_train_step_reaches_mask_token_and_decoder():
   c.model.update(depth=1, width=32, heads=2, decoder_depth=1, decoder_width=16, decoder_heads=2)
   c.data.update(image_size=8, channels=1)
   c.train.update(batch_size=4, warmup_steps=0)
-  config_lib.validate(c)
+  validation.validate(c)
   model = dit.from_config(c)
   tx = state_lib.make_optimizer(c.train)
   params = _random_params(model)
@@ -236,18 +236,18 @@ def test_bad_masking_configs_are_rejected(field, value, message):
   node, leaf = field.split(".")
   c[node][leaf] = value
   with pytest.raises(ValueError, match=message):
-    config_lib.validate(c, num_devices=8)
+    validation.validate(c, num_devices=8)
 
 
 def test_mask_gamma_needs_a_decoder():
   c = _load("fashion_mnist")
   c.sparsity.update(routes=(), mask_gamma=0.5)
   with pytest.raises(ValueError, match=r"sparsity.mask_gamma = 0.5: masking needs a decoder"):
-    config_lib.validate(c, num_devices=8)
+    validation.validate(c, num_devices=8)
   c.sparsity.mask_gamma = 0.0
   c.train.objective = "masked"  # MaskDiT's loss reads what the encoder saw: a decoder's model.
   with pytest.raises(ValueError, match=r"train.objective = 'masked': needs a masked model"):
-    config_lib.validate(c, num_devices=8)
+    validation.validate(c, num_devices=8)
   with pytest.raises(ValueError, match="needs a masked model"):
     dit.DiT(image_size=8, channels=1, num_classes=2, depth=1, width=8, heads=2,
             patch_size=2).init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros(1),
@@ -258,7 +258,7 @@ def test_mask_gamma_needs_a_decoder():
 @pytest.mark.parametrize("name", ["fashion_mnist_mask", "imagenet256_mask"])
 def test_masked_configs_validate(name):
   c = _load(name)
-  config_lib.validate(c, num_devices=8)
+  validation.validate(c, num_devices=8)
   assert c.model.decoder_depth > 0 and c.sparsity.mask_gamma == 0.5 and not c.sparsity.routes
   if name == "imagenet256_mask":
     assert (c.model.depth, c.model.width, c.model.decoder_depth, c.model.decoder_width,

@@ -96,8 +96,8 @@ def test_manifold_needs_more_points_than_k():
     ("num_samples", 3, r"eval.num_samples = 3: must be > eval.nearest_k = 3"),
     ("nearest_k", 0, r"eval.nearest_k = 0: must be >= 1")])
 def test_eval_config_errors_name_the_field_and_range(field, value, message):
-  from sgjax import config as config_lib
+  from sgjax import validation
   c = tiny_config()
   c.eval[field] = value
   with pytest.raises(ValueError, match=message):
-    config_lib.validate(c, num_devices=8)
+    validation.validate(c, num_devices=8)

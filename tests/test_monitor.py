@@ -17,7 +17,18 @@ from ml_collections import config_flags
 from PIL import Image
 
 from sgjax import config as config_lib
-from sgjax import errors, generate, metrics, monitor, previews, sampling, sharding, train
+from sgjax import (
+  errors,
+  generate,
+  guidance,
+  metrics,
+  monitor,
+  previews,
+  sampling,
+  sharding,
+  train,
+  validation,
+)
 from sgjax.text import encoder as encoder_lib
 from tests.builders import WordEncoder, summaries, tiny_config, tiny_t2i_config
 
@@ -86,7 +97,7 @@ def test_grids_and_a_profile_while_training_leave_the_run_bit_exact(tmp_path, ca
   with jax.set_mesh(mesh):
     model, weights, step = generate.load_weights(on, workdir, mesh)
     want = generate.batch(on, model, weights, np.arange(4, dtype=np.int32),
-                          config_lib.sampling_plan(on), mesh,
+                          guidance.config_plan(on), mesh,
                           jax.random.fold_in(jax.random.key(on.sample.seed), 0))
   assert step == 4
   grid = sampling.image_grid(want, rows=2).repeat(2, 0).repeat(2, 1)[..., 0]  # 2x2, shown x2.
@@ -97,7 +108,7 @@ def test_grids_and_a_profile_while_training_leave_the_run_bit_exact(tmp_path, ca
   cfg = config_lib.replace(on, {"sample.guidance.rule": "cfg", "sample.guidance.omega": 2.0})
   with jax.set_mesh(mesh):
     want_cfg = generate.batch(cfg, model, {"main": weights["main"]}, np.arange(4, dtype=np.int32),
-                              config_lib.sampling_plan(cfg), mesh,
+                              guidance.config_plan(cfg), mesh,
                               jax.random.fold_in(jax.random.key(on.sample.seed), 0))
   np.testing.assert_array_equal(
       png(4, "cfg"), sampling.image_grid(want_cfg, rows=2).repeat(2, 0).repeat(2, 1)[..., 0])
@@ -168,7 +179,7 @@ def test_bad_sample_every_or_profile_steps_is_refused(field, value, message):
   c = tiny_config()
   c.train[field] = value
   with pytest.raises(errors.UserError) as err:
-    config_lib.validate(c)
+    validation.validate(c)
   assert str(err.value).startswith(message)
 
 
@@ -180,7 +191,7 @@ def test_the_profile_window_parses_from_the_command_line():
                                   sys_argv=argv)
   fv(argv)
   assert fv.config.train.profile_steps == (2, 3) and fv.config.train.sample_every == 5
-  config_lib.validate(fv.config)
+  validation.validate(fv.config)
   assert monitor.sample_every(fv.config.train) == 5
   default = config_lib.base_config().train
   assert monitor.sample_every(default) == default.checkpoint_every  # -1: at each checkpoint.

@@ -10,7 +10,7 @@ import pytest
 
 import sgjax
 from sgjax import config as config_lib
-from sgjax import errors, flops, generate, pipeline
+from sgjax import errors, flops, generate, pipeline, validation
 from sgjax import workdir as workdir_lib
 from sgjax.jobs import sample
 from tests.builders import tiny_config, write_checkpoints
@@ -38,7 +38,7 @@ def test_a_call_is_what_mode_sample_writes_and_compiles_once(trained):
 
   # --mode=sample's grid: per_class of every class, sample.batch_size batches, sample.seed.
   c = config_lib.replace(config, {"sample.guidance.omega": 3.0})
-  config_lib.validate(c, jax.device_count(), job="sample")
+  validation.validate(c, jax.device_count(), job="sample")
   png = sample.run(c, workdir, name="grid")
   assert png == os.path.join(workdir, "grid.png")
   written = np.load(os.path.join(workdir, "grid.npz"))

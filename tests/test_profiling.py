@@ -6,8 +6,7 @@ import os
 
 import pytest
 
-from sgjax import profiling
-from sgjax.jobs import bench
+from sgjax.jobs import bench, profiling
 from tests.builders import tiny_config
 
 # Post-optimisation HLO in XLA's text format: a fusion whose gather sits inside (route), a GEMM

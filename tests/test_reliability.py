@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from sgjax import checkpoint, errors, train, workdir
+from sgjax import checkpoint, errors, train, validation, workdir
 from sgjax import config as config_lib
 from sgjax.convert import dit_checkpoint
 from sgjax.jobs import evaluate as eval_job
@@ -139,12 +139,12 @@ def test_unknown_keys_in_config_files_are_refused():
   c.text.update(dropout=0.1)  # What configs/t2i_2p5b.py once did: ConfigDict adds it silently.
   with pytest.raises(errors.UserError, match=r"^text.dropout: no such config field; text has: "
                      r"encoder, eval_templates, layers, max_tokens, templates, width$"):
-    config_lib.validate(c)
+    validation.validate(c)
   c = config_lib.base_config()
   c.sample.guidance.update(omgea=2.0)
   with pytest.raises(errors.UserError, match=r"sample.guidance.omgea: .*did you mean "
                      r"sample.guidance.omega\?"):
-    config_lib.validate(c)
+    validation.validate(c)
 
 
 @pytest.mark.parametrize("field, value, message", [
@@ -160,7 +160,7 @@ def test_zero_or_empty_where_nothing_would_run_is_refused(field, value, message)
   section, leaf = field.rsplit(".", 1)
   c[section.split(".")[0]][leaf] = value
   with pytest.raises(errors.UserError, match=message):
-    config_lib.validate(c, 8)
+    validation.validate(c, 8)
 
 
 def test_empty_sweep_grids_are_refused():

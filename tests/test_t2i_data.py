@@ -7,8 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from sgjax import condition
-from sgjax import config as config_lib
+from sgjax import condition, validation
 from sgjax.data import captions, pipeline
 from sgjax.text import encoder as encoder_lib
 from tests.builders import load_config
@@ -54,7 +53,7 @@ def test_caption_dataset_roundtrip(tmp_path):
   c = load_config("fashion_mnist_t2i")
   c.data.cache_dir = str(tmp_path)
   c.text.width = 8
-  config_lib.validate(c)
+  validation.validate(c)
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (40, 28, 28, 1), np.uint8)
   labels = (np.arange(40) % 10).astype(np.int32)

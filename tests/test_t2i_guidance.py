@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sgjax import condition, flow, models, sampling, sharding, train
+from sgjax import condition, flow, models, sampling, sharding, train, validation
 from sgjax import config as config_lib
 from sgjax import guidance as gl
 from sgjax import state as state_lib
@@ -123,7 +123,7 @@ def _t2i_batch(c, seed):
 
 def test_train_step_on_the_8_device_mesh():
   c = tiny_t2i_config()
-  config_lib.validate(c, 8)
+  validation.validate(c, 8)
   mesh = sharding.build_mesh(dict(data=2, fsdp=2, tensor=2))
   model = models.from_config(c)
   tx = state_lib.make_optimizer(c.train)
@@ -152,14 +152,14 @@ def test_train_step_on_the_8_device_mesh():
 
 def test_sampling_with_text_is_deterministic_and_uses_the_null():
   c = tiny_t2i_config()
-  config_lib.validate(c, 8)
+  validation.validate(c, 8)
   model = models.from_config(c)
   params = {gl.MAIN: trdit_random_params(model)}
   batch = _t2i_batch(c, 1)
   cond = {"text": batch["text"][:8], "text_mask": batch["text_mask"][:8]}
   null = {"text": jnp.zeros((c.text.max_tokens, c.text.width)),
           "text_mask": jnp.arange(c.text.max_tokens) < 2}
-  plan = config_lib.sampling_plan(c)
+  plan = gl.config_plan(c)
   key = jax.random.key(0)
   a = sampling.sample(model, params, cond, key, plan=plan, null=null)
   b = sampling.sample(model, params, cond, key, plan=plan, null=null)
@@ -201,7 +201,7 @@ def test_sample_mode_draws_each_prompt_through_the_encoder(tmp_path, monkeypatch
   with jax.set_mesh(mesh):
     x = sampling.sample(model, {gl.MAIN: weights}, cond,
                         jax.random.fold_in(jax.random.key(c.sample.seed), 0),
-                        plan=config_lib.sampling_plan(c),
+                        plan=gl.config_plan(c),
                         null={"text": text[-1], "text_mask": mask[-1]})
   np.testing.assert_array_equal(out["arr_0"], sampling.to_uint8(np.asarray(x))[:6])
   assert not np.array_equal(out["arr_0"][0], out["arr_0"][3])  # The prompt matters.
@@ -225,7 +225,7 @@ def test_a_latent_text_model_samples_pixels_through_the_generation_path(tmp_path
   c.vae.update(VAE, weights=write_weights(tmp_path / "vae.safetensors", **VAE), chunk=4)
   c.encode.image_size = CROP
   c.sample.update(prompts=("a pullover", "an ankle boot"), per_class=3)
-  config_lib.validate(c, jax.device_count())
+  validation.validate(c, jax.device_count())
   model = models.from_config(c)
   weights = trdit_random_params(model)
   mesh = sharding.build_mesh(c.mesh)
@@ -246,7 +246,7 @@ def test_a_latent_text_model_samples_pixels_through_the_generation_path(tmp_path
   with jax.set_mesh(mesh):
     z = sampling.sample(model, {gl.MAIN: weights}, cond,
                         jax.random.fold_in(jax.random.key(c.sample.seed), 0),
-                        plan=config_lib.sampling_plan(c),
+                        plan=gl.config_plan(c),
                         null={"text": text[-1], "text_mask": mask[-1]})
     want = sd_vae.to_pixels(c, mesh, jax.device_put(z, sharding.batch_sharding(mesh)))
   np.testing.assert_array_equal(out, sampling.to_uint8(np.asarray(want))[:6])

@@ -6,8 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sgjax import config as config_lib
-from sgjax import models
+from sgjax import models, validation
 from sgjax import sparsity as sp
 from sgjax.models import trdit
 from tests.builders import load_config, trdit_inputs, trdit_model, trdit_random_params
@@ -77,7 +76,7 @@ def test_text_and_its_mask_reach_the_output():
 
 def test_2p5b_config_has_2p5b_params():
   c = load_config("t2i_2p5b")
-  config_lib.validate(c)
+  validation.validate(c)
   model = models.from_config(c)
   n = model.image_size
   shapes = jax.eval_shape(lambda: model.init(

@@ -6,8 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sgjax import config as config_lib
-from sgjax import objectives, sharding, train
+from sgjax import objectives, sharding, train, validation
 from sgjax import state as state_lib
 from sgjax.models import dit
 from tests.builders import tiny_config
@@ -39,7 +38,7 @@ def _run_steps(c, mesh, steps=2):
 
 def test_sharded_step_equals_single_device_step():
   c = tiny_config()
-  config_lib.validate(c, 8)
+  validation.validate(c, 8)
   mesh8 = sharding.build_mesh(dict(data=2, fsdp=2, tensor=2))
   mesh1 = sharding.build_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
   # One step: a second would start from params that already differ by Adam's rounding flips.
@@ -151,7 +150,7 @@ def test_an_added_objective_trains_and_reports_its_metrics(monkeypatch):
                       objectives.Objective(objectives.draw_flow, _probe_loss))
   c = tiny_config()
   c.train.update(objective="probe", grad_accum=2)
-  config_lib.validate(c, 8)
+  validation.validate(c, 8)
   model = dit.from_config(c)
   tx = state_lib.make_optimizer(c.train)
   state = nn.unbox(state_lib.init_state(model, tx, c.seed))

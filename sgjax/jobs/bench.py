@@ -35,15 +35,16 @@ from sgjax import (
   guidance,
   models,
   platform,
-  profiling,
   sampling,
   sharding,
   train,
+  validation,
 )
 from sgjax import config as config_lib
 from sgjax import sparsity as sp
 from sgjax import state as state_lib
 from sgjax.data import latents, pipeline, prefetch
+from sgjax.jobs import profiling
 from sgjax.sparsity import Sparsity
 
 # Sampling steps benchmarked by `--what=sample`: name -> (rule, γ_strong, γ_weak); what each
@@ -144,7 +145,7 @@ def bench_train(config: ml_collections.ConfigDict, steps: int, warmup: int) -> d
 def bench_profile(config: ml_collections.ConfigDict, steps: int, warmup: int,
                   trace_dir: str, top_groups: int = 15) -> dict:
   """A `jax.profiler` trace of `steps` train steps, its device time summed by kind of work
-  (route gather/scatter, attention, matmul, optimizer, …; sgjax.profiling)."""
+  (route gather/scatter, attention, matmul, optimizer, …; sgjax.jobs.profiling)."""
   mesh, state, batch, compiled, _ = _train_setup(config)
   run = _stepper(compiled, state)
   with jax.set_mesh(mesh):
@@ -234,7 +235,7 @@ def bench_sample(config: ml_collections.ConfigDict, rules: list[str], steps: int
     key = jax.random.key(2)
     for name in rules:
       c = _with(config, name)
-      plan = config_lib.sampling_plan(c)
+      plan = guidance.config_plan(c)
       g = plan.segments[0].guidance
 
       step = jax.jit(sampling.guided_step(model, null, g))
@@ -351,7 +352,7 @@ def main(argv) -> None:
   f = flags.FLAGS
   platform.set_default_xla_flags(sampling=f.what == "sample")
   config = f.config
-  config_lib.validate(config, jax.device_count(), job="bench")
+  validation.validate(config, jax.device_count(), job="bench")
   what = f.what.split(",")
   result = dict(device=str(jax.devices()[0].device_kind), backend=jax.default_backend(),
                 jax=jax.__version__, dtype=config.dtype)

@@ -26,7 +26,7 @@ import numpy as np
 from absl import flags, logging
 
 from sgjax import config as config_lib
-from sgjax import errors, files, flops, generate, metrics, models, pipeline, sharding
+from sgjax import errors, files, flops, generate, metrics, models, pipeline, sharding, validation
 from sgjax import guidance as guidance_lib
 from sgjax.data import captions
 from sgjax.eval import fmnist
@@ -46,7 +46,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
              job: str = "demo") -> None:
   """What a demo reads: `job`'s fields (`--mode=demo` trains first; the text demo samples a
   trained workdir: "sample"), and `demo`."""
-  config_lib.validate(config, num_devices, job=job)
+  validation.validate(config, num_devices, job=job)
   check_config(config)
 
 
@@ -62,7 +62,7 @@ def rule_config(config: ml_collections.ConfigDict, rule: str) -> ml_collections.
 
 
 def gmacs(config: ml_collections.ConfigDict) -> float:
-  return flops.plan_macs(config, config_lib.sampling_plan(config)).with_attention / 1e9
+  return flops.plan_macs(config, guidance_lib.config_plan(config)).with_attention / 1e9
 
 
 def matched_config(config: ml_collections.ConfigDict, rule: str, budget: float
@@ -121,7 +121,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> tuple[list[str], dic
   labels = generate.class_labels(model.num_classes, per_class)
   for rule in CLASS_RULES:
     c = matched_config(config, rule, budget)
-    plan = config_lib.sampling_plan(c)
+    plan = guidance_lib.config_plan(c)
     t0 = time.perf_counter()
     images = pipe.images(c, labels)
     metrics.print0(f"sampled {len(images)} images ({rule}, ω={c.sample.guidance.omega:g}, "
@@ -169,7 +169,7 @@ def run_text(config: ml_collections.ConfigDict, workdir: str,
   step = pipe.step
   for rule in rules:
     c = text_rule_config(config, rule)
-    plan = config_lib.sampling_plan(c)
+    plan = guidance_lib.config_plan(c)
     t0 = time.perf_counter()
     images = pipe.images(c, cond, null)
     metrics.print0(f"sampled {len(images)} images ({rule}, ω={c.sample.guidance.omega:g}) "

@@ -22,8 +22,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from sgjax import config as config_lib
-from sgjax import errors, files, flops, generate, lock, metrics, readers, sharding
+from sgjax import errors, files, flops, generate, guidance, lock, metrics, readers, sharding
 from sgjax.convert import inception_fid
 from sgjax.eval import fmnist, frechet, inception
 from sgjax.eval import metrics as metrics_lib
@@ -246,7 +245,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   e = config.eval
   check_inputs(e)
   mesh = sharding.build_mesh(config.mesh)
-  plan = config_lib.sampling_plan(config)
+  plan = guidance.config_plan(config)
   g = config.sample.guidance
   with jax.set_mesh(mesh):
     model, weights, step = generate.load_weights(config, workdir, mesh)

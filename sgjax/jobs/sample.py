@@ -20,8 +20,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from sgjax import config as config_lib
-from sgjax import errors, generate, metrics, models, pipeline, sharding
+from sgjax import errors, generate, guidance, metrics, models, pipeline, sharding
 from sgjax import workdir as workdir_lib
 
 
@@ -44,7 +43,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, name: str | None = N
   if text_model:
     prompts, cond, null = prompt_conditions(config)
   mesh = sharding.build_mesh(config.mesh)
-  plan = config_lib.sampling_plan(config)
+  plan = guidance.config_plan(config)
   g = config.sample.guidance
   name = name or f"samples_{g.rule}"
   with jax.set_mesh(mesh):

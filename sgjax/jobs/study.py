@@ -47,7 +47,18 @@ import scipy.stats
 from absl import flags, logging
 from ml_collections import config_flags
 
-from sgjax import checkpoint, errors, files, flops, flow, generate, metrics, platform, sharding
+from sgjax import (
+  checkpoint,
+  errors,
+  files,
+  flops,
+  flow,
+  generate,
+  metrics,
+  platform,
+  sharding,
+  validation,
+)
 from sgjax import config as config_lib
 from sgjax import guidance as guidance_lib
 from sgjax import state as state_lib
@@ -981,7 +992,7 @@ def main(argv) -> None:
   config = flags.FLAGS.config
   if config is None or not flags.FLAGS.workdir:
     raise errors.UserError("--config, --workdir", "required", "pass both")
-  config_lib.validate(config, jax.device_count(), job="sample")  # + check() in run()
+  validation.validate(config, jax.device_count(), job="sample")  # + check() in run()
   path = run(config, flags.FLAGS.workdir)
   if jax.process_index() == 0:
     print(files.read_text(path))

@@ -26,7 +26,18 @@ import numpy as np
 from absl import flags, logging
 from ml_collections import config_flags
 
-from sgjax import checkpoint, errors, files, flops, generate, lock, metrics, platform, sharding
+from sgjax import (
+  checkpoint,
+  errors,
+  files,
+  flops,
+  generate,
+  lock,
+  metrics,
+  platform,
+  sharding,
+  validation,
+)
 from sgjax import config as config_lib
 from sgjax import guidance as guidance_lib
 from sgjax import workdir as workdir_lib
@@ -73,7 +84,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
   """What the sweep reads: the sampling job's fields and `sweep`."""
-  config_lib.validate(config, num_devices, job="sweep")
+  validation.validate(config, num_devices, job="sweep")
   check_config(config)
 
 
@@ -117,7 +128,7 @@ def point_config(config: ml_collections.ConfigDict, p: dict) -> ml_collections.C
   c = config_lib.replace(config, {
       "sample.steps": p["steps"], "sample.num_samples": 0, "sample.guidance.schedule": "constant",
       **{f"sample.guidance.{k}": p[k] for k in ("rule", "omega", "gamma_strong", "gamma_weak")}})
-  config_lib.validate(c, jax.device_count(), job="sweep")
+  validation.validate(c, jax.device_count(), job="sweep")
   return c
 
 
@@ -151,7 +162,7 @@ def _evaluate_points(config: ml_collections.ConfigDict, workdir: str, points: li
     mesh = sharding.build_mesh(config.mesh)
   for i, p in enumerate(todo):
     c = point_config(config, p)
-    plan = config_lib.sampling_plan(c)
+    plan = guidance_lib.config_plan(c)
     with jax.set_mesh(mesh):
       model, weights, step = generate.load_weights(c, workdir, mesh)
       labels = generate.class_labels(model.num_classes, config.sweep.per_class)

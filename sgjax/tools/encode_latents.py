@@ -29,8 +29,7 @@ from absl import flags, logging
 from ml_collections import config_flags
 from PIL import Image
 
-from sgjax import config as config_lib
-from sgjax import errors, files, lock, metrics, sharding
+from sgjax import errors, files, lock, metrics, sharding, validation
 from sgjax.convert import sd_vae
 from sgjax.data import latents
 from sgjax.models import vae as vae_lib
@@ -143,7 +142,7 @@ def encode(config: ml_collections.ConfigDict) -> str:
 
   Stops early after `encode.max_shards` shards when > 0 (a rerun goes on from there).
   """
-  config_lib.validate(config, job="encode_latents")
+  validation.validate(config, job="encode_latents")
   check_config(config)
   e, v, out_dir = config.encode, config.vae, config.data.dir
   if not out_dir:

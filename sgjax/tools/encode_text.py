@@ -15,8 +15,7 @@ import time
 from absl import flags
 from ml_collections import config_flags
 
-from sgjax import config as config_lib
-from sgjax import errors
+from sgjax import errors, validation
 from sgjax.data import captions, fashion_mnist
 from sgjax.text import encoder as encoder_lib
 
@@ -24,7 +23,7 @@ from sgjax.text import encoder as encoder_lib
 def main(argv) -> None:
   del argv
   config = flags.FLAGS.config
-  config_lib.validate(config, job="encode_text")
+  validation.validate(config, job="encode_text")
   if config.data.name != captions.NAME:
     raise errors.UserError(f"data.name = {config.data.name!r}",
                            f"encode_text writes {captions.NAME!r}",

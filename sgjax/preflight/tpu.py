@@ -1,4 +1,4 @@
-"""Cloud TPU chips and slice names: what `python -m sgjax.aot --topology=…` accepts.
+"""Cloud TPU chips and slice names: what the pre-flight's `--topology=…` accepts.
 
 Names a user types: gcloud accelerator types (`v5p-64`, `v5litepod-16`, `v6e-256`, `v4-32`) and
 topology strings (`v5p:4x4x2`, `v5e:4x4`). v4 and v5p types count TensorCores (2 per chip:
@@ -168,13 +168,30 @@ def libtpu_missing() -> UserError | None:
                    "needed)")
 
 
-def devices(topology: Topology) -> list[Any]:
-  """Abstract devices of the topology (all slices), for lowering and compiling; no TPU needed."""
+# What libtpu asks a TPU VM's metadata server for when it loads. A compile-only process opens
+# no chip and (off a TPU VM) has no metadata server: without these libtpu prints a screen of
+# "Failed to find host bounds…" / "unexpected worker hostname…" before any line of ours.
+# Values the environment already holds win.
+COMPILE_ONLY_ENV = {"TPU_SKIP_MDS_QUERY": "1", "TPU_WORKER_HOSTNAMES": "localhost",
+                    "TPU_WORKER_ID": "0"}
+
+
+def devices(topology: Topology, quiet: bool = True) -> list[Any]:
+  """Abstract devices of the topology (all slices), for lowering and compiling; no TPU needed.
+
+  `quiet`: tell libtpu, before it loads, what it would ask the metadata server (the slice's
+  accelerator type, one local worker) so it starts silently; False leaves its start-up
+  messages (`--verbose`). Only the process's first load reads them.
+  """
   if (err := libtpu_missing()) is not None:
     raise err
   # Other processes may hold libtpu at the same time (parallel tests, a second pre-flight): no
   # real chip is opened, so its single-process lock only gets in the way.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  if quiet:
+    for name, value in {**COMPILE_ONLY_ENV,
+                        "TPU_ACCELERATOR_TYPE": topology.accelerator_type}.items():
+      os.environ.setdefault(name, value)
   desc = topologies.get_topology_desc(
       platform="tpu", topology_name=topology.name, chip_config_name="default",
       chips_per_host_bounds=topology.chips_per_host_bounds, num_slices=topology.slices)
