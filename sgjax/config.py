@@ -154,12 +154,12 @@ def base_config() -> ml_collections.ConfigDict:
   # `--mode=demo` samples CFG and SG side by side at these weights, eval_per_class images per
   # class each, and scores them with the FD-FMNIST classifier (Fashion-MNIST only).
   c.demo = ml_collections.ConfigDict(dict(omega_cfg=1.5, omega_sg=1.5, eval_per_class=30))
-  # `python -m sgjax.sweep`: the grid rule × ω × γ_strong × γ_weak × steps, per_class samples
+  # `python -m sgjax.jobs.sweep`: the grid rule × ω × γ_strong × γ_weak × steps, per_class samples
   # per class for every point.
   c.sweep = ml_collections.ConfigDict(dict(
       rules=("cfg", "sg"), omegas=(1.5, 2.0, 3.0), gammas_strong=(0.0,),
       gammas_weak=(0.3, 0.5, 0.7), steps=(40,), per_class=16, seed=1))
-  # `python -m sgjax.study` (docs/study.md): the guidance rules compared at matched GMACs over
+  # `python -m sgjax.jobs.study` (docs/study.md): the guidance rules compared at matched GMACs over
   # this grid, searched coordinate-wise (γ pairs at omega_ref and steps_ref, then ω and steps at
   # each rule's best pair); per_class samples a point, final_per_class for the matched
   # comparison (with bootstrap 95% intervals); over `checkpoints` (() = all kept) and beside
