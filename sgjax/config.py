@@ -180,7 +180,8 @@ def base_config() -> ml_collections.ConfigDict:
       # "budget": every point at the most Euler steps within a budget (GMACs/image), ω × γ
       # jointly at budget_ref (0 = the middle budget), each rule's top_settings refit at the
       # others (docs/study.md). final_seeds: sampling seeds of the final rows (() = seed).
-      # final_families: the families rescored in the final (() = all). probe_gammas: the
+      # final_families: the families compared at every budget (refits and final; the others
+      # and the twin at budget_ref only; () = all everywhere). probe_gammas: the
       # probe's (γs, γw) (() = SG's best); probe_routes: the routes the probe drops tokens on
       # where the model has none (a dense twin; () = the model's).
       search="coordinate", budget_ref=0.0, top_settings=2, final_seeds=(), final_families=(),

@@ -1,6 +1,6 @@
 """Where does Sparse Guidance beat CFG? The guidance rules compared at matched compute.
 
-  python -m sgjax.study --config=configs/fashion_mnist_study.py --workdir=DIR \
+  python -m sgjax.jobs.study --config=configs/fashion_mnist_study.py --workdir=DIR \
       [--config.study.dense_workdir=DENSE_DIR] [--config.study.stages="(…)"]
 
 Stages (`study.stages`, each resumable: every scored point is one JSON line of
@@ -54,6 +54,7 @@ from sgjax import (
   flops,
   flow,
   generate,
+  lock,
   metrics,
   platform,
   sharding,
@@ -946,6 +947,7 @@ def log_tensorboard(study: Study, parts: dict[str, list[dict]]) -> None:
     metrics.log_scalars(study.workdir, study.saved[-1], final, "study_final")
 
 
+@lock.holding("workdir", "study", "study")  # One writer per <workdir>/study.
 def run(config: ml_collections.ConfigDict, workdir: str) -> str:
   """Runs the configured stages; returns the path of report.md."""
   check(config)
@@ -999,7 +1001,7 @@ def main(argv) -> None:
 
 
 def cli() -> None:
-  """`python -m sgjax.study` (flags defined here, only for this command)."""
+  """`python -m sgjax.jobs.study` / `sgjax-study` (flags defined here, only for this command)."""
   config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=False)
   flags.DEFINE_string("workdir", None, "A trained workdir; results go to <workdir>/study/.")
   errors.run(main)
