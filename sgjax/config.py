@@ -184,7 +184,9 @@ def base_config() -> ml_collections.ConfigDict:
       # and the twin at budget_ref only; () = all everywhere). probe_gammas: the
       # probe's (γs, γw) (() = SG's best); probe_routes: the routes the probe drops tokens on
       # where the model has none (a dense twin; () = the model's).
+      # omega_extensions: how often the budget search pushes a best ω past its grid's edge.
       search="coordinate", budget_ref=0.0, top_settings=2, final_seeds=(), final_families=(),
+      omega_extensions=3,
       probe_gammas=(), probe_routes=()))
   # `--mode=eval`: num_samples class-balanced samples with config.sample's guidance (resumable
   # shards under <workdir>/eval/), scored against `reference` (docs/eval.md). feature_net

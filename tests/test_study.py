@@ -184,7 +184,8 @@ def test_budget_search_gives_every_rule_the_whole_budget_and_paired_intervals(tm
   diversity, the probe's draw noise at a fixed pair (and on the twin through probe_routes)."""
   c = _config()
   c.study.update(search="budget", rules=("cfg", "sg"), omegas=(3.0,), top_settings=1,
-                 final_seeds=(2,), bootstrap=8, stages=("screen", "dense", "final"))
+                 final_seeds=(2,), bootstrap=8, stages=("screen", "dense", "final"),
+                 omega_extensions=1)
   workdir, dense = str(tmp_path / "routed"), str(tmp_path / "dense")
   write_checkpoints(c, workdir, [1])
   c_dense = c.copy_and_resolve_references()
@@ -206,11 +207,16 @@ def test_budget_search_gives_every_rule_the_whole_budget_and_paired_intervals(tm
   for r in screen:  # Most steps that fit: one more step would not.
     budget = min(b for b in levels if r["gmacs_per_image"] <= b * 1.000001)
     assert study.gmacs(dict(r, steps=r["steps"] + 1)) > budget * 1.000001
-  sg_ref = [r for r in screen if r["rule"] == "sg" and r["model"] == "main"
+  sg_ref = [r for r in screen if r["rule"] == "sg" and r["model"] == "main" and r["omega"] == 3
             and r["interval"] == [0, 1] and r["gmacs_per_image"] > levels[0]]
+  # A one-ω grid's best is its edge: ω was pushed past it once (× 1.5) at the best setting.
+  for rule, omega in (("sg", 4.5), ("cfg", 3.0)):
+    past = [r for r in screen if r["rule"] == rule and r["model"] == "main"
+            and r["omega"] == omega and r["gmacs_per_image"] > levels[0]]
+    assert len(past) == 1
   # Joint grid: every ω × pair at the reference budget; SG runs at least as many steps as CFG.
   assert {(r["omega"], r["gamma_weak"]) for r in sg_ref} == {(3.0, .5), (3.0, .75)}
-  cfg_ref = [r for r in screen if r["rule"] == "cfg" and r["model"] == "main"
+  cfg_ref = [r for r in screen if r["rule"] == "cfg" and r["model"] == "main" and r["omega"] == 2
              and r["gmacs_per_image"] > levels[0]]
   assert {tuple(r["interval"]) for r in cfg_ref} == {(0, 1), (0.25, 1.0)}
   cfg_full = [r for r in cfg_ref if r["interval"] == [0, 1]][0]

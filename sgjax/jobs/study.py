@@ -133,6 +133,7 @@ def check(config: ml_collections.ConfigDict) -> None:
        f"a subset of {FAMILIES} (() = all)")
   need(s.budget_ref >= 0, "budget_ref", "must be >= 0", "GMACs per image (0 = the middle budget)")
   need(int(s.top_settings) >= 1, "top_settings", "must be >= 1", "a positive integer")
+  need(int(s.omega_extensions) >= 0, "omega_extensions", "must be >= 0", "0 (off) or more")
   need(len(s.probe_gammas) in (0, 2) and (not s.probe_gammas or 0 <= s.probe_gammas[0]
                                            < s.probe_gammas[1] < 1), "probe_gammas",
        "not (γs, γw) with 0 <= γs < γw < 1", "() or a (γs, γw) pair")
@@ -522,6 +523,7 @@ def screen_budget(study: Study, model: str = "main") -> list[dict]:
     rows += found
     if guidance_lib.uses_guide(rule):
       rows += grid(rule, s.cfg_omegas, [(0.0, 0.0)], extra, "ag (autoguidance alone)")
+  rows += bracket_omega(study, rows, ref, tag)
   refit = []
   for fam in [f for f in FAMILIES if everywhere(study, model, f)]:
     mine = [r for r in rows if family(r) == fam]
@@ -530,6 +532,37 @@ def screen_budget(study: Study, model: str = "main") -> list[dict]:
         refit += [fit_steps(study, {k: r[k] for k in POINT_FIELDS}, b)
                   for r in top(study, mine, int(s.top_settings))]
   return rows + study.run(refit, f"screen{tag}, the best settings at the other budgets")
+
+
+OMEGA_STEP = 1.5
+
+
+def bracket_omega(study: Study, rows: list[dict], budget: float, tag: str = "") -> list[dict]:
+  """Where a guided family's best ω is the edge of the ω it was tried at, ω is pushed past that
+  edge (× or ÷ 1.5, at the best setting's γ pair and interval) until quality turns, up to
+  `study.omega_extensions` times: the optimum is then bracketed, not assumed to lie inside the
+  configured grid."""
+  added = []
+  for fam in FAMILIES:
+    mine = [r for r in rows if family(r) == fam and r["gmacs_per_image"] > 0]
+    if not mine or not guidance_lib.RULE_BRANCHES[mine[0]["rule"]].weak:
+      continue
+    for _ in range(int(study.config.study.omega_extensions)):
+      best = study.best(mine)
+      tried = sorted({r["omega"] for r in mine if r["gamma_strong"] == best["gamma_strong"] and
+                      r["gamma_weak"] == best["gamma_weak"] and r["interval"] == best["interval"]})
+      if best["omega"] == tried[-1]:
+        omega = best["omega"] * OMEGA_STEP
+      elif best["omega"] == tried[0] and best["omega"] / OMEGA_STEP > 1:
+        omega = best["omega"] / OMEGA_STEP
+      else:
+        break  # Bracketed: a worse ω on each side.
+      p = fit_steps(study, dict({k: best[k] for k in POINT_FIELDS}, omega=round(omega, 4)), budget)
+      new = study.run([p], f"screen{tag} @ {budget:.2f} GMACs, {fam} ω past the grid's edge")
+      if not new:
+        break
+      mine, added = mine + new, added + new
+  return added
 
 
 def everywhere(study: Study, model: str, fam: str) -> bool:
@@ -608,7 +641,7 @@ def paired(study: Study, finals: list[dict]) -> list[dict]:
 def paired_difference(fa: dict, fb: dict, judge: Judge, resamples: int, seed: int,
                       metric: str, level: float = 0.95) -> dict:
   """FD(a) − FD(b) (and accuracy) over the same resampled indices: estimate ± z·SD."""
-  if not np.array_equal(fa["labels"], fb["labels"]):
+  if not np.array_equal(fa["labels"], fb["labels"]):  # The study pairs its own rows: a bug.
     raise ValueError("paired rows must share their labels (same per_class and order)")
   dist = lambda f: frechet.distance_of_features(f, judge.ref_mu, judge.ref_sigma)
   est = dist(fa["features"]) - dist(fb["features"])
