@@ -62,7 +62,7 @@ def default_null(model) -> Null:
   """The null a model defines by itself: DiT's null label. Text models have none: their null is
   the empty prompt's features, which come with the data (sgjax.data.captions.null_condition)."""
   null = model.builtin_null()
-  if null is None:
+  if null is None:  # A Python caller's omission (the jobs pass the prompt's null): a bug.
     raise ValueError(f"{type(model).__name__} has no built-in null condition: pass the empty "
                      "prompt's features (sgjax.data.captions.null_condition)")
   return null

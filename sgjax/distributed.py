@@ -22,6 +22,8 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
+from sgjax import errors
+
 MODES = ("auto", "cluster", "off")
 ENV_COORDINATOR = "SGJAX_COORDINATOR"
 ENV_NUM_PROCESSES = "SGJAX_NUM_PROCESSES"
@@ -51,7 +53,7 @@ def _int_or_none(name: str, value: int | str | None) -> int | None:
   try:
     return int(value)
   except ValueError:
-    raise ValueError(f"{name} = {value!r}: must be an integer") from None
+    raise errors.UserError(f"{name} = {value!r}", "must be an integer") from None
 
 
 def plan(mode: str = "auto", coordinator_address: str | None = None,
@@ -62,7 +64,7 @@ def plan(mode: str = "auto", coordinator_address: str | None = None,
   Pure (reads only `environ`), so the decision is testable without starting anything.
   """
   if mode not in MODES:
-    raise ValueError(f"distributed = {mode!r}: allowed: {', '.join(MODES)}")
+    raise errors.UserError(f"distributed = {mode!r}", f"allowed: {', '.join(MODES)}")
   if mode == "off":
     return None
   address = coordinator_address or environ.get(ENV_COORDINATOR) or None
@@ -74,15 +76,16 @@ def plan(mode: str = "auto", coordinator_address: str | None = None,
     missing = [n for n, v in (("coordinator_address", address), ("num_processes", count),
                               ("process_id", index)) if v is None]
     if missing:
-      raise ValueError(f"distributed: {', '.join(missing)} missing; an explicit multi-process "
-                       "run needs coordinator_address, num_processes and process_id (flags or "
-                       f"{ENV_COORDINATOR}, {ENV_NUM_PROCESSES}, {ENV_PROCESS_ID})")
+      raise errors.UserError("distributed", f"{', '.join(missing)} missing",
+                             "an explicit multi-process run needs coordinator_address, "
+                             "num_processes and process_id (flags or "
+                             f"{ENV_COORDINATOR}, {ENV_NUM_PROCESSES}, {ENV_PROCESS_ID})")
     if count < 1:
-      raise ValueError(f"num_processes = {count}: must be >= 1")
+      raise errors.UserError(f"num_processes = {count}", "must be >= 1")
     if not 0 <= index < count:
-      raise ValueError(f"process_id = {index}: must be in [0, num_processes = {count})")
+      raise errors.UserError(f"process_id = {index}", f"must be in [0, num_processes = {count})")
     if ":" not in address:
-      raise ValueError(f"coordinator_address = {address!r}: must be host:port")
+      raise errors.UserError(f"coordinator_address = {address!r}", "must be host:port")
     if count == 1:
       return None
     return dict(coordinator_address=address, num_processes=count, process_id=index)

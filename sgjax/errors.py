@@ -7,21 +7,19 @@ SGJAX_VERBOSE=1); any other exception is a bug and keeps its traceback. `run(mai
 `app.run` with that guard and with flag-parsing errors (an unknown `--config.x` key, a value
 that does not parse, a config file that does not load) turned into the same one line.
 
-Errors raised by modules that predate UserError follow the project's convention of naming the
-config field first ("sparsity.routes[0].gamma = 1.0: must be in [0, 1)"); `as_user_error`
-treats those, and a missing file, as the user's to fix.
+Every check of a user's value raises UserError (or `check`), naming the field; a ValueError
+is a bug and keeps its traceback, whatever its message says.
 """
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import functools
 import os
 import re
 import sys
 import traceback
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NoReturn
 
 from absl import app, flags
@@ -30,23 +28,6 @@ from sgjax import config as config_lib
 
 EXIT_USAGE = 2
 HELP_FLAGS = ("--help", "-h", "-?", "--helpshort", "--helpfull", "--helpxml")
-
-
-def config_sections() -> tuple[str, ...]:
-  """The config's top-level names (those of sgjax.config.base_config, read there, never
-  listed here): a ValueError whose message starts with one names a field the user set."""
-  return tuple(config_lib.base_config().keys())
-
-
-@functools.cache
-def _field_message() -> re.Pattern:
-  return re.compile(r"^(" + "|".join(map(re.escape, config_sections())) + r")(\.|\[| =|:)")
-
-
-def __getattr__(name: str) -> Any:
-  if name == "CONFIG_SECTIONS":  # The old constant's name, now read from base_config().
-    return config_sections()
-  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class UserError(ValueError):
@@ -65,24 +46,6 @@ def check(ok: bool, field: str, value: Any, allowed: str) -> None:
 
 class TrainingDiverged(UserError, FloatingPointError):
   """A non-finite loss: the user's settings (lr, clipping) or data, not a bug in the loop."""
-
-
-def from_message(err: BaseException) -> UserError:
-  """A UserError of a conventional "<field> = <value>: <what>" message (first line)."""
-  where, _, what = first_line(err).partition(": ")
-  return UserError(where, what) if what else UserError("config", where)
-
-
-@contextlib.contextmanager
-def user_errors() -> Iterator[None]:
-  """Inside, a ValueError that names a config field (older modules' checks) becomes a
-  UserError, chained to the original."""
-  try:
-    yield
-  except ValueError as err:
-    if isinstance(err, UserError) or as_user_error(err) is None:
-      raise
-    raise from_message(err) from err
 
 
 def verbose() -> bool:
@@ -110,13 +73,8 @@ def exit_with(err: BaseException) -> NoReturn:
 
 
 def as_user_error(err: BaseException) -> BaseException | None:
-  """`err` if the user can fix it (a UserError, a missing file, or a ValueError whose message
-  names a config field first); None for a bug."""
-  if isinstance(err, UserError | FileNotFoundError):
-    return err
-  if type(err) is ValueError and _field_message().match(str(err)):
-    return err
-  return None
+  """`err` if the user can fix it (a UserError or a missing file); None for a bug."""
+  return err if isinstance(err, UserError | FileNotFoundError) else None
 
 
 def guard(main: Callable[..., Any]) -> Callable[..., Any]:

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from sgjax import condition, flow
+from sgjax import condition, errors, flow
 from sgjax.sparsity import Sparsity
 
 # (params, x_t, t, y, sparsity, token_key) -> velocity
@@ -151,7 +151,7 @@ def gamma_at(start: float, end: float, schedule: str, step: int, steps: int) -> 
   if schedule == "cosine":
     w = 0.5 * (1.0 + math.cos(math.pi * step / (steps - 1)))  # 1 at the first step, 0 at last.
     return float(end + (start - end) * w)
-  raise ValueError(f"sample.guidance.schedule = {schedule!r}: allowed {SCHEDULES}")
+  raise errors.UserError(f"sample.guidance.schedule = {schedule!r}", f"allowed {SCHEDULES}")
 
 
 def _sparsity(routes: Sparsity, gamma: float, num_tokens: int, quantum: float) -> Sparsity:
@@ -172,8 +172,7 @@ def _sparsity(routes: Sparsity, gamma: float, num_tokens: int, quantum: float) -
 
 
 def _check(cond: bool, field: str, value, allowed: str) -> None:
-  if not cond:
-    raise ValueError(f"sample.guidance.{field} = {value!r}: {allowed}")
+  errors.check(cond, f"sample.guidance.{field}", value, allowed)
 
 
 def plan(g: ml_collections.ConfigDict, routes: Sparsity, num_tokens: int,
@@ -234,9 +233,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
          "must be >= 0 (0 = exact token counts)")
   config_plan(config)  # Walks every step: rule, schedule, interval, γ ranges and order.
   if strong_is_sparse(g) and not (config.sparsity.routes or config.model.decoder_depth > 0):
-    raise ValueError(f"sparsity.routes = {config.sparsity.routes!r}: sparse guidance needs at "
-                     "least one route (the layers whose tokens γ thins) or a masked model "
-                     "(model.decoder_depth > 0)")
+    raise errors.UserError(f"sparsity.routes = {config.sparsity.routes!r}",
+                           "sparse guidance needs at least one route (the layers whose tokens "
+                           "γ thins) or a masked model (model.decoder_depth > 0)")
   if uses_guide(g.rule):
     _check(g.guide_step >= 0, "guide_step", g.guide_step,
            "rule 'ag_sg' needs the guide checkpoint's step (>= 0), e.g. an early checkpoint "

@@ -45,7 +45,7 @@ def integrate(step_velocity: StepVelocity, x0: jax.Array, plan: guidance_lib.Pla
   segments never changes the random token draws.
   """
   if sampler not in SAMPLERS:
-    raise ValueError(f"sampler = {sampler!r}: allowed {SAMPLERS}")
+    raise errors.UserError(f"sampler = {sampler!r}", f"allowed {SAMPLERS}")
   times = jnp.asarray(plan.times, jnp.float32)
 
   def body_for(g: guidance_lib.Guidance):

@@ -18,6 +18,8 @@ from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from sgjax import errors
+
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
@@ -38,15 +40,15 @@ def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> dict[str, in
   sizes = {a: int(mesh_config[a]) for a in AXES}
   free = [a for a, s in sizes.items() if s == -1]
   if len(free) > 1:
-    raise ValueError(f"mesh: at most one axis may be -1, got {free}")
+    raise errors.UserError("mesh", f"at most one axis may be -1, got {free}")
   fixed = int(np.prod([s for s in sizes.values() if s != -1]))
   if num_devices % fixed:
-    raise ValueError(f"mesh = {sizes}: the fixed axis sizes (product {fixed}) must divide the "
-                     f"device count {num_devices}")
+    raise errors.UserError(f"mesh = {sizes}", f"the fixed axis sizes (product {fixed}) must "
+                           f"divide the device count {num_devices}")
   if free:
     sizes[free[0]] = num_devices // fixed
   if int(np.prod(list(sizes.values()))) != num_devices:
-    raise ValueError(f"mesh = {sizes}: product must equal the device count {num_devices}")
+    raise errors.UserError(f"mesh = {sizes}", f"product must equal the device count {num_devices}")
   return sizes
 
 
@@ -61,7 +63,7 @@ def check_config(config, num_devices: int | None = None) -> None:
   for name in AXES:
     size = config.mesh[name]
     if not (size == -1 or size >= 1):
-      raise ValueError(f"mesh.{name} = {size!r}: must be >= 1, or -1 for the rest")
+      raise errors.UserError(f"mesh.{name} = {size!r}", "must be >= 1, or -1 for the rest")
   if num_devices is not None:
     mesh_shape(config.mesh, num_devices)
 
@@ -85,8 +87,8 @@ def build_mesh(mesh_config: Mapping[str, int], devices=None) -> Mesh:
   if slices == 1:
     return jax.make_mesh(sizes, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
   if shape["data"] % slices:
-    raise ValueError(f"mesh.data = {shape['data']}: must be a multiple of the {slices} slices "
-                     "(the data axis spans the slices over DCN)")
+    raise errors.UserError(f"mesh.data = {shape['data']}", f"must be a multiple of the {slices} "
+                           "slices (the data axis spans the slices over DCN)")
   ici = (shape["data"] // slices, shape["fsdp"], shape["tensor"])
   grid = mesh_utils.create_hybrid_device_mesh(ici, (slices, 1, 1), devices,
                                               allow_split_physical_axes=True)

@@ -15,6 +15,8 @@ from collections.abc import Iterable, Sequence
 import jax
 import jax.numpy as jnp
 
+from sgjax import errors
+
 
 @dataclasses.dataclass(frozen=True)
 class Route:
@@ -80,22 +82,22 @@ class Sparsity:
 
   def validate(self, depth: int, field: str = "sparsity.routes") -> None:
     if not 0.0 <= self.mask_gamma < 1.0:
-      raise ValueError(f"sparsity.mask_gamma = {self.mask_gamma}: must be in [0, 1)")
+      raise errors.UserError(f"sparsity.mask_gamma = {self.mask_gamma}", "must be in [0, 1)")
     if self.routes and self.mask_gamma > 0.0:
-      raise ValueError(f"{field} = {tuple(self.routes)} with sparsity.mask_gamma = "
-                       f"{self.mask_gamma}: routes and masking together are not supported; "
-                       "use one mechanism (routes=() for a masked model)")
+      raise errors.UserError(f"{field} = {tuple(self.routes)} with sparsity.mask_gamma = "
+                             f"{self.mask_gamma}", "routes and masking together are not supported",
+                             "use one mechanism (routes=() for a masked model)")
     prev_end = -1
     for i, r in enumerate(self.routes):
       if not 0 <= r.start <= r.end < depth:
-        raise ValueError(
-            f"{field}[{i}] = ({r.start}, {r.end}): route layers must satisfy "
-            f"0 <= start <= end <= depth-1 = {depth - 1}")
+        raise errors.UserError(
+            f"{field}[{i}] = ({r.start}, {r.end})",
+            f"route layers must satisfy 0 <= start <= end <= depth-1 = {depth - 1}")
       if not 0.0 <= r.gamma < 1.0:
-        raise ValueError(f"{field}[{i}].gamma = {r.gamma}: must be in [0, 1)")
+        raise errors.UserError(f"{field}[{i}].gamma = {r.gamma}", "must be in [0, 1)")
       if r.start <= prev_end:
-        raise ValueError(f"{field}[{i}] starts at layer {r.start}, inside the previous route "
-                         f"(ends at {prev_end}); routes must not overlap")
+        raise errors.UserError(f"{field}[{i}]", f"starts at layer {r.start}, inside the previous "
+                               f"route (ends at {prev_end})", "routes must not overlap")
       prev_end = r.end
 
   def route_starting_at(self, layer: int) -> Route | None:
@@ -132,12 +134,12 @@ def check_config(config) -> None:
   sc, depth, decoder = config.sparsity, config.model.depth, config.model.get("decoder_depth", 0)
   Sparsity.from_config(sc).validate(depth, "sparsity.routes")
   if decoder > 0 and sc.routes:
-    raise ValueError(f"sparsity.routes = {sc.routes!r}: a masked model "
-                     "(model.decoder_depth > 0) thins tokens by masking (sparsity.mask_gamma); "
-                     "routes and masking together are not supported")
+    raise errors.UserError(f"sparsity.routes = {sc.routes!r}", "a masked model "
+                           "(model.decoder_depth > 0) thins tokens by masking "
+                           "(sparsity.mask_gamma); routes and masking together are not supported")
   if decoder <= 0 and sc.mask_gamma != 0:
-    raise ValueError(f"sparsity.mask_gamma = {sc.mask_gamma!r}: masking needs a decoder: set "
-                     "model.decoder_depth > 0, or mask_gamma = 0")
+    raise errors.UserError(f"sparsity.mask_gamma = {sc.mask_gamma!r}", "masking needs a decoder",
+                           "set model.decoder_depth > 0, or mask_gamma = 0")
 
 
 def select_tokens(key: jax.Array, batch: int, num_tokens: int, num_keep: int) -> jax.Array:
@@ -161,7 +163,7 @@ def route_indices(sparsity: Sparsity, layer: int, token_key: jax.Array | None,
   if route is None:
     return None
   if token_key is None:
-    raise ValueError("a routed forward pass needs token_key")
+    raise ValueError("a routed forward pass needs token_key")  # The caller's bug.
   b, n = x.shape[:2]
   return select_tokens(jax.random.fold_in(token_key, layer), b, n, route.num_keep(n))
 

@@ -100,9 +100,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
   count (the mesh, batches split over it)."""
   if job not in JOBS:
     raise KeyError(f"job {job!r}: not one of {tuple(JOBS)}")  # A caller's bug, not the user's.
-  # Older modules' checks (sparsity, guidance plan, mesh) raise ValueErrors in the same form.
-  with errors.user_errors():
-    check_keys(config)
-    models.apply_preset(config.model)
-    for section in JOBS[job]:
-      CHECKS[section](config, num_devices)
+  check_keys(config)
+  models.apply_preset(config.model)
+  for section in JOBS[job]:
+    CHECKS[section](config, num_devices)

@@ -2,7 +2,7 @@
 sparsity mechanisms under SG with the same training budget:
 
   python -m sgjax.main --config=configs/fashion_mnist_mask.py --workdir=DIR --mode=train
-  python -m sgjax.sweep --config=configs/fashion_mnist_mask.py --workdir=DIR
+  python -m sgjax.jobs.sweep --config=configs/fashion_mnist_mask.py --workdir=DIR
 
 Same encoder, data, optimizer and sampler as configs/fashion_mnist.py; the encoder sees 25 of
 the 49 tokens in training (mask γ 0.5) and a 2-layer, width-96 decoder fills the rest.

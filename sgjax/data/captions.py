@@ -94,8 +94,8 @@ def check_written(config: ml_collections.ConfigDict) -> str:
   want = metadata(config)
   for k in want:
     if written.get(k) != want[k]:
-      raise ValueError(f"text.{k} = {want[k]!r}, but {directory} was written with "
-                       f"{written.get(k)!r}: rerun `python -m sgjax.tools.encode_text`")
+      raise errors.UserError(f"text.{k} = {want[k]!r}, but {directory} was written with "
+                             f"{written.get(k)!r}", "rerun `python -m sgjax.tools.encode_text`")
   return directory
 
 
@@ -136,8 +136,8 @@ class CaptionSource:
 
 def source(cache_root: str, split: str) -> CaptionSource:
   if split != "train":
-    raise ValueError(f"split {split!r}: {NAME} holds the train split only (evaluation uses "
-                     "held-out prompts, sgjax.data.captions.eval_prompts)")
+    raise errors.UserError(f"split {split!r}", f"{NAME} holds the train split only "
+                           "(evaluation uses held-out prompts, sgjax.data.captions.eval_prompts)")
   directory = dataset_dir(cache_root)
   if not os.path.exists(os.path.join(directory, RECORDS)):
     raise FileNotFoundError(f"{directory}/{RECORDS} not found: write it first with "
@@ -157,8 +157,8 @@ def write(config: ml_collections.ConfigDict, encoder, images: np.ndarray, labels
 
   tx = config.text
   if encoder.width != tx.width:
-    raise ValueError(f"text.width = {tx.width}: the {tx.encoder} encoder's features are "
-                     f"{encoder.width} wide")
+    raise errors.UserError(f"text.width = {tx.width}",
+                           f"the {tx.encoder} encoder's features are {encoder.width} wide")
   directory = dataset_dir(_cache_root(config))
   os.makedirs(directory, exist_ok=True)
   train_caps = captions(tx.templates)

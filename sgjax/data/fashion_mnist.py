@@ -13,6 +13,8 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 
+from sgjax import errors
+
 # Where packed ArrayRecord datasets go when data.cache_dir is '' (ours and the captioned set).
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "sgjax", "tfds")
 
@@ -38,12 +40,12 @@ def _read_idx(path: str, magic: int) -> np.ndarray:
     raw = f.read()
   head = np.frombuffer(raw, ">u4", count=1)[0]
   if head != magic:
-    raise ValueError(f"{path}: idx magic {head}, expected {magic}")
+    raise errors.UserError(path, f"idx magic {head}, expected {magic}")
   ndim = magic & 0xFF
   shape = tuple(int(d) for d in np.frombuffer(raw, ">u4", count=ndim, offset=4))
   data = np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim)
   if data.size != int(np.prod(shape)):
-    raise ValueError(f"{path}: {data.size} bytes of data for shape {shape}")
+    raise errors.UserError(path, f"{data.size} bytes of data for shape {shape}")
   return data.reshape(shape)
 
 
@@ -57,7 +59,7 @@ def read_split(raw_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
   images = _read_idx(os.path.join(raw_dir, image_file), _IMAGES_MAGIC)
   labels = _read_idx(os.path.join(raw_dir, label_file), _LABELS_MAGIC)
   if len(images) != len(labels):
-    raise ValueError(f"{raw_dir}: {len(images)} images but {len(labels)} labels in {split}")
+    raise errors.UserError(raw_dir, f"{len(images)} images but {len(labels)} labels in {split}")
   return images[..., None], labels.astype(np.int32)
 
 

@@ -60,11 +60,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 def _check_fashion_mnist(dc: ml_collections.ConfigDict) -> None:
   if dc.image_size != 28:
-    raise ValueError(f"data.image_size = {dc.image_size}: Fashion-MNIST images are 28")
+    raise errors.UserError(f"data.image_size = {dc.image_size}", "Fashion-MNIST images are 28")
   if dc.channels != 1:
-    raise ValueError(f"data.channels = {dc.channels}: Fashion-MNIST images have 1 channel")
+    raise errors.UserError(f"data.channels = {dc.channels}", "Fashion-MNIST images have 1 channel")
   if dc.num_classes != 10:
-    raise ValueError(f"data.num_classes = {dc.num_classes}: Fashion-MNIST has 10 classes")
+    raise errors.UserError(f"data.num_classes = {dc.num_classes}", "Fashion-MNIST has 10 classes")
 
 
 def data_source(dc: ml_collections.ConfigDict, split: str = "train"):
@@ -97,24 +97,25 @@ def data_source(dc: ml_collections.ConfigDict, split: str = "train"):
   if dc.name == captions.NAME:  # Text features written by sgjax.tools.encode_text.
     _check_fashion_mnist(dc)
     return captions.source(dc.cache_dir or DEFAULT_CACHE, split)
-  raise ValueError(f"data.name = {dc.name!r}: allowed: {', '.join(DATASETS)}")
+  raise errors.UserError(f"data.name = {dc.name!r}", f"allowed: {', '.join(DATASETS)}")
 
 
 def _latent_source(dc: ml_collections.ConfigDict, split: str) -> latents.LatentSource:
   """The encoded SD-VAE latents in `data.dir` (sgjax.tools.encode_latents), checked against the
   data fields. Records: {"mean", "std": (H, W, C), "label"}; see `latents.sample_latent`."""
   if not dc.dir:
-    raise ValueError("data.dir = '': data.name = 'latents' reads the folder that "
-                     "`python -m sgjax.tools.encode_latents` wrote")
+    raise errors.UserError("data.dir = ''", "data.name = 'latents' reads the folder that "
+                           "`python -m sgjax.tools.encode_latents` wrote")
   src = latents.LatentSource(dc.dir)
   meta = src.metadata
   if split != meta["split"]:
-    raise ValueError(f"data.dir = {dc.dir!r} holds the {meta['split']!r} split, not {split!r}")
+    raise errors.UserError(f"data.dir = {dc.dir!r}",
+                           f"holds the {meta['split']!r} split, not {split!r}")
   h, w, c = meta["shape"]
   for field, want, have in (("image_size", h, dc.image_size), ("channels", c, dc.channels),
                             ("num_classes", meta["num_classes"], dc.num_classes)):
     if want != have:
-      raise ValueError(f"data.{field} = {have}: the latents in {dc.dir} have {want}")
+      raise errors.UserError(f"data.{field} = {have}", f"the latents in {dc.dir} have {want}")
   return src
 
 
@@ -165,6 +166,7 @@ def make_train_iterator(dc: ml_collections.ConfigDict, global_batch_size: int, s
   rows = tuple(range(global_batch_size)) if rows is None else tuple(int(r) for r in rows)
   if (not rows or list(rows) != sorted(set(rows))
       or not 0 <= rows[0] <= rows[-1] < global_batch_size):
+    # The rows come from sharding.process_batch_rows, not from the user: a bug if wrong.
     raise ValueError(f"rows = {rows}: must be distinct, ascending and in [0, train.batch_size = "
                      f"{global_batch_size})")
   ds = grain.MapDataset.source(data_source(dc, "train"))

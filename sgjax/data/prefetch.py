@@ -15,6 +15,8 @@ from typing import Any
 
 import grain
 
+from sgjax import errors
+
 
 class _Placed(grain.DatasetIterator):
   """The host iterator's batches passed through `put`; position and state are the host's."""
@@ -46,7 +48,7 @@ class DevicePrefetch(grain.experimental.ThreadPrefetchDatasetIterator):
   def __new__(cls, host_iter: grain.DatasetIterator, put: Callable[[Any], Any], depth: int):
     # Checked before the object exists: grain's __del__ of a half-built iterator would raise.
     if depth < 0:
-      raise ValueError(f"data.prefetch = {depth}: must be >= 0 (batches placed ahead)")
+      raise errors.UserError(f"data.prefetch = {depth}", "must be >= 0 (batches placed ahead)")
     return super().__new__(cls)
 
   def __init__(self, host_iter: grain.DatasetIterator, put: Callable[[Any], Any], depth: int):

@@ -16,12 +16,15 @@ import numpy as np
 import scipy.linalg
 import scipy.stats
 
+from sgjax import errors
+
 
 def statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """(mean, covariance) of (N, D) features, float64; N ≥ 2."""
   f = np.asarray(features, np.float64)
   if f.ndim != 2 or f.shape[0] < 2:
-    raise ValueError(f"features must be (N >= 2, D), got shape {f.shape}")
+    raise errors.UserError(f"features of shape {f.shape}", "a Fréchet distance needs (N >= 2, D)",
+                           "score at least 2 samples")
   return f.mean(axis=0), np.cov(f, rowvar=False)
 
 
@@ -31,8 +34,9 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
   sigma1 = np.atleast_2d(sigma1).astype(np.float64)
   sigma2 = np.atleast_2d(sigma2).astype(np.float64)
   if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
-    raise ValueError(f"shape mismatch: mu {mu1.shape} vs {mu2.shape}, "
-                     f"sigma {sigma1.shape} vs {sigma2.shape}")
+    raise errors.UserError("reference statistics", f"shape mismatch: mu {mu1.shape} vs "
+                           f"{mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}",
+                           "use reference statistics of the same feature network")
   diff = mu1 - mu2
   with warnings.catch_warnings():
     warnings.simplefilter("error", scipy.linalg.LinAlgWarning)
@@ -47,6 +51,7 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
   if np.iscomplexobj(covmean):
     imag = np.max(np.abs(covmean.imag))
     if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+      # Numerical, not a setting the user chose: the traceback helps more than a line.
       raise ValueError(f"sqrtm of the covariance product has a large imaginary part ({imag:g})")
     covmean = covmean.real
   return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))

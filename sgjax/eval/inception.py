@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from sgjax import metrics, sharding
+from sgjax import errors, metrics, sharding
 
 INPUT_SIZE = 299
 NUM_CLASSES = 1008
@@ -59,7 +59,7 @@ def resize_matrix(in_size: int, out_size: int, mode: str) -> np.ndarray:
   elif mode == "pytorch_fid":  # Half-pixel centres; negative sources clamp to 0.
     src = np.maximum((dst + np.float32(0.5)) * scale - np.float32(0.5), np.float32(0))
   else:
-    raise ValueError(f"preprocess = {mode!r}: allowed: {PREPROCESS}")
+    raise errors.UserError(f"preprocess = {mode!r}", f"allowed: {PREPROCESS}")
   lo = np.floor(src).astype(np.int64)
   hi = np.minimum(lo + 1, in_size - 1)
   frac = src - lo.astype(np.float32)
@@ -75,7 +75,7 @@ def preprocess(images: jax.Array, mode: str) -> jax.Array:
   if x.shape[-1] == 1:  # Grayscale: the same value in R, G and B.
     x = jnp.repeat(x, 3, axis=-1)
   if x.shape[-1] != 3:
-    raise ValueError(f"Inception needs 1 or 3 channels, got images of shape {images.shape}")
+    raise errors.UserError(f"images of shape {images.shape}", "Inception needs 1 or 3 channels")
   # Separable resize as two small matmuls: exact bilinear, and fast on every backend.
   ry = jnp.asarray(resize_matrix(x.shape[1], INPUT_SIZE, mode))
   rx = jnp.asarray(resize_matrix(x.shape[2], INPUT_SIZE, mode))

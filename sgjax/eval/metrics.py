@@ -64,7 +64,7 @@ def check_config(config, num_devices: int | None = None) -> None:
 def inception_score(logits: np.ndarray, split_size: int = 5000) -> float:
   """Mean over splits of exp(mean KL(p(y|x) ‖ p(y))); float64, log-softmax for stability."""
   logits = np.asarray(logits, np.float64)
-  if logits.ndim != 2 or len(logits) < 1:
+  if logits.ndim != 2 or len(logits) < 1:  # The classifier's own output: a bug if so.
     raise ValueError(f"logits must be (N >= 1, classes), got shape {logits.shape}")
   scores = []
   for lo in range(0, len(logits), split_size):
@@ -110,7 +110,9 @@ def manifold_radii(features: np.ndarray, k: int = 3, block: int = 10000) -> np.n
   """Squared distance of every point to its k-th nearest neighbour in the set (self = 0th)."""
   features = np.asarray(features, np.float32)
   if len(features) <= k:
-    raise ValueError(f"a manifold with k = {k} needs more than {k} points, got {len(features)}")
+    raise errors.UserError(f"a manifold with k = {k}",
+                           f"needs more than {k} points, got {len(features)}",
+                           "score more samples, or a smaller k")
   return _row_blocks(lambda r, c: _kth_smallest(r, c, k), features, block,
                      jnp.asarray(features))
 

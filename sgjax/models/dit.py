@@ -171,10 +171,12 @@ class DiT(nn.Module):
     """The velocity at (x, t, y). A masked model also sows `("intermediates", "visible")`:
     (B, H, W, 1), 1 where the pixel's token was seen by the encoder (the loss weights)."""
     if sparsity.mask_gamma > 0 and not self.masked:
-      raise ValueError(f"mask_gamma = {sparsity.mask_gamma} needs a masked model "
-                       "(model.decoder_depth > 0); this model thins tokens with routes only")
+      raise errors.UserError(f"sparsity.mask_gamma = {sparsity.mask_gamma}",
+                             "needs a masked model (model.decoder_depth > 0)",
+                             "this model thins tokens with routes only")
     if self.masked and sparsity.routes:
-      raise ValueError("a masked model (model.decoder_depth > 0) takes no routes")
+      raise errors.UserError(f"sparsity.routes = {tuple(sparsity.routes)}",
+                             "a masked model (model.decoder_depth > 0) takes no routes")
     x_in, t_in = x, t
     if self.prediction == "eps_vp":
       x, t = flow.vp_eps_inputs(x_in, t_in)  # DDPM input scale and step of our t.
@@ -208,7 +210,7 @@ class DiT(nn.Module):
     if self.masked and sparsity.mask_gamma > 0:
       # MaskDiT: dropped tokens never enter the encoder (static count, per-sample subsets).
       if token_key is None:
-        raise ValueError("a masked forward pass needs token_key")
+        raise ValueError("a masked forward pass needs token_key")  # The caller's bug.
       keep_idx = sp.select_tokens(token_key, b, x.shape[1], sparsity.mask_keep(x.shape[1]))
       x = sp.gather_tokens(x, keep_idx)
     route_input = route_idx = None

@@ -24,6 +24,8 @@ from typing import Protocol
 
 import numpy as np
 
+from sgjax import errors
+
 
 class TextEncoder(Protocol):
   name: str
@@ -80,5 +82,5 @@ ENCODERS = {"minilm": MiniLM}
 def get(name: str) -> TextEncoder:
   """The encoder `text.encoder` names (instantiated: loads its weights)."""
   if name not in ENCODERS:
-    raise ValueError(f"text.encoder = {name!r}: allowed: {tuple(ENCODERS)}")
+    raise errors.UserError(f"text.encoder = {name!r}", f"allowed: {tuple(ENCODERS)}")
   return ENCODERS[name]()
