@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import pytest
 
 from sgjax import config as config_lib
-from sgjax import flops
-from sgjax.models import dit
+from sgjax import flops, models
 from sgjax.sparsity import Sparsity
+from tests.builders import tiny_t2i_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROUTE = Sparsity.from_routes([(2, 24, 0.5)])
@@ -65,21 +65,32 @@ def test_xla_flops_of_a_known_matmul():
   assert flops.xla_flops(lambda x, y: x @ y, a, b) == 2 * 64 * 32 * 16
 
 
-def test_analytic_count_matches_xla_cost_analysis():
+def _small_config(kind: str):
+  """A small model of each kind, wide enough that the matmuls dominate XLA's count."""
+  if kind == "trdit":
+    c = tiny_t2i_config()
+    c.model.update(width=128, depth=2)
+    c.text.update(max_tokens=8)
+    return c
   c = config_lib.base_config()
   c.model.update(depth=4, width=256, heads=4, patch_size=2)
   c.data.update(image_size=16, channels=4, num_classes=10)
-  model = dit.from_config(c.copy_and_resolve_references())
-  x = jnp.zeros((1, 16, 16, 4))
-  t, y = jnp.zeros((1,)), jnp.zeros((1,), jnp.int32)
-  params = model.init(jax.random.key(0), x, t, y)
-  routed = Sparsity.from_routes([(1, 2, 0.5)])
+  return c
+
+
+@pytest.mark.parametrize("kind, route", [("dit", (1, 2, 0.5)), ("trdit", (1, 1, 0.5))])
+def test_analytic_count_matches_xla_cost_analysis(kind, route):
+  c = _small_config(kind)
+  model = models.from_config(c.copy_and_resolve_references())
+  x = jnp.zeros((1, c.data.image_size, c.data.image_size, c.data.channels))
+  t, cond = jnp.zeros((1,)), model.example_condition(1)
+  params = model.init(jax.random.key(0), x, t, cond)
   ratios = {}
-  for name, s in (("dense", Sparsity()), ("routed", routed)):
-    xla = flops.xla_flops(lambda p, s=s: model.apply(p, x, t, y, sparsity=s,
+  for name, s in (("dense", Sparsity()), ("routed", Sparsity.from_routes([route]))):
+    xla = flops.xla_flops(lambda p, s=s: model.apply(p, x, t, cond, sparsity=s,
                                                       token_key=jax.random.key(0)), params)
     ratios[name] = xla / (2 * flops.forward_macs(c, s).with_attention)
   # XLA also counts norms, softmax and elementwise ops: a few percent above the matmuls.
-  print("XLA / analytic FLOPs:", ratios)
+  print(f"XLA / analytic FLOPs ({kind}):", ratios)
   assert 1.0 <= ratios["dense"] < 1.15, ratios
   assert abs(ratios["routed"] - ratios["dense"]) < 0.05, ratios

@@ -6,16 +6,30 @@ import numpy as np
 import pytest
 
 from sgjax import sparsity as sp
-from tests.builders import all_shapes, dit_inputs, dit_model, dit_random_params
+from tests.builders import (
+  all_shapes,
+  dit_inputs,
+  dit_model,
+  dit_random_params,
+  trdit_inputs,
+  trdit_model,
+  trdit_random_params,
+)
+
+# Each model kind's tiny model, its random params and inputs (x, t, condition).
+KINDS = {"dit": (dit_model, dit_random_params, dit_inputs),
+         "trdit": (trdit_model, trdit_random_params, trdit_inputs)}
 
 
-def test_gamma_zero_routing_equals_dense_exactly():
-  model = dit_model()
-  params = dit_random_params(model)
-  x, t, y = dit_inputs(model)
-  dense = model.apply({"params": params}, x, t, y)
-  routed0 = model.apply({"params": params}, x, t, y,
-                        sparsity=sp.Sparsity.from_routes([(1, 2, 0.0)]),
+@pytest.mark.parametrize("kind, route", [("dit", (1, 2, 0.0)), ("trdit", (1, 1, 0.0))])
+def test_gamma_zero_routing_equals_dense_exactly(kind, route):
+  build, init, inputs = KINDS[kind]
+  model = build()
+  params = init(model)
+  x, t, cond = inputs(model)
+  dense = model.apply({"params": params}, x, t, cond)
+  routed0 = model.apply({"params": params}, x, t, cond,
+                        sparsity=sp.Sparsity.from_routes([route]),
                         token_key=jax.random.key(5))
   np.testing.assert_array_equal(np.asarray(dense), np.asarray(routed0))
   assert float(jnp.abs(dense).mean()) > 1e-3  # The check above is not vacuous.
