@@ -34,6 +34,7 @@ import numpy as np
 
 from sgjax import errors, files
 from sgjax import workdir as workdir_lib
+from sgjax.convert import dit_checkpoint
 
 LAYOUTS = ("sit", "dit", "sgjax")
 OFFICIAL = ("sit", "dit")
@@ -107,20 +108,6 @@ def check_layout(config: ml_collections.ConfigDict, layout: str) -> None:
                            f"{want!r}", f"export this model with --layout={other} or sgjax")
 
 
-def _linears(depth: int) -> dict[str, str]:
-  """Our Dense name -> the official torch Linear prefix (sgjax.convert.dit_checkpoint's table,
-  read the other way)."""
-  table = {"t_embed1": "t_embedder.mlp.0", "t_embed2": "t_embedder.mlp.2",
-           "final_adaLN": "final_layer.adaLN_modulation.1"}
-  for i in range(depth):
-    table.update({f"block{i}/adaLN": f"blocks.{i}.adaLN_modulation.1",
-                  f"block{i}/attn/qkv": f"blocks.{i}.attn.qkv",
-                  f"block{i}/attn/proj": f"blocks.{i}.attn.proj",
-                  f"block{i}/fc1": f"blocks.{i}.mlp.fc1",
-                  f"block{i}/fc2": f"blocks.{i}.mlp.fc2"})
-  return table
-
-
 def official_state_dict(params: Mapping[str, Any], config: ml_collections.ConfigDict, *,
                         learn_sigma: bool = True) -> dict[str, np.ndarray]:
   """Our DiT params -> the official DiT/SiT state dict (float32 numpy, torch's shapes).
@@ -132,7 +119,7 @@ def official_state_dict(params: Mapping[str, Any], config: ml_collections.Config
   m = config.model
   sd: dict[str, np.ndarray] = {}
   used = set()
-  for ours, prefix in _linears(m.depth).items():
+  for ours, prefix in dit_checkpoint.linear_names(m.depth).items():
     sd[prefix + ".weight"] = flat[ours + "/kernel"].T  # flax (in, out) -> torch (out, in).
     sd[prefix + ".bias"] = flat[ours + "/bias"]
     used |= {ours + "/kernel", ours + "/bias"}

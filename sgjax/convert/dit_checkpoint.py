@@ -120,8 +120,9 @@ def architecture(sd: Mapping[str, np.ndarray], heads: int | None = None,
               learn_sigma=out_channels == 2 * channels)
 
 
-def _mapping(depth: int) -> dict[str, str]:
-  """Our param path ("a/b") of each Linear -> the torch module prefix it comes from."""
+def linear_names(depth: int) -> dict[str, str]:
+  """Our param path ("a/b") of each Linear -> the torch module prefix it comes from (the export
+  to the official layout reads it the other way)."""
   table = {"t_embed1": "t_embedder.mlp.0", "t_embed2": "t_embedder.mlp.2",
            "final_adaLN": "final_layer.adaLN_modulation.1"}
   for i in range(depth):
@@ -138,7 +139,7 @@ def _plan(arch: Mapping[str, Any]) -> dict[str, tuple[str, Any]]:
   p, c = arch["patch_size"], arch["channels"]
   same, transpose = (lambda v: v), (lambda v: v.T)
   plan = {}
-  for ours_name, prefix in _mapping(arch["depth"]).items():  # Linear (out, in) -> (in, out).
+  for ours_name, prefix in linear_names(arch["depth"]).items():  # Linear (out, in) -> (in, out).
     plan[f"{ours_name}/kernel"] = (prefix + ".weight", transpose)
     plan[f"{ours_name}/bias"] = (prefix + ".bias", same)
   # Conv2d (out, in, kh, kw) -> flax Conv (kh, kw, in, out); tokens are raster order in both.

@@ -379,6 +379,18 @@ def guide_step(study: Study, main_step: int) -> int | None:
   return earlier[0] if earlier else None
 
 
+def guide_fields(study: Study, rule: str, step: int) -> dict | None:
+  """A rule's extra point fields: AG+SG's guide checkpoint ({} for the others; None, said once,
+  where there is no checkpoint before `step` to guide with)."""
+  if not guidance_lib.uses_guide(rule):
+    return {}
+  g = guide_step(study, step)
+  if g is None:
+    study.log(f"screen: {rule} left out: no checkpoint before step {step} to guide with")
+    return None
+  return {"guide_step": g}
+
+
 def screen(study: Study) -> list[dict]:
   s, step = study.config.study, study.saved[-1]
   at = dict(checkpoint_step=step, per_class=s.per_class)
@@ -409,12 +421,9 @@ def screen(study: Study) -> list[dict]:
 
   sg_grid = None
   for rule in [r for r in SEARCHED if r in s.rules]:
-    extra = {}
-    if guidance_lib.uses_guide(rule):
-      extra["guide_step"] = guide_step(study, step)
-      if extra["guide_step"] is None:
-        study.log(f"screen: {rule} left out: no checkpoint before step {step} to guide with")
-        continue
+    extra = guide_fields(study, rule, step)
+    if extra is None:
+      continue
     tried = pairs
     if rule != "sg" and sg_grid:
       tried = [(r["gamma_strong"], r["gamma_weak"])
@@ -502,12 +511,9 @@ def screen_budget(study: Study, model: str = "main") -> list[dict]:
                              f"screen @ {ref:.2f} GMACs, {what} intervals")
 
   for rule in [r for r in SEARCHED if r in rules]:
-    extra = {}
-    if guidance_lib.uses_guide(rule):
-      extra["guide_step"] = guide_step(study, step)
-      if extra["guide_step"] is None:
-        study.log(f"screen: {rule} left out: no checkpoint before step {step} to guide with")
-        continue
+    extra = guide_fields(study, rule, step)
+    if extra is None:
+      continue
     tried, omegas = pairs, s.omegas
     if rule != "sg":  # CFG-scale rules: CFG's ω grid, SG's best pairs.
       omegas = s.cfg_omegas
