@@ -181,7 +181,7 @@ def test_long_sampling_runs_report_progress_and_keep_batch_keys(monkeypatch, cap
   c.sample.batch_size = 4
   keys = []
 
-  def fake_batch(config, model, weights, labels, plan, mesh, key, null=None):
+  def fake_batch(config, model, weights, labels, plan, mesh, key, null=None, cache=None):
     keys.append(int(jax.random.key_data(key)[-1]))
     return np.full((len(labels), 2, 2, 1), labels[:, None, None, None], np.uint8)
 
