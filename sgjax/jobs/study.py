@@ -550,7 +550,7 @@ def bracket_omega(study: Study, rows: list[dict], budget: float, tag: str = "") 
   configured grid."""
   added = []
   for fam in FAMILIES:
-    mine = [r for r in rows if family(r) == fam and r["gmacs_per_image"] > 0]
+    mine = [r for r in rows if family(r) == fam]
     if not mine or not guidance_lib.RULE_BRANCHES[mine[0]["rule"]].weak:
       continue
     for _ in range(int(study.config.study.omega_extensions)):
