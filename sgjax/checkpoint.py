@@ -34,6 +34,15 @@ from orbax.checkpoint import checkpoint_managers as policies
 
 from sgjax import errors, files
 
+# Orbax splits a replicated array's write across its replicas by default, slicing it with a jit
+# compiled once per shape: for the many small arrays of a state that costs more than the write
+# (3 s a save for a 0.26M-parameter model on 8 CPU devices, measured). Only arrays whose
+# per-replica slice is at least 1 MiB are split; smaller ones are written whole by one replica.
+MIN_REPLICA_SLICE_BYTES = 1 << 20
+ocp.type_handlers.register_type_handler(
+    jax.Array, ocp.type_handlers.ArrayHandler(
+        min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES), override=True)
+
 
 def _drop_disk_full_task_errors(record: logging.LogRecord) -> bool:
   """asyncio's "Task exception was never retrieved" for each of orbax's writes that hit the

@@ -117,10 +117,11 @@ def _pixels(config: ml_collections.ConfigDict, mesh, x: jax.Array, n: int) -> np
 def compile_sampler(config: ml_collections.ConfigDict, model, weights, y: Conditions,
                     plan: guidance_lib.Plan, key: jax.Array, null: condition.Null = None
                     ) -> Callable[..., jax.Array]:
-  """The sampler of `plan` compiled for these shapes and shardings: (weights, y, key, null=)
-  -> samples in model units (what sampling.sample returns for them)."""
-  return sampling.sample.lower(model, weights, y, key, plan=plan,
-                               sampler=config.sample.sampler, null=null).compile()
+  """The sampler of `plan`'s structure compiled for these shapes and shardings:
+  (weights, y, key, plan, null=) -> samples in model units (what sampling.sample returns for
+  them), for `plan` or any plan differing from it only in ω."""
+  return sampling.compile_sample(model, weights, y, key, plan=plan,
+                                 sampler=config.sample.sampler, null=null)
 
 
 def _signature(tree: Any) -> tuple:
@@ -138,19 +139,20 @@ def batch(config: ml_collections.ConfigDict, model, weights, cond: Conditions,
           cache: dict | None = None) -> np.ndarray:
   """One batch of at most `sample.batch_size` conditions -> uint8 NHWC pixels, on every host.
 
-  `cache` (a dict the caller keeps, e.g. sgjax.pipeline's): executables by (model, plan,
-  sampler, shapes and shardings of weights, conditions and null), each compiled once
-  (`compile_sampler`) and reused; the images are the same as without it.
+  `cache` (a dict the caller keeps, e.g. sgjax.pipeline's): executables by (model, the plan's
+  structure (ω is traced), sampler, shapes and shardings of weights, conditions and null), each
+  compiled once (`compile_sampler`) and reused; the images are the same as without it.
   """
   y = _placed(config, cond, mesh)
   if cache is None:
     x = sampling.sample(model, weights, y, key, plan=plan, sampler=config.sample.sampler,
                         null=null)
   else:
-    signature = (model, plan, config.sample.sampler, _signature((weights, y, null)))
+    signature = (model, plan.structure(), config.sample.sampler,
+                 _signature((weights, y, null)))
     if signature not in cache:
       cache[signature] = compile_sampler(config, model, weights, y, plan, key, null)
-    x = cache[signature](weights, y, key, null=null)
+    x = cache[signature](weights, y, key, plan, null=null)
   return _pixels(config, mesh, x, num_conditions(cond))
 
 

@@ -32,6 +32,7 @@ from collections.abc import Callable, Mapping
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from sgjax import condition, errors, flow
 from sgjax.sparsity import Sparsity
@@ -107,12 +108,20 @@ class Branch:
 
 @dataclasses.dataclass(frozen=True)
 class Guidance:
-  """A guidance rule with its weight; hashable, so it is a static jit argument."""
+  """A guidance rule with its weight; hashable, so it is a static jit argument.
+
+  `omega` None: the weight is not part of the compiled step (`Plan.structure`); the sampler
+  passes it as a traced value instead.
+  """
 
   rule: str
-  omega: float
+  omega: float | None
   strong: Branch
   weak: Branch | None
+
+  def mix(self) -> tuple[float, float]:
+    """(ω, 1 − ω), both in double precision (what the step multiplies the branches by)."""
+    return float(self.omega), 1.0 - float(self.omega)
 
   @property
   def branches(self) -> tuple[Branch, ...]:
@@ -142,6 +151,17 @@ class Plan:
   def step_guidance(self) -> tuple[Guidance, ...]:
     """The guidance of every step, in order (what the FLOP counter sums)."""
     return tuple(s.guidance for s in self.segments for _ in range(s.start, s.stop))
+
+  def mixes(self) -> np.ndarray:
+    """(segments, 2) float32: each segment's (ω, 1 − ω), the values the sampler takes traced."""
+    return np.array([s.guidance.mix() for s in self.segments], np.float32)
+
+  def structure(self) -> Plan:
+    """The plan without its weights ω: what a compiled sampler is specialised to, so samplers
+    that differ only in ω share one executable (given `mixes()` at call time)."""
+    return Plan(self.times, tuple(
+        dataclasses.replace(s, guidance=dataclasses.replace(s.guidance, omega=None))
+        for s in self.segments))
 
 
 def gamma_at(start: float, end: float, schedule: str, step: int, steps: int) -> float:
@@ -251,8 +271,9 @@ def from_config(g: ml_collections.ConfigDict, routes: Sparsity, num_tokens: int)
 
 def guided_velocity(velocity_fn: VelocityFn, params: Mapping[str, object], x: jax.Array,
                     t: jax.Array, y: condition.Condition, null_label: condition.Null,
-                    guidance: Guidance,
-                    keys: tuple[jax.Array, jax.Array]) -> jax.Array:
+                    guidance: Guidance, keys: tuple[jax.Array, jax.Array],
+                    mix: tuple[jax.Array | float, jax.Array | float] | None = None
+                    ) -> jax.Array:
   """ω·v_strong + (1 − ω)·v_weak for one step.
 
   `params` maps a branch's `weights` name ("main", "guide") to its params; `keys` are the
@@ -260,7 +281,9 @@ def guided_velocity(velocity_fn: VelocityFn, params: Mapping[str, object], x: ja
   forward over the concatenated batch: no tokens are drawn, so nothing changes but the batch
   size. Routed branches run as separate forwards, each drawing its own subsets from its own key.
   `y` is any condition pytree (labels, text features + mask) and `null_label` its null (the
-  null class, or the empty prompt's features): see sgjax.condition.
+  null class, or the empty prompt's features): see sgjax.condition. `mix` is (ω, 1 − ω), traced
+  or not (default: `guidance.mix()`); both are cast to the velocity's dtype, as a Python float
+  would be, so a traced ω gives the same numbers as a constant one.
   """
   labels = lambda b: y if b.conditional else condition.null_like(y, null_label)
   strong, weak = guidance.strong, guidance.weak
@@ -273,4 +296,6 @@ def guided_velocity(velocity_fn: VelocityFn, params: Mapping[str, object], x: ja
   else:
     v_strong = velocity_fn(params[strong.weights], x, t, labels(strong), strong.sparsity, keys[0])
     v_weak = velocity_fn(params[weak.weights], x, t, labels(weak), weak.sparsity, keys[1])
-  return guidance.omega * v_strong + (1.0 - guidance.omega) * v_weak
+  w_strong, w_weak = guidance.mix() if mix is None else mix
+  cast = lambda w: jnp.asarray(w, v_strong.dtype)
+  return cast(w_strong) * v_strong + cast(w_weak) * v_weak

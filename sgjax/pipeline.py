@@ -16,9 +16,10 @@ decoded by the SD-VAE (`vae.weights`, e.g. in `overrides`).
 
 It is the one way sgjax makes images: `--mode=sample`, the demo and the grids while training
 sample through it, and it samples through sgjax.generate. Each sampler is compiled once per
-(plan, batch shape) — the plan holds the rule, ω, the γ schedule and the steps, which are
-compile-time constants of the guided step — and kept for the pipeline's life: calling again
-with the same settings runs the compiled program. Image i of a call draws its noise from the
+(plan structure, batch shape) — the rule, the γ schedule's token counts, the interval's steps
+and the step count are compile-time constants of the guided step; ω is not (a traced value) —
+and kept for the pipeline's life: calling again with the same settings, or another ω, runs the
+compiled program. Image i of a call draws its noise from the
 seed and its batch (sgjax.generate), so a call with `batch_size=config.sample.batch_size`
 gives exactly the images `--mode=sample` writes for those conditions; the default batch is
 the call's images rounded up to the data-parallel size (at most `sample.batch_size`).
@@ -146,7 +147,8 @@ class Pipeline:
 
   @property
   def compiled(self) -> int:
-    """How many samplers this pipeline has compiled (one per plan and batch shape)."""
+    """How many samplers this pipeline has compiled (one per plan structure and batch shape;
+    ω is traced)."""
     return len(self._compiled)
 
   # ------------------------------------------------------------------ settings and checks

@@ -2,7 +2,9 @@
 
 Time runs from t = 0 (noise) to t = 1 (data) on the plan's grid (sgjax.flow owns the convention).
 The whole sampler is one jitted program: one `fori_loop` per segment of the guidance plan (steps
-that share a compiled guided step), so a 40-step constant-γ sampler is a single loop.
+that share a compiled guided step), so a 40-step constant-γ sampler is a single loop. The program
+is specialised to the plan's structure (rule, γ token counts, steps), not to ω: the weights are
+traced arguments (`Plan.mixes`), so an ω grid compiles once.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ from sgjax import condition, errors
 from sgjax import guidance as guidance_lib
 from sgjax.models import dit
 
-# (guidance, x, t scalar, key) -> guided velocity of one step
-StepVelocity = Callable[[guidance_lib.Guidance, jax.Array, jax.Array, jax.Array], jax.Array]
+# (guidance, (ω, 1 − ω), x, t scalar, key) -> guided velocity of one step
+StepVelocity = Callable[..., jax.Array]
 SAMPLERS = ("euler", "heun")
 
 
@@ -38,36 +40,39 @@ def make_velocity_fn(model: dit.DiT) -> guidance_lib.VelocityFn:
 
 
 def integrate(step_velocity: StepVelocity, x0: jax.Array, plan: guidance_lib.Plan,
-              key: jax.Array, sampler: str = "euler") -> jax.Array:
+              key: jax.Array, sampler: str = "euler", mixes: jax.Array | None = None
+              ) -> jax.Array:
   """Integrates dx/dt = v from plan.times[0] to plan.times[-1]; traceable (call under jit).
 
+  `mixes` (segments, 2): each segment's (ω, 1 − ω) (default: `plan.mixes()`, constants).
   Step i uses key fold_in(key, i) whatever segment it is in, so splitting a schedule into
   segments never changes the random token draws.
   """
   if sampler not in SAMPLERS:
     raise errors.UserError(f"sampler = {sampler!r}", f"allowed {SAMPLERS}")
   times = jnp.asarray(plan.times, jnp.float32)
+  mixes = plan.mixes() if mixes is None else mixes
 
-  def body_for(g: guidance_lib.Guidance):
+  def body_for(g: guidance_lib.Guidance, mix):
     def body(i, x):
       t, t_next = times[i], times[i + 1]
       dt = t_next - t
       k = jax.random.fold_in(key, i)
-      v = step_velocity(g, x, t, k)
+      v = step_velocity(g, mix, x, t, k)
       if sampler == "euler":
         return x + dt * v
       # Heun: average the slopes at both ends of the step.
-      v_next = step_velocity(g, x + dt * v, t_next, jax.random.fold_in(k, 1))
+      v_next = step_velocity(g, mix, x + dt * v, t_next, jax.random.fold_in(k, 1))
       return x + 0.5 * dt * (v + v_next)
     return body
 
   x = x0
-  for seg in plan.segments:
-    x = jax.lax.fori_loop(seg.start, seg.stop, body_for(seg.guidance), x)
+  for j, seg in enumerate(plan.segments):
+    mix = (mixes[j, 0], mixes[j, 1])
+    x = jax.lax.fori_loop(seg.start, seg.stop, body_for(seg.guidance, mix), x)
   return x
 
 
-@functools.partial(jax.jit, static_argnames=("model", "plan", "sampler"))
 def sample(model: dit.DiT, params: Mapping[str, object], labels: condition.Condition,
            key: jax.Array, *, plan: guidance_lib.Plan, sampler: str = "euler",
            null: condition.Null = None) -> jax.Array:
@@ -75,8 +80,28 @@ def sample(model: dit.DiT, params: Mapping[str, object], labels: condition.Condi
 
   `params` maps weight names to params: {"main": ...} and, for AG+SG, {"guide": ...}. `labels`
   may be any condition pytree (text: {"text", "text_mask"}); `null` is its null condition
-  (default: the model's own, DiT's null label; text: the empty prompt's features).
+  (default: the model's own, DiT's null label; text: the empty prompt's features). Compiled
+  once per plan structure, sampler, model and input shapes (jit's cache); ω is traced.
   """
+  return _sample(model, params, labels, key, plan.mixes(), plan=plan.structure(),
+                 sampler=sampler, null=null)
+
+
+def compile_sample(model: dit.DiT, params: Mapping[str, object], labels: condition.Condition,
+                   key: jax.Array, *, plan: guidance_lib.Plan, sampler: str = "euler",
+                   null: condition.Null = None) -> Callable[..., jax.Array]:
+  """`sample` compiled ahead of time for these inputs' shapes and shardings:
+  (params, labels, key, plan, null=None) -> samples, for any plan of the same structure."""
+  exe = _sample.lower(model, params, labels, key, plan.mixes(), plan=plan.structure(),
+                      sampler=sampler, null=null).compile()
+  return lambda params, labels, key, plan, null=None: exe(params, labels, key, plan.mixes(),
+                                                          null=null)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "plan", "sampler"))
+def _sample(model: dit.DiT, params: Mapping[str, object], labels: condition.Condition,
+            key: jax.Array, mixes: jax.Array, *, plan: guidance_lib.Plan, sampler: str,
+            null: condition.Null) -> jax.Array:
   b = condition.batch_size(labels)
   null = condition.default_null(model) if null is None else null
   n, c = model.image_size, model.channels
@@ -86,12 +111,12 @@ def sample(model: dit.DiT, params: Mapping[str, object], labels: condition.Condi
   # Cast the (fp32 master) weights to the compute dtype once, not at every step's matmuls.
   params = jax.tree.map(lambda a: a.astype(model.dtype), params)
 
-  def step_velocity(g, x, t_scalar, k):
+  def step_velocity(g, mix, x, t_scalar, k):
     t = jnp.full((b,), t_scalar, jnp.float32)
     return guidance_lib.guided_velocity(velocity, params, x, t, labels, null, g,
-                                        tuple(jax.random.split(k)))
+                                        tuple(jax.random.split(k)), mix)
 
-  return integrate(step_velocity, x0, plan, k_steps, sampler)
+  return integrate(step_velocity, x0, plan, k_steps, sampler, mixes)
 
 
 def guided_step(model: dit.DiT, null: condition.Null, g: guidance_lib.Guidance):

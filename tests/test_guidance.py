@@ -167,7 +167,8 @@ def test_heun_is_second_order_and_euler_first_order():
 
   def error(sampler, steps):
     plan = gl.Plan(flow.time_grid(steps), (gl.Segment(0, steps, g),))
-    x = sampling.integrate(lambda g, x, t, k: x, jnp.ones(()), plan, jax.random.key(0), sampler)
+    x = sampling.integrate(lambda g, mix, x, t, k: x, jnp.ones(()), plan, jax.random.key(0),
+                           sampler)
     return abs(float(x) - np.e)
 
   e1, e2 = error("euler", 16), error("euler", 32)
@@ -206,6 +207,26 @@ def test_interval_outside_all_steps_is_the_unguided_sampler():
   guided = _plan(guidance_config("sg", omega=3.0, gs=0.0, gw=0.5), 4, model.num_tokens, routes)
   b = sampling.sample(model, params, labels, key, plan=guided)
   assert float(jnp.abs(a - b).max()) > 1e-2
+
+
+@pytest.mark.parametrize("rule", ["cfg", "sg"])
+def test_omega_is_traced_one_executable_for_an_omega_grid(rule):
+  """ω is an argument of the compiled sampler, not a constant: a grid of ω compiles once, and
+  each ω is the one used (one Euler step is affine in ω: x(ω) = a + ω·b)."""
+  model = dit_model(depth=3)
+  params = {gl.MAIN: dit_random_params(model)}
+  routes = Sparsity.from_routes([(1, 1, 0.0)])
+  labels = jnp.arange(4) % model.num_classes
+  plans = [_plan(guidance_config(rule, omega=w, gs=0.0, gw=0.5), 1, model.num_tokens, routes)
+           for w in (1.5, 3.0, 6.0)]
+  assert len({p.structure() for p in plans}) == 1 and len(set(plans)) == 3
+  before = sampling._sample._cache_size()
+  x15, x3, x6 = (np.asarray(sampling.sample(model, params, labels, jax.random.key(4), plan=p),
+                            np.float64) for p in plans)
+  assert sampling._sample._cache_size() == before + 1
+  b = (x3 - x15) / 1.5
+  assert np.abs(b).max() > 1e-2  # The branches differ, so ω matters.
+  np.testing.assert_allclose(x6 - x3, 3.0 * b, atol=2e-5)
 
 
 def test_sampling_is_deterministic_and_device_count_independent():

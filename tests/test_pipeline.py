@@ -54,6 +54,9 @@ def test_a_call_is_what_mode_sample_writes_and_compiles_once(trained):
   np.testing.assert_array_equal(pipe(labels=labels.tolist(), **SG), images)
   np.testing.assert_array_equal(pipe(labels=[0, 0], **SG), images[:2])
   assert pipe.compiled == 1
+  # Another ω runs the same executable (ω is traced), and its value shows in the images.
+  assert not np.array_equal(pipe(labels=[0, 0], **dict(SG, omega=5.0)), images[:2])
+  assert pipe.compiled == 1
   # Another plan (steps) compiles once more; the settings' step count shows in the images.
   other = pipe(labels=[0, 0], **dict(SG, steps=2))
   assert pipe.compiled == 2 and not np.array_equal(other, images[:2])

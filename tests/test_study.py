@@ -255,3 +255,42 @@ def test_budget_search_gives_every_rule_the_whole_budget_and_paired_intervals(tm
   probe = [json.loads(line) for line in open(os.path.join(dense, "study", "probe.jsonl"))]
   assert [(p["gamma_strong"], p["gamma_weak"]) for p in probe] == [(0.0, 0.75)]
   assert probe[0]["draw_noise_norm"] > 0 and probe[0]["sg_diff_norm"] > 0
+
+
+def test_paired_keeps_an_earlier_estimate_where_a_rows_features_are_missing(tmp_path):
+  """A study folder copied without features/ (points.jsonl alone) can still be extended: pairs
+  whose features are there are recomputed, the others keep their earlier row, none is lost."""
+  rng = np.random.default_rng(0)
+  c = _config()
+  c.study.bootstrap = 50
+  judge = _pixel_judge()
+  logged = []
+  os.makedirs(tmp_path / "checkpoints" / "2")  # A study opens a trained workdir.
+  study = study_lib.Study(c, str(tmp_path), log=logged.append)
+  study._judge = judge
+  at = dict(checkpoint_step=2, per_class=2)
+  finals = [dict(study_lib.point(rule, w, 0, gw, steps, **at), budget=b, gmacs_per_image=b)
+            for b, steps in ((1.0, 3), (2.0, 6)) for rule, w, gw in (("sg", 3.0, 0.5),
+                                                                     ("cfg", 2.0, 0))]
+  labels = np.repeat(np.arange(10), 2)
+  for r in finals[:2]:  # Features of the budget-1 rows only.
+    f, logits = judge.features(rng.integers(0, 256, (20, 28, 28, 1)))
+    os.makedirs(os.path.dirname(study.features_path(r)), exist_ok=True)
+    np.savez(study.features_path(r), features=f, labels=labels,
+             hits=(logits.argmax(-1) == labels).astype(np.float64))
+  earlier = dict(budget=2.0, seed=c.study.seed, a="sg", b="cfg", d_fd_fmnist=-1.25)
+  os.makedirs(study.out_dir, exist_ok=True)
+  paired_path = os.path.join(study.out_dir, "paired.jsonl")
+  open(paired_path, "w").write(json.dumps(earlier) + "\n")
+  out = study_lib.paired(study, finals)
+  assert [(r["budget"], r["a"], r["b"]) for r in out] == [(1.0, "sg", "cfg"), (2.0, "sg", "cfg")]
+  fa, fb = (study.features_of(r) for r in finals[:2])
+  want = (frechet.distance_of_features(fa["features"], judge.ref_mu, judge.ref_sigma)
+          - frechet.distance_of_features(fb["features"], judge.ref_mu, judge.ref_sigma))
+  assert out[0]["d_fd_fmnist"] == pytest.approx(want, rel=1e-12)
+  assert out[0]["d_fd_fmnist_lo"] < want < out[0]["d_fd_fmnist_hi"]
+  assert out[1] == earlier  # Kept, not recomputed from missing features, not dropped.
+  assert any("sg − cfg at 2.00 GMACs left out" in m and "earlier estimate is kept" in m
+             for m in logged)
+  written = [json.loads(line) for line in open(paired_path)]
+  assert written == out

@@ -621,11 +621,19 @@ def paired(study: Study, finals: list[dict]) -> list[dict]:
   """The differences that carry the verdict (`PAIRS`), each at each budget and seed: the
   estimate a − b of FD and of class accuracy with a 95% interval from a paired bootstrap — the
   same resampled sample indices for both rows, which share labels and initial noise, so the
-  interval is that of the difference, not of two separate estimates."""
+  interval is that of the difference, not of two separate estimates.
+
+  A pair whose rows' features are not in the study's folder (points.jsonl copied without
+  features/, e.g. back from another machine) is left out with a note, and its row from an
+  earlier paired.jsonl is kept rather than lost."""
   s, m = study.config.study, study.metric
   by = {(r["budget"], r["model"], family(r), r.get("seed", s.seed)): r for r in finals}
   side = lambda x: x if isinstance(x, tuple) else ("main", x)
   name = lambda x: x[1] if x[0] == "main" else f"{x[0]} {x[1]}"
+  path = os.path.join(study.out_dir, "paired.jsonl")
+  pair_key = lambda r: (round(r["budget"], 6), r["seed"], r["a"], r["b"])
+  earlier = ({pair_key(r): r for r in map(json.loads, files.read_text(path).splitlines())}
+             if files.exists(path) else {})
   out = []
   for budget, seed in sorted({(k[0], k[3]) for k in by}):
     for a, b in PAIRS:
@@ -635,12 +643,21 @@ def paired(study: Study, finals: list[dict]) -> list[dict]:
         continue
       row = dict(budget=budget, seed=seed, a=name(a), b=name(b), a_label=label(ra),
                  b_label=label(rb), a_gmacs=ra["gmacs_per_image"], b_gmacs=rb["gmacs_per_image"])
+      if not all(files.exists(study.features_path(r)) for r in (ra, rb)):
+        kept = earlier.get(pair_key(row))
+        study.log(f"paired: {row['a']} − {row['b']} at {budget:.2f} GMACs left out: a row's "
+                  f"features are not in {study.out_dir}/features (rescore the row to pair it)"
+                  + ("; its earlier estimate is kept" if kept else ""))
+        if kept:
+          out.append(kept)
+        continue
       row.update(paired_difference(study.features_of(ra), study.features_of(rb), study.judge(),
                                    max(s.bootstrap, 2), seed, m))
       out.append(row)
+  done = {pair_key(r) for r in out}
+  out += [r for k, r in earlier.items() if k not in done]  # Pairs this run did not reach.
   if out and jax.process_index() == 0:
-    files.write_text(os.path.join(study.out_dir, "paired.jsonl"),
-                     "".join(json.dumps(r) + "\n" for r in out))
+    files.write_text(path, "".join(json.dumps(r) + "\n" for r in out))
   return out
 
 
