@@ -9,7 +9,6 @@ import time
 
 import jax
 import numpy as np
-import pytest
 
 from sgjax import checkpoint, train
 from tests.builders import tiny_config
@@ -33,37 +32,38 @@ def _launch(workdir):
       stderr=subprocess.STDOUT, text=True)
 
 
-def _wait_for_checkpoint(workdir, proc, timeout=120):
-  path = os.path.join(workdir, "checkpoints", str(EVERY))
-  t_end = time.time() + timeout
-  while not os.path.isdir(path):
-    assert proc.poll() is None, proc.stdout.read()
+def _signal_at_first_checkpoint(runs: dict, timeout=120):
+  """Sends each run's signal as soon as its first checkpoint exists (the runs go at once)."""
+  t_end, pending = time.time() + timeout, dict(runs)
+  while pending:
+    for sig, (workdir, proc) in list(pending.items()):
+      if os.path.isdir(os.path.join(workdir, "checkpoints", str(EVERY))):
+        proc.send_signal(sig)
+        del pending[sig]
+      else:
+        assert proc.poll() is None, proc.stdout.read()
     assert time.time() < t_end, "no checkpoint appeared"
     time.sleep(0.02)
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-  state = train.train(_config(), str(tmp_path_factory.mktemp("straight")))
-  return [np.asarray(a) for a in jax.tree.leaves(state)]
-
-
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
-def test_kill_then_resume_equals_uninterrupted(tmp_path, uninterrupted, sig):
-  workdir = str(tmp_path / "run")
-  proc = _launch(workdir)
-  _wait_for_checkpoint(workdir, proc)
-  proc.send_signal(sig)
-  out, _ = proc.communicate(timeout=120)
-  latest = checkpoint.manager(os.path.join(workdir, "checkpoints")).latest_step()
-  if sig == signal.SIGTERM:
-    assert proc.returncode == 0, out
-    assert f"SIGTERM: stopped at step {latest} with a checkpoint" in out
-    assert EVERY < latest < STEPS  # Saved at the step after the signal, not a scheduled one.
-  else:
-    assert proc.returncode == -signal.SIGKILL
-    assert latest is not None and latest >= EVERY  # Nothing completed was lost.
-  resumed = train.train(_config(), workdir)
-  assert int(resumed["step"]) == STEPS
-  for a, b in zip(uninterrupted, jax.tree.leaves(resumed), strict=True):
-    np.testing.assert_array_equal(a, np.asarray(b))
+def test_sigterm_or_sigkill_then_resume_equals_uninterrupted(tmp_path):
+  # Both interrupted runs go at once, beside the uninterrupted one (run here meanwhile).
+  runs = {sig: (str(tmp_path / sig.name), _launch(str(tmp_path / sig.name)))
+          for sig in (signal.SIGTERM, signal.SIGKILL)}
+  _signal_at_first_checkpoint(runs)
+  uninterrupted = [np.asarray(a) for a in jax.tree.leaves(
+      train.train(_config(), str(tmp_path / "straight")))]
+  for sig, (workdir, proc) in runs.items():
+    out, _ = proc.communicate(timeout=120)
+    latest = checkpoint.manager(os.path.join(workdir, "checkpoints")).latest_step()
+    if sig == signal.SIGTERM:
+      assert proc.returncode == 0, out
+      assert f"SIGTERM: stopped at step {latest} with a checkpoint" in out
+      assert EVERY < latest < STEPS  # Saved at the step after the signal, not a scheduled one.
+    else:
+      assert proc.returncode == -signal.SIGKILL
+      assert latest is not None and latest >= EVERY  # Nothing completed was lost.
+    resumed = train.train(_config(), workdir)
+    assert int(resumed["step"]) == STEPS
+    for a, b in zip(uninterrupted, jax.tree.leaves(resumed), strict=True):
+      np.testing.assert_array_equal(a, np.asarray(b))
