@@ -236,6 +236,12 @@ def test_budget_search_gives_every_rule_the_whole_budget_and_paired_intervals(tm
   assert {("sg", "cfg"), ("sg", "none"), ("none", "dense none"), ("cfg", "dense cfg"),
           ("dense cfg", "dense none")} <= got
   for p in paired:  # The estimate is the difference of the two rows' own FDs.
+    if " − " in p["a"]:  # CFG's gain routed vs dense: the difference of two pairs' estimates.
+      pair = {(q["budget"], q["seed"], q["a"], q["b"]): q["d_fd_fmnist"] for q in paired}
+      (a1, a2), (b1, b2) = (side.split(" − ") for side in (p["a"], p["b"]))
+      at = (p["budget"], p["seed"])
+      assert p["d_fd_fmnist"] == pytest.approx(pair[(*at, a1, a2)] - pair[(*at, b1, b2)])
+      continue
     fa = [r for r in table if r["budget"] == p["budget"] and r["seed"] == p["seed"]
           and study_lib.label(r) == p["a_label"] and (p["a"].startswith("dense")
                                                       == (r["model"] == "dense"))]
@@ -257,9 +263,11 @@ def test_budget_search_gives_every_rule_the_whole_budget_and_paired_intervals(tm
   assert probe[0]["draw_noise_norm"] > 0 and probe[0]["sg_diff_norm"] > 0
 
 
-def test_paired_keeps_an_earlier_estimate_where_a_rows_features_are_missing(tmp_path):
-  """A study folder copied without features/ (points.jsonl alone) can still be extended: pairs
-  whose features are there are recomputed, the others keep their earlier row, none is lost."""
+def test_paired_differences_and_the_gain_difference_keep_earlier_rows_without_features(
+    tmp_path):
+  """Each pair is FD(a) − FD(b) over the same samples; CFG's gain routed vs dense is the
+  difference of two such differences; a study folder copied without features/ (points.jsonl
+  alone) can still be extended: pairs whose features are missing keep their earlier row."""
   rng = np.random.default_rng(0)
   c = _config()
   c.study.bootstrap = 50
@@ -269,28 +277,43 @@ def test_paired_keeps_an_earlier_estimate_where_a_rows_features_are_missing(tmp_
   study = study_lib.Study(c, str(tmp_path), log=logged.append)
   study._judge = judge
   at = dict(checkpoint_step=2, per_class=2)
-  finals = [dict(study_lib.point(rule, w, 0, gw, steps, **at), budget=b, gmacs_per_image=b)
-            for b, steps in ((1.0, 3), (2.0, 6)) for rule, w, gw in (("sg", 3.0, 0.5),
-                                                                     ("cfg", 2.0, 0))]
+  settings = {("main", "sg"): ("sg", 3.0, 0.5), ("main", "cfg"): ("cfg", 2.0, 0),
+              ("main", "none"): ("none", 1.0, 0), ("dense", "cfg"): ("cfg", 2.0, 0),
+              ("dense", "none"): ("none", 1.0, 0)}
+  finals = {(b, m, f): dict(study_lib.point(rule, w, 0, gw, steps, model=m, **at), budget=b,
+                            gmacs_per_image=b)
+            for b, steps in ((1.0, 3), (2.0, 6)) for (m, f), (rule, w, gw) in settings.items()
+            if b == 1.0 or m == "main" and f != "none"}
   labels = np.repeat(np.arange(10), 2)
-  for r in finals[:2]:  # Features of the budget-1 rows only.
-    f, logits = judge.features(rng.integers(0, 256, (20, 28, 28, 1)))
-    os.makedirs(os.path.dirname(study.features_path(r)), exist_ok=True)
-    np.savez(study.features_path(r), features=f, labels=labels,
-             hits=(logits.argmax(-1) == labels).astype(np.float64))
+  fd = {}
+  for k, r in finals.items():
+    if k[0] == 1.0:  # Features of the budget-1 rows only.
+      f, logits = judge.features(rng.integers(0, 256, (20, 28, 28, 1)))
+      os.makedirs(os.path.dirname(study.features_path(r)), exist_ok=True)
+      np.savez(study.features_path(r), features=f, labels=labels,
+               hits=(logits.argmax(-1) == labels).astype(np.float64))
+      fd[k[1:]] = frechet.distance_of_features(f, judge.ref_mu, judge.ref_sigma)
   earlier = dict(budget=2.0, seed=c.study.seed, a="sg", b="cfg", d_fd_fmnist=-1.25)
   os.makedirs(study.out_dir, exist_ok=True)
   paired_path = os.path.join(study.out_dir, "paired.jsonl")
   open(paired_path, "w").write(json.dumps(earlier) + "\n")
-  out = study_lib.paired(study, finals)
-  assert [(r["budget"], r["a"], r["b"]) for r in out] == [(1.0, "sg", "cfg"), (2.0, "sg", "cfg")]
-  fa, fb = (study.features_of(r) for r in finals[:2])
-  want = (frechet.distance_of_features(fa["features"], judge.ref_mu, judge.ref_sigma)
-          - frechet.distance_of_features(fb["features"], judge.ref_mu, judge.ref_sigma))
-  assert out[0]["d_fd_fmnist"] == pytest.approx(want, rel=1e-12)
-  assert out[0]["d_fd_fmnist_lo"] < want < out[0]["d_fd_fmnist_hi"]
-  assert out[1] == earlier  # Kept, not recomputed from missing features, not dropped.
-  assert any("sg − cfg at 2.00 GMACs left out" in m and "earlier estimate is kept" in m
+  out = study_lib.paired(study, list(finals.values()))
+  by = {(r["budget"], r["a"], r["b"]): r for r in out}
+  want = {("sg", "cfg"): fd["main", "sg"] - fd["main", "cfg"],
+          ("sg", "none"): fd["main", "sg"] - fd["main", "none"],
+          ("cfg", "none"): fd["main", "cfg"] - fd["main", "none"],
+          ("dense cfg", "dense none"): fd["dense", "cfg"] - fd["dense", "none"],
+          ("none", "dense none"): fd["main", "none"] - fd["dense", "none"],
+          ("cfg", "dense cfg"): fd["main", "cfg"] - fd["dense", "cfg"]}
+  want["cfg − none", "dense cfg − dense none"] = (want["cfg", "none"]
+                                                  - want["dense cfg", "dense none"])
+  assert set(by) == {(1.0, *k) for k in want} | {(2.0, "sg", "cfg")}
+  for k, v in want.items():
+    r = by[(1.0, *k)]
+    assert r["d_fd_fmnist"] == pytest.approx(v, rel=1e-9, abs=1e-9), k
+    assert r["d_fd_fmnist_lo"] < v < r["d_fd_fmnist_hi"], k
+    assert -1 <= r["d_class_accuracy_lo"] <= r["d_class_accuracy"] <= r["d_class_accuracy_hi"]
+  assert by[2.0, "sg", "cfg"] == earlier  # Kept, not recomputed from missing features.
+  assert any("(sg) − (cfg) at 2.00 GMACs left out" in m and "earlier estimate is kept" in m
              for m in logged)
-  written = [json.loads(line) for line in open(paired_path)]
-  assert written == out
+  assert [json.loads(line) for line in open(paired_path)] == out

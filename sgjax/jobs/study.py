@@ -88,6 +88,9 @@ MAX_STEPS = 1000  # The budget search's ceiling on Euler steps.
 PAIRS = (("sg", "cfg"), ("cfg_sg", "cfg"), ("ag_sg", "ag"), ("sg", "none"), ("cfg", "none"),
          (("dense", "cfg"), ("dense", "none")),  # CFG's gain on each model (the premise).
          ("none", ("dense", "none")), ("cfg", ("dense", "cfg")))  # Routed − dense.
+# Differences of two such differences, each side (x, y) meaning x − y: CFG's gain on the routed
+# model minus its gain on the dense twin (the paper's premise: a routed model gains less).
+GAIN_PAIRS = ((("cfg", "none"), (("dense", "cfg"), ("dense", "none"))),)
 
 
 def family(r: dict) -> str:
@@ -635,25 +638,39 @@ def paired(study: Study, finals: list[dict]) -> list[dict]:
   earlier = ({pair_key(r): r for r in map(json.loads, files.read_text(path).splitlines())}
              if files.exists(path) else {})
   out = []
+
+  def add(row: dict, plus: list[dict], minus: list[dict]) -> None:
+    if not all(files.exists(study.features_path(r)) for r in plus + minus):
+      kept = earlier.get(pair_key(row))
+      study.log(f"paired: ({row['a']}) − ({row['b']}) at {row['budget']:.2f} GMACs left out: "
+                f"a row's features are not in {study.out_dir}/features (rescore the row to "
+                "pair it)" + ("; its earlier estimate is kept" if kept else ""))
+      if kept:
+        out.append(kept)
+      return
+    row.update(paired_difference([study.features_of(r) for r in plus],
+                                 [study.features_of(r) for r in minus], study.judge(),
+                                 max(s.bootstrap, 2), row["seed"], m))
+    out.append(row)
+
   for budget, seed in sorted({(k[0], k[3]) for k in by}):
+    row_of = lambda x, budget=budget, seed=seed: by.get((budget, *side(x), seed))
     for a, b in PAIRS:
-      a, b = side(a), side(b)
-      ra, rb = by.get((budget, *a, seed)), by.get((budget, *b, seed))
+      ra, rb = row_of(a), row_of(b)
       if ra is None or rb is None:
         continue
-      row = dict(budget=budget, seed=seed, a=name(a), b=name(b), a_label=label(ra),
-                 b_label=label(rb), a_gmacs=ra["gmacs_per_image"], b_gmacs=rb["gmacs_per_image"])
-      if not all(files.exists(study.features_path(r)) for r in (ra, rb)):
-        kept = earlier.get(pair_key(row))
-        study.log(f"paired: {row['a']} − {row['b']} at {budget:.2f} GMACs left out: a row's "
-                  f"features are not in {study.out_dir}/features (rescore the row to pair it)"
-                  + ("; its earlier estimate is kept" if kept else ""))
-        if kept:
-          out.append(kept)
+      add(dict(budget=budget, seed=seed, a=name(side(a)), b=name(side(b)), a_label=label(ra),
+               b_label=label(rb), a_gmacs=ra["gmacs_per_image"], b_gmacs=rb["gmacs_per_image"]),
+          [ra], [rb])
+    for (a1, a2), (b1, b2) in GAIN_PAIRS:
+      r = [row_of(x) for x in (a1, a2, b1, b2)]
+      if any(x is None for x in r):
         continue
-      row.update(paired_difference(study.features_of(ra), study.features_of(rb), study.judge(),
-                                   max(s.bootstrap, 2), seed, m))
-      out.append(row)
+      add(dict(budget=budget, seed=seed, a=f"{name(side(a1))} − {name(side(a2))}",
+               b=f"{name(side(b1))} − {name(side(b2))}",
+               a_label=f"{label(r[0])} − {label(r[1])}", b_label=f"{label(r[2])} − {label(r[3])}",
+               a_gmacs=r[0]["gmacs_per_image"], b_gmacs=r[2]["gmacs_per_image"]),
+          [r[0], r[3]], [r[1], r[2]])
   done = {pair_key(r) for r in out}
   out += [r for k, r in earlier.items() if k not in done]  # Pairs this run did not reach.
   if out and jax.process_index() == 0:
@@ -661,31 +678,35 @@ def paired(study: Study, finals: list[dict]) -> list[dict]:
   return out
 
 
-def paired_difference(fa: dict, fb: dict, judge: Judge, resamples: int, seed: int,
-                      metric: str, level: float = 0.95) -> dict:
-  """FD(a) − FD(b) (and accuracy) over the same resampled indices: estimate ± z·SD."""
-  if not np.array_equal(fa["labels"], fb["labels"]):  # The study pairs its own rows: a bug.
-    raise ValueError("paired rows must share their labels (same per_class and order)")
-  dist = lambda f: frechet.distance_of_features(f, judge.ref_mu, judge.ref_sigma)
-  est = dist(fa["features"]) - dist(fb["features"])
+def paired_difference(plus: list[dict], minus: list[dict], judge: Judge, resamples: int,
+                      seed: int, metric: str, level: float = 0.95) -> dict:
+  """Σ FD(plus) − Σ FD(minus) (and accuracy), every row over the same resampled indices:
+  estimate ± z·SD. One row each is a − b; two each, a difference of differences."""
+  rows = plus + minus
+  if not all(np.array_equal(rows[0]["labels"], f["labels"]) for f in rows):
+    raise ValueError("paired rows must share their labels (same per_class and order)")  # A bug.
+  dist = lambda f, idx: frechet.distance_of_features(f["features"][idx], judge.ref_mu,
+                                                     judge.ref_sigma)
+  diff = lambda value, idx: (sum(value(f, idx) for f in plus)
+                             - sum(value(f, idx) for f in minus))
+  accuracy = lambda f, idx: float(f["hits"][idx].mean())
+  n = len(rows[0]["labels"])
+  everything = np.arange(n)
+  has_hits = all("hits" in f for f in rows)
   rng = np.random.default_rng(seed)
-  n = len(fa["labels"])
   draws, acc_draws = [], []
   for _ in range(resamples):
     idx = rng.integers(0, n, n)
-    draws.append(dist(fa["features"][idx]) - dist(fb["features"][idx]))
-    if "hits" in fa and "hits" in fb:
-      acc_draws.append(fa["hits"][idx].mean() - fb["hits"][idx].mean())
+    draws.append(diff(dist, idx))
+    if has_hits:
+      acc_draws.append(diff(accuracy, idx))
   z = float(scipy.stats.norm.ppf((1 + level) / 2))
-  half = z * float(np.std(draws, ddof=1))
+  est, half = diff(dist, everything), z * float(np.std(draws, ddof=1))
   row = {f"d_{metric}": est, f"d_{metric}_lo": est - half, f"d_{metric}_hi": est + half}
-  if acc_draws:
-    d = float(fa["hits"].mean() - fb["hits"].mean())
-    h = z * float(np.std(acc_draws, ddof=1))
+  if has_hits:
+    d, h = diff(accuracy, everything), z * float(np.std(acc_draws, ddof=1))
     row.update(d_class_accuracy=d, d_class_accuracy_lo=d - h, d_class_accuracy_hi=d + h)
   return row
-
-
 
 
 def checkpoints_stage(study: Study, rows: list[dict]) -> list[dict]:
