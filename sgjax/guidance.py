@@ -283,7 +283,8 @@ def guided_velocity(velocity_fn: VelocityFn, params: Mapping[str, object], x: ja
   `y` is any condition pytree (labels, text features + mask) and `null_label` its null (the
   null class, or the empty prompt's features): see sgjax.condition. `mix` is (ω, 1 − ω), traced
   or not (default: `guidance.mix()`); both are cast to the velocity's dtype, as a Python float
-  would be, so a traced ω gives the same numbers as a constant one.
+  would be (measured against constant ω: routed rules bit-identical, CFG within 1.5e-6, where
+  XLA fuses the batched branches' mix differently).
   """
   labels = lambda b: y if b.conditional else condition.null_like(y, null_label)
   strong, weak = guidance.strong, guidance.weak
