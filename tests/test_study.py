@@ -75,7 +75,7 @@ def test_study_searches_compares_at_matched_compute_and_resumes(tmp_path, monkey
   c_dense.sparsity.routes = ()
   write_checkpoints(c_dense, dense, [3])
   c.study.dense_workdir = dense
-  monkeypatch.setattr(study_lib, "judge_for", lambda *a, **k: _pixel_judge())
+  monkeypatch.setattr(study_lib.table, "judge_for", lambda *a, **k: _pixel_judge())
   path = study_lib.run(c, workdir)
   rows = list(study_lib.Study(c, workdir).rows.values())
   screen = [r for r in rows if r["per_class"] == 1 and r["checkpoint"] == 2]
@@ -195,7 +195,7 @@ def test_budget_search_gives_every_rule_the_whole_budget_and_paired_intervals(tm
   judge = _pixel_judge()
   rng = np.random.default_rng(9)
   judge.ref_features, judge.ref_labels = rng.normal(5, 1, (64, 12)), np.tile(np.arange(10), 7)[:64]
-  monkeypatch.setattr(study_lib, "judge_for", lambda *a, **k: judge)
+  monkeypatch.setattr(study_lib.table, "judge_for", lambda *a, **k: judge)
   path = study_lib.run(c, workdir)
   study = study_lib.Study(c, workdir)
   rows = list(study.rows.values())
