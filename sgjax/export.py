@@ -6,7 +6,7 @@
 
   sgjax  our parameter tree flattened, "block0/attn/qkv/kernel" -> array in flax's shapes;
          `sgjax.load(FILE)` opens it directly (any model: DiT, TR-DiT, masked).
-  sit    the official SiT/DiT/TREAD PyTorch state dict: "blocks.0.attn.qkv.weight" (out, in),
+  sit    the official SiT/DiT PyTorch state dict: "blocks.0.attn.qkv.weight" (out, in),
   dit    the patch-embedding Conv2d (out, in, kh, kw), `pos_embed` (1, T, D), the null class as
          the label table's last row, `final_layer.linear` with learn_sigma's 2C output channels
          per pixel (the variance half zero: an ODE sampler never reads it; SiT drops it).

@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from sgjax import condition, errors, files, lock, metrics, sampling, sharding
+from sgjax import condition, errors, files, lock, metrics, readers, sampling, sharding
 from sgjax import guidance as guidance_lib
 from sgjax import state as state_lib
 from sgjax import workdir as workdir_lib
@@ -39,12 +39,7 @@ Conditions = Any  # np.ndarray (N,) labels, or {"text": (N, L, D), "text_mask": 
 def check_config(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
   """The batches of `sample` (the sampler's own fields: sgjax.sampling, the guidance:
   sgjax.guidance). Given the device count, a batch must split over the mesh's batch axes."""
-  s, check = config.sample, errors.check
-  check(s.batch_size >= 1, "sample.batch_size", s.batch_size, "must be >= 1")
-  check(s.per_class >= 1, "sample.per_class", s.per_class,
-        "must be >= 1 (images of each class, or of each prompt)")
-  check(s.num_samples >= 0, "sample.num_samples", s.num_samples, "must be >= 0")
-  check(s.shard_batches >= 1, "sample.shard_batches", s.shard_batches, "must be >= 1")
+  s, check = config.sample, errors.check  # Each field's own values: its declaration.
   if num_devices is not None:
     shards = sharding.data_parallel_size(config.mesh, num_devices)
     check(s.batch_size % shards == 0, "sample.batch_size", s.batch_size,
@@ -247,8 +242,10 @@ def save_grid(config: ml_collections.ConfigDict, workdir: str, name: str, grid: 
   png, npz = os.path.join(workdir, name + ".png"), os.path.join(workdir, name + ".npz")
   settings = sample_settings(config, step)
   if files.exists(npz):
-    old = files.load_npz(npz).get("settings")
-    old = json.loads(str(old)) if old is not None else None
+    damaged = f"move {npz} aside and rerun"
+    old = readers.npz(npz, allowed=damaged).get("settings")
+    old = readers.json_text(str(old), npz, "sample grid's settings", damaged, {}) \
+        if old is not None else None
     if old != json.loads(json.dumps(settings, default=str)):
       changed = ([k for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k)]
                  if old else ["settings not recorded"])

@@ -41,6 +41,7 @@ from sgjax.sparsity import Sparsity
 VelocityFn = Callable[..., jax.Array]
 
 SCHEDULES = ("constant", "cosine")
+TOKEN_DRAWS = ("step", "trajectory")
 # Which weights a branch evaluates: the model being sampled, or AG+SG's guide checkpoint.
 MAIN, GUIDE = "main", "guide"
 
@@ -139,10 +140,15 @@ class Segment:
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-  """A whole sampler: the time grid (steps + 1 values, 0 = noise) and its segments."""
+  """A whole sampler: the time grid (steps + 1 values, 0 = noise) and its segments.
+
+  `token_draw`: the weak branch draws its token subsets at every step ("step") or once per
+  sample for the whole trajectory ("trajectory").
+  """
 
   times: tuple[float, ...]
   segments: tuple[Segment, ...]
+  token_draw: str = "step"
 
   @property
   def steps(self) -> int:
@@ -159,7 +165,7 @@ class Plan:
   def structure(self) -> Plan:
     """The plan without its weights ω: what a compiled sampler is specialised to, so samplers
     that differ only in ω share one executable (given `mixes()` at call time)."""
-    return Plan(self.times, tuple(
+    return dataclasses.replace(self, segments=tuple(
         dataclasses.replace(s, guidance=dataclasses.replace(s.guidance, omega=None))
         for s in self.segments))
 
@@ -200,6 +206,7 @@ def plan(g: ml_collections.ConfigDict, routes: Sparsity, num_tokens: int,
   """The per-step guidance of `config.sample.guidance` over the time grid `times`."""
   _check(g.rule in RULES, "rule", g.rule, f"allowed: {RULES}")
   _check(g.schedule in SCHEDULES, "schedule", g.schedule, f"allowed: {SCHEDULES}")
+  _check(g.token_draw in TOKEN_DRAWS, "token_draw", g.token_draw, f"allowed: {TOKEN_DRAWS}")
   t_lo, t_hi = (float(v) for v in g.interval)
   _check(0.0 <= t_lo <= t_hi <= 1.0, "interval", tuple(g.interval),
          "must be (t_lo, t_hi) with 0 <= t_lo <= t_hi <= 1 (t = 0 is noise, 1 is data)")
@@ -233,7 +240,7 @@ def plan(g: ml_collections.ConfigDict, routes: Sparsity, num_tokens: int,
     if i == steps or per_step[i] != per_step[start]:
       segments.append(Segment(start, i, per_step[start]))
       start = i
-  return Plan(tuple(float(t) for t in times), tuple(segments))
+  return Plan(tuple(float(t) for t in times), tuple(segments), g.token_draw)
 
 
 def config_plan(config: ml_collections.ConfigDict) -> Plan:

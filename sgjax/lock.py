@@ -229,7 +229,14 @@ def hold(directory: str, what: str, log: Callable[[str], None] | None = None
   lead = jax is None or jax.process_index() == 0
   info = _info(what)
   fd, token, refusal = None, None, None
-  created = lead and not files.is_remote(directory) and not os.path.exists(directory)
+  # The folders this lock makes (the folder and any missing parents, deepest first): a job
+  # that then refuses leaves none of them.
+  created = []
+  if lead and not files.is_remote(directory):
+    missing = os.path.abspath(directory)
+    while not os.path.exists(missing) and os.path.dirname(missing) != missing:
+      created.append(missing)
+      missing = os.path.dirname(missing)
   if lead:
     files.makedirs(directory)
     path = path_of(directory)
@@ -257,9 +264,11 @@ def hold(directory: str, what: str, log: Callable[[str], None] | None = None
     del _held[key]
     if lead and token is not None:
       _release(directory, fd, token)
-    if created:  # A folder made for the lock alone (the job then refused early) goes again.
-      with contextlib.suppress(OSError):
-        os.rmdir(directory)
+    for folder in created:  # Made for the lock alone (the job then refused early): gone again.
+      try:
+        os.rmdir(folder)
+      except OSError:  # Not empty: the job wrote there.
+        break
 
 
 def holding(param: str, what: str, sub: str = "") -> Callable:

@@ -59,6 +59,9 @@ def main(argv) -> None:
 
   config = _CONFIG.value
   workdir = _WORKDIR.value
+  from sgjax import workdir as workdir_lib
+  # A checkpoint step, checkpoints/ or an output folder of a run: name the run to pass.
+  workdir_lib.refuse_inside_a_run(workdir, f"--workdir={workdir}")
   # Each mode checks the fields it reads (a training run does not read sweep.* or eval.*).
   if _MODE.value == "demo":
     demo.validate(config, jax.device_count())

@@ -28,7 +28,6 @@ Nothing is global: two pipelines share nothing but jax's own caches.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -47,6 +46,7 @@ from sgjax import (
   flops,
   generate,
   models,
+  readers,
   sampling,
   sharding,
   validation,
@@ -67,57 +67,11 @@ def guidance_fields() -> tuple[str, ...]:
   return tuple(config_lib.base_config().sample.guidance.keys())
 
 
-def _as_config_value(value: Any, reference: Any) -> Any:
-  """A JSON value (lists for tuples) in the type of the base config's field."""
-  if isinstance(reference, tuple) and isinstance(value, list):
-    inner = reference[0] if reference else ()
-    return tuple(_as_config_value(v, inner) if isinstance(v, list) else v for v in value)
-  if isinstance(reference, float) and isinstance(value, int) and not isinstance(value, bool):
-    return float(value)
-  return value
-
-
-def config_from_flat(flat: Mapping[str, Any]) -> ml_collections.ConfigDict:
-  """base_config() with the fields of a flat record ({"model.width": 384, …}, as workdir.json
-  and an export's metadata hold it); fields this version does not have are left out."""
-  c = config_lib.base_config()
-  for field, value in flat.items():
-    *path, leaf = field.split(".")
-    node = c
-    for key in path:
-      node = node[key] if key in node else None
-      if node is None or not hasattr(node, "keys"):
-        break
-    if node is None or not hasattr(node, "keys") or leaf not in node:
-      continue  # Written by another version: nothing here reads it.
-    node[leaf] = _as_config_value(value, node[leaf])
-  return c
-
-
-def workdir_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a workdir was trained with: its record (workdir.json), else its config.py (an
-  imported checkpoint's), else a one-line refusal asking for `config=`."""
-  record = workdir_lib.read(workdir)
-  if record is not None:
-    return config_from_flat(record["config"])
-  path = os.path.join(workdir, "config.py")
-  if os.path.exists(path):
-    return config_lib.load_config_file(path)
-  raise errors.UserError(workdir, f"records no config (no {workdir_lib.RECORD}: made before "
-                         "workdirs recorded theirs)",
-                         "pass config= (the config file it was trained with, or a ConfigDict)")
-
-
 def with_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, Any] | None
                    ) -> ml_collections.ConfigDict:
   """A copy with dotted fields set ({"vae.weights": …}); a field that does not exist is
-  refused naming its section's fields."""
-  overrides = dict(overrides or {})
-  for field in overrides:
-    bad = errors.missing_config_key(config, field)
-    if bad is not None:
-      raise bad
-  return config_lib.replace(config, overrides)
+  refused naming its section's fields, a value its declaration refuses naming the field."""
+  return validation.replace(config, dict(overrides or {}))
 
 
 class Pipeline:
@@ -162,7 +116,7 @@ class Pipeline:
           raise errors.UserError(f"{name} = {value!r}", "not a pair",
                                  f"({PAIRS[name][0]}, {PAIRS[name][1]}), e.g. (0.0, 0.9)")
         for sub, v in zip(PAIRS[name], value, strict=True):
-          dotted[f"sample.guidance.{sub}"] = float(v)
+          dotted[f"sample.guidance.{sub}"] = v
       elif name in known:
         value = tuple(value) if isinstance(value, list) else value
         dotted[f"sample.guidance.{name}"] = value
@@ -173,7 +127,7 @@ class Pipeline:
         raise errors.UserError(f"{name}=", "no such sampling setting",
                                f"allowed: {', '.join(allowed)}"
                                + errors.did_you_mean(name, allowed))
-    c = config_lib.replace(self.config, dotted)
+    c = validation.replace(self.config, dotted)
     validation.validate(c, jax.device_count(), job="sample")
     return c
 
@@ -290,14 +244,21 @@ def from_file(path: str, overrides: Mapping[str, Any] | None = None, *,
     raise errors.UserError(path, f"holds the official {str(layout).upper()} layout",
                            "import it with sgjax-convert-dit --src=FILE --out=DIR and load DIR, "
                            "or export with --layout=sgjax")
-  saved = int(meta["sgjax.step"])
+  damaged = "re-export it with sgjax-export"
+  step_text = meta.get("sgjax.step", "")
+  if not step_text.isdigit():
+    raise errors.UserError(path, f"not a readable sgjax export (its step is {step_text!r})",
+                           damaged)
+  saved = int(step_text)
   if step is not None and step != saved:
     raise errors.UserError(f"step = {step}", f"{path} holds step {saved}",
                            "load the workdir for other steps")
   if not ema:
     raise errors.UserError("ema = False", f"{path} holds the EMA weights only",
                            "load the workdir for the raw params")
-  config = with_overrides(config_from_flat(json.loads(meta["sgjax.config"])), overrides)
+  flat = readers.json_text(meta["sgjax.config"], path, "sgjax export (its config metadata)",
+                           damaged, required={})
+  config = with_overrides(workdir_lib.config_from_flat(flat, path, damaged), overrides)
   validation.validate(config, jax.device_count(), job="sample")
   mesh = mesh or sharding.build_mesh(config.mesh)
   model = models.from_config(config)
@@ -324,6 +285,8 @@ def load(source: str, step: int | None = None, ema: bool = True,
   for a latent model, {"sample.batch_size": 16}. Every problem is one UserError line.
   """
   source = os.fspath(source)
+  if files.isdir(source):
+    workdir_lib.refuse_inside_a_run(source)  # A step or output folder: name the run.
   if source.endswith(".safetensors") or (files.exists(source) and not files.isdir(source)):
     if config is not None:
       raise errors.UserError("config", f"{source} carries its own config",
@@ -333,7 +296,7 @@ def load(source: str, step: int | None = None, ema: bool = True,
     raise errors.UserError(source, "no such workdir or file",
                            "pass a trained workdir or an exported .safetensors file")
   if config is None:
-    c = workdir_config(source)
+    c = workdir_lib.workdir_config(source)
   elif isinstance(config, str):
     c = config_lib.load_config_file(config)
   else:

@@ -289,3 +289,62 @@ def json_file(path: str, where: str = "", allowed: str = "") -> Any:
   check_file(path, where, allowed)
   with reading(path, where, allowed or "a JSON file", "JSON file"):
     return json.loads(files.read_text(path))
+
+
+def _typed(value: Any, required: Mapping[str, type | tuple[type, ...]]) -> str:
+  """What is wrong with a JSON object against `required` ({key: type(s)}), or ""."""
+  if not isinstance(value, dict):
+    return f"holds {type(value).__name__}, not a JSON object"
+  for key, kind in required.items():
+    if key not in value:
+      return f"has no {key!r}"
+    if isinstance(value[key], bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+      return f"{key!r} is {value[key]!r}, not {getattr(kind, '__name__', kind)}"
+    if not isinstance(value[key], kind):
+      names = "/".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+      return f"{key!r} is {type(value[key]).__name__} {value[key]!r:.60}, not {names}"
+  return ""
+
+
+def json_text(text: str | bytes, where: str, what: str, allowed: str,
+              required: Mapping[str, type | tuple[type, ...]] | None = None) -> Any:
+  """The JSON value of `text` (e.g. metadata inside a file), or one UserError `<where>: not a
+  readable <what> (<why>); <allowed>`; with `required`, an object holding those keys' types."""
+  try:
+    value = json.loads(text)
+  except (ValueError, TypeError) as err:  # JSONDecodeError and UnicodeDecodeError too.
+    raise errors.UserError(where, f"not a readable {what} ({_cause(err)})", allowed) from err
+  wrong = _typed(value, required) if required is not None else ""
+  if wrong:
+    raise errors.UserError(where, f"not a readable {what} (it {wrong})", allowed)
+  return value
+
+
+def json_object(path: str | os.PathLike, what: str, allowed: str,
+                required: Mapping[str, type | tuple[type, ...]] | None = None,
+                where: str = "") -> dict[str, Any]:
+  """A JSON file holding one object (a record, a settings file, a metrics file), checked:
+  missing, a folder, empty, unreadable, truncated, not an object or without `required` keys of
+  their types is one UserError naming the file, what it should be and `allowed` (what to do)."""
+  where = where or os.fspath(path)
+  check_file(path, where, allowed)
+  with reading(path, where, allowed, what):
+    text = files.read_text(path)
+  return json_text(text, where, what, allowed, required or {})
+
+
+def jsonl(path: str | os.PathLike, what: str, allowed: str,
+          required: Mapping[str, type | tuple[type, ...]] | None = None,
+          where: str = "") -> list[dict[str, Any]]:
+  """The rows of a JSON-lines table (one object a line; blank lines skipped), checked as in
+  `json_object`, naming the first bad line; an empty file is an empty table. A missing file is
+  one line too: a caller for which "no table yet" is normal checks `files.exists` first."""
+  where = where or os.fspath(path)
+  p = epath.Path(path)
+  if p.is_file() and p.stat().length == 0:
+    return []
+  check_file(path, where, allowed)
+  with reading(path, where, allowed, what):
+    lines = files.read_text(path).splitlines()
+  return [json_text(line, f"{where}, line {i}", what + " row", allowed, required or {})
+          for i, line in enumerate(lines, 1) if line.strip()]

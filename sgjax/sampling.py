@@ -107,14 +107,18 @@ def _sample(model: dit.DiT, params: Mapping[str, object], labels: condition.Cond
   n, c = model.image_size, model.channels
   k_noise, k_steps = jax.random.split(key)
   x0 = jax.random.normal(k_noise, (b, n, n, c), jnp.float32)
+  # token_draw "trajectory": one weak-branch key for every step, so each sample keeps its
+  # subsets (per route layer) along the whole path.
+  k_weak_path = jax.random.fold_in(key, 1) if plan.token_draw == "trajectory" else None
   velocity = make_velocity_fn(model)
   # Cast the (fp32 master) weights to the compute dtype once, not at every step's matmuls.
   params = jax.tree.map(lambda a: a.astype(model.dtype), params)
 
   def step_velocity(g, mix, x, t_scalar, k):
     t = jnp.full((b,), t_scalar, jnp.float32)
-    return guidance_lib.guided_velocity(velocity, params, x, t, labels, null, g,
-                                        tuple(jax.random.split(k)), mix)
+    k_strong, k_weak = jax.random.split(k)
+    keys = (k_strong, k_weak if k_weak_path is None else k_weak_path)
+    return guidance_lib.guided_velocity(velocity, params, x, t, labels, null, g, keys, mix)
 
   return integrate(step_velocity, x0, plan, k_steps, sampler, mixes)
 

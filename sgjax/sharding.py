@@ -59,11 +59,8 @@ def data_parallel_size(mesh_config: Mapping[str, int], num_devices: int) -> int:
 
 
 def check_config(config, num_devices: int | None = None) -> None:
-  """The `mesh` section: axis sizes, and (given the device count) that they fit the devices."""
-  for name in AXES:
-    size = config.mesh[name]
-    if not (size == -1 or size >= 1):
-      raise errors.UserError(f"mesh.{name} = {size!r}", "must be >= 1, or -1 for the rest")
+  """The `mesh` section (each axis size: its declaration): given the device count, that the
+  sizes fit the devices."""
   if num_devices is not None:
     mesh_shape(config.mesh, num_devices)
 

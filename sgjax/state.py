@@ -1,7 +1,8 @@
 """The train state under every job: optimizer, fresh init, abstract state and its shardings,
 restore of a whole state, and restore of the (EMA) params alone.
 
-The state is a plain pytree `{step, params, ema, opt_state, rng}`. Its shapes and shardings come
+The state is a plain pytree `{step, params, ema, opt_state, rng}`: fresh, or started from given
+weights (`from_params`, what `train.init_from` loads). Its shapes and shardings come
 from `jax.eval_shape` of the init plus the logical-axis rules (sgjax.sharding), so they exist for
 any mesh without allocating anything, also a mesh of devices this process does not own (the TPU
 pre-flight, sgjax.aot). Sampling restores only `ema` (or `params`) and `step`: no optimizer is
@@ -18,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from sgjax import checkpoint, condition, errors, models, sharding
@@ -113,6 +115,23 @@ def fresh_state(model: nn.Module, tx: optax.GradientTransformation, seed: int,
   """The fresh state, initialised directly in `shardings` (never whole on one device; None:
   wherever jit puts it, for single-device tests)."""
   return jax.jit(lambda: nn.unbox(init_state(model, tx, seed)), out_shardings=shardings)()
+
+
+def from_params(tx: optax.GradientTransformation, params: Any, seed: int,
+                shardings: Any) -> TrainState:
+  """Step 0 of a run started from given weights (host arrays in the model's shapes, the same
+  on every process; sgjax.init_from): params and EMA both these weights, a fresh optimizer
+  state and the seed's RNG key, laid out in `shardings`. Params and EMA are separate buffers
+  (the train step donates both)."""
+  def place(tree, where):
+    return jax.tree.map(lambda a, s: jax.make_array_from_callback(
+        np.shape(a), s, lambda index, a=a: np.asarray(a)[index]), tree, where)
+
+  weights = place(params, shardings["params"])
+  return dict(step=place(np.zeros((), np.int32), shardings["step"]), params=weights,
+              ema=place(params, shardings["ema"]),
+              opt_state=jax.jit(tx.init, out_shardings=shardings["opt_state"])(weights),
+              rng=place(np.asarray(jax.random.key_data(jax.random.key(seed))), shardings["rng"]))
 
 
 def fresh_params(model: nn.Module, seed: int, mesh) -> Any:

@@ -1,9 +1,9 @@
 """The train loop, in big_vision's shape: one function, sectioned, same code on 1 or 1,000 devices.
 
-Sections: config and mesh -> data -> model and abstract state -> shardings -> jitted init or
-restore -> jitted step (state donated) -> loop (metrics fetched every `log_every` steps, NaN
-abort, atomic checkpoints, auto-resume from the workdir, sample grids every `sample_every` steps,
-a profile of `profile_steps`).
+Sections: config and mesh -> data -> model and abstract state -> shardings -> jitted init,
+restore, or other weights (`train.init_from`, saved as step 0) -> jitted step (state donated)
+-> loop (metrics fetched every `log_every` steps, NaN abort, atomic checkpoints, auto-resume
+from the workdir, sample grids every `sample_every` steps, a profile of `profile_steps`).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from sgjax import (
   checkpoint,
   condition,
   errors,
+  init_from,
   lock,
   models,
   monitor,
@@ -156,7 +157,6 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   mesh = sharding.build_mesh(config.mesh)
   if "://" not in workdir:  # gs:// and friends: orbax and the metric writer create their own.
     os.makedirs(workdir, exist_ok=True)
-  writer = metrics_lib.MetricWriter(workdir)
 
   # ---- Data: each process reads only the rows of every global batch its devices hold.
   # Batches are placed on the devices `data.prefetch` steps ahead; the checkpointed position is
@@ -195,12 +195,25 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
         state = state_lib.restore(ckpt, abstract, data_iter)
       except BaseException:  # A damaged or foreign checkpoint: release the files, then say so.
         ckpt.close()
-        writer.close()
         raise
       if jax.process_index() == 0:
         print(f"resumed from step {int(state['step'])} in {workdir}", flush=True)
+    elif tc.init_from:
+      # Started from other weights (sgjax.init_from): they are saved as step 0, and the record
+      # names their source, before the first step, so a resume never reads the source again.
+      params, source = init_from.initial_params(config, workdir, mesh)
+      state = state_lib.from_params(tx, params, config.seed, state_shardings)
+      del params
+      checkpoint.save(ckpt, 0, state, data_iter)
+      workdir_lib.write(workdir, config, base_step=base_step, written_by="sgjax.train",
+                        init_from=source)
+      record = dict(base_step=base_step)
+      metrics_lib.print0(f"{workdir}: {init_from.describe(source)}")
     else:
       state = state_lib.fresh_state(model, tx, config.seed, state_shardings)
+
+    # Opened once the resume is accepted: a refused one leaves no events file behind.
+    writer = metrics_lib.MetricWriter(workdir)
 
     # ---- The jitted step: state donated, shardings pinned on both sides.
     step_fn = jax.jit(make_train_step(config, model, tx, pipeline.null_condition(config)),

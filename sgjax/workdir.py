@@ -4,7 +4,10 @@ At its first save the train loop writes `<workdir>/workdir.json` beside `checkpo
 config (flat, "model.heads": 6, ...), a fingerprint of the fields that decide the parameters and
 the training trajectory, and `base_step`, the last step that was not written by this workdir's
 own train loop (an imported checkpoint, or the steps of a workdir made before records existed):
-those are never deleted by `train.keep_checkpoints`.
+those are never deleted by `train.keep_checkpoints`. A run started from other weights
+(`train.init_from`, sgjax.init_from) also records where they came from (`init_from`: path,
+kind, step, EMA or raw, sha256 of the weights), so its resume and readers know it without
+reading the source again.
 
 Resume (`check(..., resuming=True)`) and every reader (sampling, eval, sweep, the AG+SG guide)
 compare the requested config with the record. Which fields may differ is one table, `RULES`:
@@ -26,13 +29,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
 
-from sgjax import errors, files
+from sgjax import config as config_lib
+from sgjax import errors, files, readers
 
 RECORD = "workdir.json"
+DAMAGED = "restore it from a copy, or move it aside to open the workdir unchecked"
 FORMAT = 1
 SETTINGS = "settings.json"
 
@@ -85,6 +92,56 @@ def flat_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return out
 
 
+def _as_config_value(value: Any, reference: Any) -> Any:
+  """A JSON value (lists for tuples) in the type of the base config's field."""
+  if isinstance(reference, tuple) and isinstance(value, list):
+    inner = reference[0] if reference else ()
+    return tuple(_as_config_value(v, inner) if isinstance(v, list) else v for v in value)
+  if isinstance(reference, float) and isinstance(value, int) and not isinstance(value, bool):
+    return float(value)
+  return value
+
+
+def config_from_flat(flat: Mapping[str, Any], source: str = "",
+                     allowed: str = "restore it from a copy") -> ml_collections.ConfigDict:
+  """base_config() with the fields of a flat record ({"model.width": 384, …}, as workdir.json
+  and an export's metadata hold it; the inverse of `flat_config`); fields this version does
+  not have are left out. A value of another type is one line naming `source` (the file)."""
+  c = config_lib.base_config()
+  for field, value in flat.items():
+    *path, leaf = field.split(".")
+    node = c
+    for key in path:
+      node = node[key] if key in node else None
+      if node is None or not hasattr(node, "keys"):
+        break
+    if node is None or not hasattr(node, "keys") or leaf not in node:
+      continue  # Written by another version: nothing here reads it.
+    try:
+      node[leaf] = _as_config_value(value, node[leaf])
+    except TypeError as err:  # ConfigDict refuses another type: the file is damaged.
+      spec = config_lib.declarations().get(field)
+      want = config_lib.describe(spec) if spec else type(node[leaf]).__name__
+      raise errors.UserError(source or "config", f"holds {field} = {value!r:.80}, not {want}",
+                             allowed) from err
+  return c
+
+
+def workdir_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a workdir was trained with: its record (workdir.json), else its config.py (an
+  imported checkpoint's), else a one-line refusal asking for `config=`."""
+  record = read(workdir)
+  if record is not None:
+    return config_from_flat(record["config"], record_path(workdir), DAMAGED)
+  path = os.path.join(workdir, "config.py")
+  if os.path.exists(path):
+    return config_lib.load_config_file(path)
+  refuse_inside_a_run(workdir)
+  raise errors.UserError(workdir, f"records no config (no {RECORD}: made before "
+                         "workdirs recorded theirs)",
+                         "pass config= (the config file it was trained with, or a ConfigDict)")
+
+
 def fingerprint(flat: dict[str, Any]) -> str:
   """Digest of the fields that decide the parameters and the training trajectory."""
   kept = {k: v for k, v in flat.items() if rule(k) != FREE}
@@ -100,27 +157,23 @@ def read(workdir: str) -> dict[str, Any] | None:
   path = record_path(workdir)
   if not files.exists(path):
     return None
-  try:
-    record = json.loads(files.read_text(path))
-    if not isinstance(record.get("config"), dict) or not isinstance(record.get("base_step"), int):
-      raise ValueError("no 'config' and 'base_step' in it")
-  except (ValueError, AttributeError) as err:
-    raise errors.UserError(path, f"not a workdir record ({errors.first_line(err)})",
-                           "restore it from a copy, or move it aside to open the workdir "
-                           "unchecked") from err
-  return record
+  return readers.json_object(path, "workdir record", DAMAGED,
+                             required={"config": dict, "base_step": int})
 
 
 def write(workdir: str, config: ml_collections.ConfigDict, *, base_step: int,
-          written_by: str) -> None:
+          written_by: str, init_from: Mapping[str, Any] | None = None) -> None:
   """Writes the record (process 0; atomic). `base_step`: the last step not saved by this
-  workdir's own train loop (-1: none)."""
+  workdir's own train loop (-1: none). `init_from`: where a run started from weights took
+  them (sgjax.init_from.read's record: path, kind, step, weights, sha256)."""
   import jax  # Local: the record module stays light for the converters' flag parsing.
   if jax.process_index() != 0:
     return
   flat = flat_config(config)
   record = dict(format=FORMAT, fingerprint=fingerprint(flat), base_step=int(base_step),
                 written_by=written_by, config=flat)
+  if init_from is not None:
+    record["init_from"] = dict(init_from)
   files.makedirs(workdir)
   files.write_text(record_path(workdir), json.dumps(record, indent=1, sort_keys=True) + "\n")
 
@@ -187,7 +240,9 @@ def output_dir(base: str, settings: dict[str, Any], log=print) -> str:
   path = base
   if files.exists(base) and [n for n in files.listdir(base) if n != "writer.lock"]:
     have = os.path.join(base, SETTINGS)
-    if not files.exists(have) or json.loads(files.read_text(have)) != settings:
+    if not files.exists(have) or readers.json_object(
+        have, "settings file", f"move {base} aside (or restore {SETTINGS} from a copy) and "
+        "rerun") != settings:
       path = f"{base}_{digest(settings)}"
       if jax.process_index() == 0:
         log(f"{base} holds outputs of other settings: writing beside it, to {path}")
@@ -199,3 +254,44 @@ def output_dir(base: str, settings: dict[str, Any], log=print) -> str:
     if not files.exists(os.path.join(path, SETTINGS)):
       files.write_text(os.path.join(path, SETTINGS), json.dumps(settings, indent=1) + "\n")
   return path
+
+
+def _is_run(path: str) -> bool:
+  return files.exists(os.path.join(path, RECORD)) or files.isdir(os.path.join(path, "checkpoints"))
+
+
+def run_of(path: str) -> tuple[str, str] | None:
+  """(the run's workdir, what `path` is in it) when `path` lies inside a training run and is
+  not one itself: "checkpoint step 10", "the checkpoints folder", "the output folder
+  samples/…" (a sample set, the study, a sweep, eval); None otherwise."""
+  path = os.fspath(path) if files.is_remote(path) else os.path.abspath(path)
+  if _is_run(path):
+    return None
+  parts, parent = [], path
+  while True:
+    up = os.path.dirname(parent)
+    if up == parent or up.endswith(":/") or up.endswith(":"):
+      return None
+    parts.insert(0, os.path.basename(parent))
+    parent = up
+    if _is_run(parent):
+      break
+  if parts[0] == "checkpoints" and len(parts) == 1:
+    return parent, "the checkpoints folder"
+  if parts[0] == "checkpoints" and parts[1].isdigit():
+    return parent, f"checkpoint step {int(parts[1])}" + (
+        f" (its {'/'.join(parts[2:])})" if len(parts) > 2 else "")
+  return parent, f"the output folder {'/'.join(parts)}"
+
+
+def refuse_inside_a_run(path: str, where: str = "") -> None:
+  """Refuses, naming the workdir to pass, a folder given as a workdir that lies inside one (a
+  checkpoint step, `checkpoints/`, an output folder)."""
+  found = run_of(path)
+  if found is None:
+    return
+  run, what = found
+  step = re.search(r"checkpoint step (\d+)", what)
+  raise errors.UserError(where or path, f"is {what} of the run at {run}, not a workdir",
+                         f"pass that run's workdir, {run}"
+                         + (f" (and step={step.group(1)})" if step else ""))

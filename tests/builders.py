@@ -4,6 +4,8 @@ The one place test files take helpers from (no test module imports another).
 """
 
 import contextlib
+import hashlib
+import math
 import os
 import subprocess
 import zlib
@@ -12,11 +14,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from hypothesis import strategies as st
 from safetensors.numpy import save_file
 
 from sgjax import checkpoint, models
 from sgjax import config as config_lib
 from sgjax import state as state_lib
+from sgjax import workdir as workdir_lib
 from sgjax.models import dit, trdit
 from sgjax.text import encoder as encoder_lib
 
@@ -266,6 +270,28 @@ def write_checkpoints(config, workdir, steps, scale=0.02):
   mngr.close()
 
 
+def trained_workdir(config, workdir, steps):
+  """A workdir of `config` with checkpoints at `steps` (`write_checkpoints`: no training) and
+  its record, as a trained run leaves it; its path."""
+  write_checkpoints(config, workdir, steps)
+  workdir_lib.write(workdir, config, base_step=-1, written_by="test")
+  return str(workdir)
+
+
+def file_snapshot(root):
+  """{relative path: (size, mtime_ns, sha256)} of every file under `root`: equal before and
+  after a step means nothing there was written, added or removed."""
+  out = {}
+  for folder, _, names in os.walk(root):
+    for name in names:
+      path = os.path.join(folder, name)
+      with open(path, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+      st = os.stat(path)
+      out[os.path.relpath(path, root)] = (st.st_size, st.st_mtime_ns, digest)
+  return out
+
+
 # ------------------------------------------------------------ the FID Inception's weights
 # name -> (in, out, kh, kw, stride, pad_h, pad_w): torchvision's Inception-v3 as patched by
 # pytorch-fid (aux head removed).
@@ -437,3 +463,111 @@ def tmpfs(folder, size: str):
     yield remount
   finally:
     subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+
+# ------------------------------------------------------------------ config values to fuzz with
+def _number_bounds(spec) -> tuple[float, float, bool, bool]:
+  """(lo, hi, lo_open, hi_open) of a declared number's bounds (±inf where open-ended)."""
+  b = spec.bounds
+  if not b:
+    return -math.inf, math.inf, False, False
+  if b[0] in "[(":
+    lo, hi = (float(v) for v in b[1:-1].split(","))
+    return lo, hi, b[0] == "(", b[-1] == ")"
+  op, limit = b.split()
+  return ((float(limit), math.inf, op == ">", False) if op.startswith(">")
+          else (-math.inf, float(limit), False, op == "<"))
+
+
+def valid_values(spec):
+  """A hypothesis strategy of values `spec` allows, kept small (a valid step count of 1e9 would
+  make validation walk 1e9 sampling steps)."""
+  if spec.kind is bool:
+    return st.booleans()
+  if spec.kind in (int, float):
+    lo, hi, lo_open, hi_open = _number_bounds(spec)
+    lo = -8 if lo == -math.inf else lo
+    if spec.kind is float:
+      return st.floats(lo, min(lo + 16.0, hi), exclude_min=lo_open,
+                       exclude_max=hi_open and hi <= lo + 16.0, allow_nan=False)
+    lo = int(lo) + lo_open
+    return st.one_of(st.integers(lo, int(min(lo + 40, hi - hi_open))),
+                     *(st.just(v) for v in spec.also))
+  if spec.kind is str:
+    return st.sampled_from(spec.choices) if spec.choices else st.text("ab/_.", max_size=6)
+  if spec.items:
+    whole = st.tuples(*(valid_values(s) for s in spec.items))
+    return st.one_of(st.just(()), whole) if spec.optional else whole
+  return st.lists(valid_values(spec.each), min_size=spec.min_len,
+                  max_size=spec.min_len + 3).map(tuple)
+
+
+def _outside(spec) -> list:
+  """Numbers just and far beyond a declared number's bounds."""
+  lo, hi, lo_open, hi_open = _number_bounds(spec)
+  step = 1 if spec.kind is int else 1e-6
+  out = []
+  if math.isfinite(lo):
+    out += [lo if lo_open else lo - step, lo - 10**12]
+  if math.isfinite(hi):
+    out += [hi if hi_open else hi + step, hi + 10**12]
+  return [spec.kind(v) for v in out if v not in spec.also]
+
+
+def invalid_values(spec):
+  """A hypothesis strategy of values `spec` refuses: the wrong type or arity, NaN/±inf, just
+  and far out of range, not an allowed value, a bad element inside a tuple."""
+  wrong_type = st.sampled_from(["", "x1", None, (1, 2)])
+  if spec.kind is bool:
+    return st.one_of(wrong_type, st.sampled_from([0, 1, 2, 0.5]))
+  if spec.kind in (int, float):
+    special = [math.nan, math.inf, -math.inf, True] + ([2.5] if spec.kind is int else [])
+    return st.one_of(wrong_type, st.sampled_from(special + _outside(spec)))
+  if spec.kind is str:
+    others = st.sampled_from([0, -3, 1.5, ("a",), None])
+    if spec.choices:
+      return st.one_of(others, st.text(max_size=6).filter(lambda v: v not in spec.choices))
+    return others
+  scalar = st.sampled_from([0.5, "a", None])
+  if spec.items:
+    n = len(spec.items)
+    arity = st.integers(1, n + 2).filter(lambda k: k != n).map(lambda k: (0.5,) * k)
+    whole = st.tuples(*(valid_values(s) for s in spec.items))
+    element = st.integers(0, n - 1).flatmap(lambda i: st.tuples(
+        whole, invalid_values(spec.items[i])).map(lambda p: p[0][:i] + (p[1],) + p[0][i + 1:]))
+    return st.one_of(scalar, arity, element)
+  bad_each = st.tuples(valid_values(spec), invalid_values(spec.each)).map(
+      lambda p: p[0] + (p[1],))
+  short = ([st.lists(valid_values(spec.each), max_size=spec.min_len - 1).map(tuple)]
+           if spec.min_len else [])
+  return st.one_of(scalar, bad_each, *short)
+
+
+# ------------------------------------------------------------------ refusals change nothing
+def tree_state(*roots) -> dict[str, tuple]:
+  """Every entry under `roots` (and whether each root exists): folders by name, files by size,
+  mtime and mode, links by target. A folder's own mtime is left out: a lock made and removed
+  again changes it, not what the folder holds."""
+  state = {}
+  for root in map(str, roots):
+    state[root] = os.path.lexists(root)
+    for folder, dirs, names in os.walk(root):
+      for name in dirs + names:
+        path = os.path.join(folder, name)
+        st_ = os.lstat(path)
+        state[path] = ("link", os.readlink(path)) if os.path.islink(path) else (
+            ("dir",) if os.path.isdir(path) else ("file", st_.st_size, st_.st_mtime_ns,
+                                                   st_.st_mode))
+  return state
+
+
+@contextlib.contextmanager
+def unchanged(*roots):
+  """Asserts the block changes nothing under `roots`: no folder made, no lock left, no file
+  written or touched (wrap a refusal: `with unchanged(tmp_path), pytest.raises(...)`)."""
+  before = tree_state(*roots)
+  yield
+  after = tree_state(*roots)
+  changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+  assert not changed, f"the refusal changed {changed[:8]}"

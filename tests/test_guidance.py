@@ -246,3 +246,41 @@ def test_sampling_is_deterministic_and_device_count_independent():
     eight = np.asarray(sampling.sample(model, params, y8, key, plan=plan))
   np.testing.assert_allclose(eight, one, rtol=1e-5, atol=1e-5)
   assert np.isfinite(one).all() and one.std() > 0.1
+
+
+@pytest.mark.parametrize("draw", ["step", "trajectory"])
+def test_token_draw_per_step_or_once_per_trajectory_equals_a_hand_written_euler_loop(draw):
+  """sample.guidance.token_draw: "step" draws the weak branch's token subsets at every step
+  (key split from step i's), "trajectory" once per sample for the whole path (one key for every
+  step, fold_in(key, 1)); both against an Euler loop written here from guided_velocity."""
+  model = dit_model(depth=3)
+  params = {gl.MAIN: dit_random_params(model)}
+  routes = Sparsity.from_routes([(1, 1, 0.0)])
+  labels = jnp.arange(4) % model.num_classes
+  key = jax.random.key(5)
+  plan = _plan(guidance_config("sg", omega=3.0, gs=0.0, gw=0.5, token_draw=draw), 3,
+               model.num_tokens, routes)
+  assert plan.token_draw == draw and plan.structure().token_draw == draw
+  got = np.asarray(sampling.sample(model, params, labels, key, plan=plan))
+
+  velocity = sampling.make_velocity_fn(model)
+  k_noise, k_steps = jax.random.split(key)
+  x = jax.random.normal(k_noise, (4, model.image_size, model.image_size, model.channels))
+  for i, g in enumerate(plan.step_guidance()):
+    k_strong, k_weak = jax.random.split(jax.random.fold_in(k_steps, i))
+    if draw == "trajectory":
+      k_weak = jax.random.fold_in(key, 1)
+    t = jnp.full((4,), plan.times[i], jnp.float32)
+    v = gl.guided_velocity(velocity, params, x, t, labels, NULL, g, (k_strong, k_weak))
+    x = x + (plan.times[i + 1] - plan.times[i]) * v
+  np.testing.assert_allclose(got, np.asarray(x), rtol=1e-5, atol=1e-5)
+  other = "step" if draw == "trajectory" else "trajectory"
+  plan_other = _plan(guidance_config("sg", omega=3.0, gs=0.0, gw=0.5, token_draw=other), 3,
+                     model.num_tokens, routes)
+  assert float(np.abs(got - np.asarray(sampling.sample(model, params, labels, key,
+                                                       plan=plan_other))).max()) > 1e-2
+  # CFG's branches draw no tokens: the option changes nothing.
+  cfg = [_plan(guidance_config("cfg", omega=3.0, token_draw=d), 3, model.num_tokens, routes)
+         for d in ("step", "trajectory")]
+  np.testing.assert_array_equal(*(np.asarray(sampling.sample(model, params, labels, key, plan=p))
+                                  for p in cfg))

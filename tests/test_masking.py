@@ -222,14 +222,16 @@ def test_flops_of_a_masked_model_by_hand():
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("sparsity.mask_gamma", 1.0, r"sparsity.mask_gamma = 1.0: must be in \[0, 1\)"),
+    ("sparsity.mask_gamma", 1.0, r"sparsity.mask_gamma = 1.0: out of range; allowed: a finite "
+                                 r"number in \[0, 1\)"),
     ("sparsity.routes", ((1, 4, 0.5),), r"sparsity.routes = .*routes and masking together"),
     ("model.decoder_width", 90, r"model.decoder_width = 90: must be a positive multiple of 4"),
-    ("model.decoder_depth", -1, r"model.decoder_depth = -1: must be >= 0"),
-    ("train.mask_loss_weight", -0.1, r"train.mask_loss_weight = -0.1: must be >= 0"),
+    ("model.decoder_depth", -1, r"model.decoder_depth = -1: out of range; allowed: an int >= 0"),
+    ("train.mask_loss_weight", -0.1, r"train.mask_loss_weight = -0.1: out of range"),
     ("train.objective", "flow", r"train.objective = 'flow': a masked model .* set "
                                 r"train.objective = 'masked'"),
-    ("train.objective", "mae", r"train.objective = 'mae': allowed: \('flow', 'masked'\)"),
+    ("train.objective", "mae", r"train.objective = 'mae': unknown value; allowed: one of "
+                               r"'flow', 'masked'"),
 ])
 def test_bad_masking_configs_are_rejected(field, value, message):
   c = _load("fashion_mnist_mask")

@@ -89,12 +89,13 @@ def test_manifold_needs_more_points_than_k():
 
 
 @pytest.mark.parametrize("field,value,message", [
-    ("metrics", ("fid", "kid"), r"eval.metrics = \('fid', 'kid'\): must be a non-empty tuple"),
+    ("metrics", ("fid", "kid"), r"eval.metrics\[1\] = 'kid': unknown value; allowed: one of "
+                                r"'fid', 'sfid', 'is', 'precision', 'recall'$"),
     ("batch_size", 12, r"eval.batch_size = 12: must be divisible by .* = 8"),
     ("feature_net", "fmnist", r"eval.feature_net = 'fmnist': 'fmnist' scores Fashion-MNIST"),
-    ("preprocess", "tf2", r"eval.preprocess = 'tf2': allowed"),
+    ("preprocess", "tf2", r"eval.preprocess = 'tf2': unknown value; allowed: one of 'adm'"),
     ("num_samples", 3, r"eval.num_samples = 3: must be > eval.nearest_k = 3"),
-    ("nearest_k", 0, r"eval.nearest_k = 0: must be >= 1")])
+    ("nearest_k", 0, r"eval.nearest_k = 0: out of range; allowed: an int >= 1$")])
 def test_eval_config_errors_name_the_field_and_range(field, value, message):
   from sgjax import validation
   c = tiny_config()

@@ -169,10 +169,11 @@ def test_grid_conditions_of_class_and_text_models(monkeypatch):
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("sample_every", -2, "train.sample_every = -2: not a step count; allowed: an int >= 1"),
-    ("profile_steps", (3,), "train.profile_steps = (3,): not a range of train steps; allowed: "
-                            "(first, last) with 1 <= first <= last"),
-    ("profile_steps", (0, 2), "train.profile_steps = (0, 2): not a range"),
+    ("sample_every", -2, "train.sample_every = -2: out of range; allowed: an int >= -1 (-1 = "
+                         "at each checkpoint, 0 = off)"),
+    ("profile_steps", (3,), "train.profile_steps = (3,): 1 value, not 2; allowed: () or (first, "
+                            "last) with first an int >= 1; last an int >= 1"),
+    ("profile_steps", (0, 2), "train.profile_steps.first = 0: out of range"),
     ("profile_steps", (5, 2), "train.profile_steps = (5, 2): not a range"),
 ])
 def test_bad_sample_every_or_profile_steps_is_refused(field, value, message):

@@ -13,7 +13,7 @@ from sgjax import config as config_lib
 from sgjax import errors, flops, generate, pipeline, validation
 from sgjax import workdir as workdir_lib
 from sgjax.jobs import sample
-from tests.builders import tiny_config, write_checkpoints
+from tests.builders import tiny_config, unchanged, write_checkpoints
 
 SG = dict(rule="sg", omega=3.0, gamma=(0.0, 0.5), steps=3, seed=0)
 
@@ -78,12 +78,17 @@ def test_settings_are_checked_like_the_command_line(trained):
   assert (c.sample.sampler, c.sample.time_shift) == ("heun", 2.0)
   assert {"rule", "omega", "interval", "guide_step"} <= set(pipeline.guidance_fields())
   cases = [
-      (dict(rule="sgg"), "sample.guidance.rule = 'sgg': allowed: ('none', 'cfg', 'sg', "),
-      (dict(omega=-1.0), "sample.guidance.omega = -1.0: must be >= 0"),
+      (dict(rule="sgg"), "sample.guidance.rule = 'sgg': unknown value; allowed: one of 'none', "
+                         "'cfg', 'sg', "),
+      (dict(omega=-1.0), "sample.guidance.omega = -1.0: out of range; allowed: a finite number "
+                         ">= 0"),
+      (dict(omega=float("inf")), "sample.guidance.omega = inf: not finite"),
+      (dict(interval=0.5), "sample.guidance.interval = 0.5: not a tuple (a float)"),
       (dict(rule="sg", gamma=(0.5, 0.3)), "sample.guidance.gamma_weak = 0.3: must be > "
                                           "gamma_strong = 0.5 at step 0"),
-      (dict(steps=0), "sample.steps = 0: must be >= 1"),
-      (dict(sampler="rk4"), "sample.sampler = 'rk4': allowed: ('euler', 'heun')"),
+      (dict(steps=0), "sample.steps = 0: out of range; allowed: an int >= 1"),
+      (dict(sampler="rk4"), "sample.sampler = 'rk4': unknown value; allowed: one of 'euler', "
+                            "'heun'"),
       (dict(gamma=0.5), "gamma = 0.5: not a pair; (gamma_strong, gamma_weak)"),
       (dict(omgea=2.0), "omgea=: no such sampling setting; allowed: batch_size, gamma, "),
       (dict(batch_size=12), "sample.batch_size = 12: must be divisible by the data-parallel"),
@@ -117,7 +122,7 @@ def test_load_refusals_are_one_line(trained, tmp_path):
       (lambda: sgjax.load(str(tmp_path)), f"{tmp_path}: records no config"),
   ]
   for load, message in refusals:
-    with pytest.raises(errors.UserError) as err:
+    with unchanged(os.path.dirname(workdir), tmp_path), pytest.raises(errors.UserError) as err:
       load()
     assert str(err.value).startswith(message), str(err.value)
 

@@ -16,7 +16,7 @@ from sgjax.convert import dit_checkpoint
 from sgjax.jobs import evaluate as eval_job
 from sgjax.jobs import sample as sample_job
 from sgjax.jobs import sweep
-from tests.builders import tiny_config
+from tests.builders import tiny_config, unchanged
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -92,20 +92,21 @@ def test_cli_refusals_are_one_line_without_traceback(tmp_path):
   used.mkdir()
   (used / "notes.txt").write_text("keep me")
   tiny = ["--config=tests/configs/tiny.py"]
-  results = _run_all({
-      "unknown_key": ["-m", "sgjax.main", *tiny, f"--workdir={missing}",
-                      "--config.train.num_step=3"],
-      "sample_missing": ["-m", "sgjax.main", *tiny, f"--workdir={missing}", "--mode=sample"],
-      "verbose": ["-m", "sgjax.main", *tiny, f"--workdir={missing}", "--mode=sample",
-                  "--verbose"],
-      "empty_grid": ["-m", "sgjax.jobs.sweep", *tiny, f"--workdir={missing}",
-                     "--config.sweep.rules=('sg',)", "--config.sweep.gammas_strong=(0.5,)",
-                     "--config.sweep.gammas_weak=(0.3,)"],
-      "sweep_only": ["-m", "sgjax.jobs.sweep", *tiny, f"--workdir={missing}",
-                     "--config.sweep.omegas=(-1.0,)"],  # A training run ignores it (test_config).
-      "converter": ["-m", "sgjax.convert.dit_checkpoint", "--src=nothing.pt", f"--out={used}"],
-      "help": ["-m", "sgjax.flops", "--help"],
-  })
+  with unchanged(tmp_path):
+    results = _run_all({
+        "unknown_key": ["-m", "sgjax.main", *tiny, f"--workdir={missing}",
+                        "--config.train.num_step=3"],
+        "sample_missing": ["-m", "sgjax.main", *tiny, f"--workdir={missing}", "--mode=sample"],
+        "verbose": ["-m", "sgjax.main", *tiny, f"--workdir={missing}", "--mode=sample",
+                    "--verbose"],
+        "empty_grid": ["-m", "sgjax.jobs.sweep", *tiny, f"--workdir={missing}",
+                       "--config.sweep.rules=('sg',)", "--config.sweep.gammas_strong=(0.5,)",
+                       "--config.sweep.gammas_weak=(0.3,)"],
+        "sweep_only": ["-m", "sgjax.jobs.sweep", *tiny, f"--workdir={missing}",
+                       "--config.sweep.omegas=(-1.0,)"],  # A training run ignores it (test_config).
+        "converter": ["-m", "sgjax.convert.dit_checkpoint", "--src=nothing.pt", f"--out={used}"],
+        "help": ["-m", "sgjax.flops", "--help"],
+    })
   for name in ("unknown_key", "sample_missing", "empty_grid", "sweep_only", "converter"):
     proc = results[name]
     assert proc.returncode == 2, (name, proc.stderr[-2000:])
@@ -126,7 +127,7 @@ def test_cli_refusals_are_one_line_without_traceback(tmp_path):
       "error: sweep.gammas_strong, sweep.gammas_weak: no valid point: rules ('sg',) need "
       "γ_strong < γ_weak")
   assert _error_lines(results["sweep_only"]) == [
-      "error: sweep.omegas = (-1.0,): must be each >= 0"]
+      "error: sweep.omegas[0] = -1.0: out of range; allowed: a finite number >= 0"]
   assert _error_lines(results["converter"]) == [
       f"error: --out={used}: is not empty (holds ['notes.txt']); import into a new or empty "
       "folder; nothing there is overwritten"]
@@ -149,12 +150,13 @@ def test_unknown_keys_in_config_files_are_refused():
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("train.num_steps", 0, r"train.num_steps = 0: must be >= 1 \(the step to train to"),
-    ("train.lr", float("nan"), r"train.lr = nan: must be finite and > 0"),
-    ("train.batch_size", 0, r"train.batch_size = 0: must be >= 1"),
-    ("sample.per_class", 0, r"sample.per_class = 0: must be >= 1"),
-    ("data.num_classes", 0, r"data.num_classes = 0: must be >= 1"),
-    ("eval.num_samples", 1, r"eval.num_samples = 1: must be >= 2"),
+    ("train.num_steps", 0, r"^train.num_steps = 0: out of range; allowed: an int >= 1 \(the "
+                           r"step to train to\)$"),
+    ("train.lr", float("nan"), r"^train.lr = nan: not finite; allowed: a finite number > 0$"),
+    ("train.batch_size", 0, r"^train.batch_size = 0: out of range; allowed: an int >= 1$"),
+    ("sample.per_class", 0, r"^sample.per_class = 0: out of range; allowed: an int >= 1"),
+    ("data.num_classes", 0, r"^data.num_classes = 0: out of range; allowed: an int >= 1$"),
+    ("eval.num_samples", 1, r"^eval.num_samples = 1: out of range; allowed: an int >= 2"),
 ])
 def test_zero_or_empty_where_nothing_would_run_is_refused(field, value, message):
   c = tiny_config()
@@ -186,12 +188,14 @@ def test_resume_refuses_another_model_or_recipe_and_allows_run_length_and_mesh(t
   c = tiny_config()
   c.model.heads = 2  # Same shapes: orbax would restore it and train on.
   c.train.num_steps = 6
-  with pytest.raises(errors.UserError, match=r"^model.heads: .* holds another model, data or "
-                     r"training recipe \(model.heads = 4 there, 2 requested\)"):
+  with unchanged(tmp_path), pytest.raises(
+      errors.UserError, match=r"^model.heads: .* holds another model, data or training "
+                              r"recipe \(model.heads = 4 there, 2 requested\)"):
     train.train(c, path)
   c = tiny_config()
   c.train.update(num_steps=6, lr=5e-4)
-  with pytest.raises(errors.UserError, match=r"train.lr = 0.001 there, 0.0005 requested"):
+  with unchanged(tmp_path), pytest.raises(errors.UserError,
+                                          match=r"train.lr = 0.001 there, 0.0005 requested"):
     train.train(c, path)
   # Run length, logging, checkpoint cadence, sampling and the mesh may change.
   c = tiny_config()
@@ -211,11 +215,13 @@ def test_sampling_refuses_another_model_and_never_overwrites_another_setting(tra
   path = _copy(trained, tmp_path)
   c = tiny_config()
   c.model.heads = 2
-  with pytest.raises(errors.UserError, match=r"model.heads = 4 there, 2 requested"):
+  with unchanged(tmp_path), pytest.raises(errors.UserError,
+                                          match=r"model.heads = 4 there, 2 requested"):
     sample_job.run(c, path)
   c = tiny_config()
   c.data.num_classes = 6  # More classes than the model has.
-  with pytest.raises(errors.UserError, match=r"data.num_classes = 4 there, 6 requested"):
+  with unchanged(tmp_path), pytest.raises(errors.UserError,
+                                          match=r"data.num_classes = 4 there, 6 requested"):
     sample_job.run(c, path)
   assert not os.path.exists(os.path.join(path, "samples_sg.png"))
   c = tiny_config()
@@ -277,9 +283,9 @@ def test_a_damaged_checkpoint_is_named_never_skipped_nor_deleted(trained, tmp_pa
              r"aside to resume from step 2$")
   c = tiny_config()
   c.train.num_steps = 6
-  with pytest.raises(errors.UserError, match=message):
+  with unchanged(tmp_path), pytest.raises(errors.UserError, match=message):
     train.train(c, path)
-  with pytest.raises(errors.UserError, match=message):
+  with unchanged(tmp_path), pytest.raises(errors.UserError, match=message):
     sample_job.run(tiny_config(), path)
   assert checkpoint.saved_steps(os.path.join(path, "checkpoints")) == [2, 4]
   # The metadata gone too: named the same way, before any array is read.
@@ -305,9 +311,9 @@ def test_eval_inputs_are_checked_at_the_door(tmp_path):
     np.savez(path, arr_0=array)
     message = (rf"^eval.reference = '{path}' \['arr_0'\]: {found}; expected uint8 NHWC images "
                r"\(N >= 1, H, W, 1 or 3\)")
-    with pytest.raises(errors.UserError, match=message):
+    with unchanged(tmp_path), pytest.raises(errors.UserError, match=message):
       eval_job.check_reference(path, needs_images=True)
-    with pytest.raises(errors.UserError, match=message):
+    with unchanged(tmp_path), pytest.raises(errors.UserError, match=message):
       eval_job.read_images(path)
   good = str(tmp_path / "good.npz")
   np.savez(good, arr_0=images)
@@ -332,8 +338,9 @@ def _not_npz(tmp_path) -> str:
 def test_the_converter_refuses_a_folder_that_holds_anything(tmp_path):
   used = tmp_path / "used"
   (used / "checkpoints" / "500").mkdir(parents=True)
-  with pytest.raises(errors.UserError, match=r"--out=.*used: is not empty \(holds "
-                     r"\['checkpoints'\]\)"):
+  with unchanged(tmp_path), pytest.raises(errors.UserError,
+                                          match=r"--out=.*used: is not empty \(holds "
+                                                r"\['checkpoints'\]\)"):
     dit_checkpoint.write_workdir({}, {}, "dit", str(used))
   assert os.listdir(used / "checkpoints") == ["500"]
   empty = tmp_path / "empty"

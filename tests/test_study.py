@@ -317,3 +317,59 @@ def test_paired_differences_and_the_gain_difference_keep_earlier_rows_without_fe
   assert any("(sg) − (cfg) at 2.00 GMACs left out" in m and "earlier estimate is kept" in m
              for m in logged)
   assert [json.loads(line) for line in open(paired_path)] == out
+
+
+def test_trend_runs_the_fair_comparison_at_each_checkpoint_with_every_variant_and_resumes(
+    tmp_path, monkeypatch):
+  """study.stages = ("trend",): at each checkpoint its own budget search (γ_weak pushed past the
+  grid's edge), finals and paired differences; SG with the weak branch's tokens drawn once per
+  trajectory beside per step; AG at a share of the studied step (its guide moves with it) and
+  AG+SG on the cosine γ schedule; the trend table over checkpoints; a rerun samples nothing."""
+  c = _config()
+  c.study.update(search="budget", stages=("trend",), rules=("cfg", "sg", "ag_sg"),
+                 steps=(2,), cfg_intervals=(), omegas=(3.0,), gammas_weak=(0.5, 0.75),
+                 omega_extensions=0, gamma_extensions=1, token_draws=("step", "trajectory"),
+                 guides=(0.5,), ag_cosine=(0.0, 0.5, 0.5, 0.0), bootstrap=8,
+                 checkpoints=(2, 4), probe_gammas=(0.0, 0.75))
+  workdir = str(tmp_path / "run")
+  write_checkpoints(c, workdir, [1, 2, 4])
+  judge = _pixel_judge()
+  rng = np.random.default_rng(9)
+  judge.ref_features, judge.ref_labels = rng.normal(5, 1, (64, 12)), np.tile(np.arange(10), 7)[:64]
+  monkeypatch.setattr(study_lib.table, "judge_for", lambda *a, **k: judge)
+  study_lib.run(c, workdir)
+  root = tmp_path / "run" / "study" / "trend"
+  for step, guide in ((2, 1), (4, 2)):
+    rows = [json.loads(line) for line in open(root / f"step_{step}" / "points.jsonl")]
+    assert {r["checkpoint"] for r in rows} == {step}
+    fams = {study_lib.family(r) for r in rows}
+    assert {"none", "cfg", "sg", "sg traj", "ag_sg g/2", "ag g/2", "ag_sg cos g/2"} == fams
+    assert {r["guide_step"] for r in rows if r["rule"] == "ag_sg"} == {guide}
+    cos = [r for r in rows if study_lib.family(r) == "ag_sg cos g/2"]
+    assert all((r["gamma_strong"], r["gamma_strong_end"], r["gamma_weak"], r["gamma_weak_end"])
+               == (0.0, 0.5, 0.5, 0.0) for r in cos)
+    for fam in ("sg", "sg traj"):  # A two-value grid's best is an edge: pushed past it once.
+      gammas = {r["gamma_weak"] for r in rows if study_lib.family(r) == fam}
+      assert len(gammas - {0.5, 0.75}) == 1 and gammas - {0.5, 0.75} <= {0.4, 0.875}
+    paired = {(p["a"], p["b"]) for p in map(json.loads, open(root / f"step_{step}"
+                                                              / "paired.jsonl"))}
+    assert {("sg", "cfg"), ("sg traj", "sg"), ("sg traj", "cfg"), ("ag g/2", "cfg"),
+            ("ag_sg g/2", "ag g/2"), ("ag_sg cos g/2", "ag g/2")} <= paired
+  trend = [json.loads(line) for line in open(root / "trend.jsonl")]
+  finals = [r for r in trend if r["kind"] == "final"]
+  assert {(r["step"], r["family"]) for r in finals} == {
+      (s, f) for s in (2, 4) for f in ("none", "cfg", "sg", "sg traj", "ag_sg g/2", "ag g/2",
+                                       "ag_sg cos g/2")}
+  # Epochs = step × batch / the training split's size (Fashion-MNIST's 60,000 images).
+  assert {r["step"]: r["epochs"] for r in finals} == {2: 2 * 16 / 60000, 4: 4 * 16 / 60000}
+  pair = {(r["step"], r["a"], r["b"]): r["d_fd_fmnist"] for r in trend if r["kind"] == "paired"}
+  by = {(r["step"], r["family"]): r["fd_fmnist"] for r in finals}
+  for s in (2, 4):
+    assert pair[(s, "sg", "cfg")] == pytest.approx(by[(s, "sg")] - by[(s, "cfg")])
+  assert {(r["step"], r["t"]) for r in trend if r["kind"] == "probe"} == {(2, 0.5), (4, 0.5)}
+  assert (root / "trend.png").exists()
+  assert "## Paired differences" in (root / "trend.md").read_text()
+  before = (root / "trend.jsonl").read_text()
+  monkeypatch.setattr(study_lib.Study, "score", lambda *a: pytest.fail("sampled on a rerun"))
+  study_lib.run(c, workdir)
+  assert (root / "trend.jsonl").read_text() == before

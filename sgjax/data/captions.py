@@ -26,7 +26,7 @@ import grain
 import ml_collections
 import numpy as np
 
-from sgjax import errors
+from sgjax import errors, readers
 from sgjax.data import fashion_mnist
 
 NAME = "fashion_mnist_captions"
@@ -89,8 +89,8 @@ def check_written(config: ml_collections.ConfigDict) -> str:
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} not found: write the text features first with "
                             "`python -m sgjax.tools.encode_text --config=<this config>`")
-  with open(path) as f:
-    written = json.load(f)
+  written = readers.json_object(path, "caption set's metadata", "rerun `python -m "
+                                "sgjax.tools.encode_text --config=<this config>`")
   want = metadata(config)
   for k in want:
     if written.get(k) != want[k]:

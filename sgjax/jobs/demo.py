@@ -26,7 +26,18 @@ import numpy as np
 from absl import flags, logging
 
 from sgjax import config as config_lib
-from sgjax import errors, files, flops, generate, metrics, models, pipeline, sharding, validation
+from sgjax import (
+  errors,
+  files,
+  flops,
+  generate,
+  metrics,
+  models,
+  pipeline,
+  readers,
+  sharding,
+  validation,
+)
 from sgjax import guidance as guidance_lib
 from sgjax.data import captions
 from sgjax.eval import fmnist
@@ -36,18 +47,12 @@ MATCHED_TO = "sg"  # The rule whose cost at sample.steps the others are matched 
 TEXT_RULES = ("none", "cfg", "sg", "cfg_sg")
 
 
-def check_config(config: ml_collections.ConfigDict) -> None:
-  """The `demo` section (what the demo samples beyond `sample`: its images per class)."""
-  errors.check(config.demo.eval_per_class >= 1, "demo.eval_per_class", config.demo.eval_per_class,
-               "must be >= 1")
-
-
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
              job: str = "demo") -> None:
   """What a demo reads: `job`'s fields (`--mode=demo` trains first; the text demo samples a
-  trained workdir: "sample"), and `demo`."""
+  trained workdir: "sample"), and `demo` (its declared values: no field depends on another)."""
   validation.validate(config, num_devices, job=job)
-  check_config(config)
+  validation.check_fields(config, ("demo",))
 
 
 def rule_config(config: ml_collections.ConfigDict, rule: str) -> ml_collections.ConfigDict:
@@ -185,7 +190,7 @@ def run_text(config: ml_collections.ConfigDict, workdir: str,
     path = os.path.join(workdir, "t2i_metrics.json")
     merged = {}
     if files.exists(path):  # Runs of other rules stay: --rules=none adds the baseline.
-      merged = json.loads(files.read_text(path))
+      merged = readers.json_object(path, "metrics file", f"move {path} aside and rerun")
     files.write_text(path, json.dumps(dict(merged, **results), indent=2))
   _table(results, 7, f"\nheld-out prompts, {len(batch['label'])} samples per rule "
          "(FD-FMNIST is not FID)")

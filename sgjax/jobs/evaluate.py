@@ -271,7 +271,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   if jax.process_index() == 0:
     latest = os.path.join(workdir, "metrics.json")  # The latest eval; each set keeps its own.
     if files.exists(latest):
-      before = json.loads(files.read_text(latest)).get("samples")
+      before = readers.json_object(latest, "metrics file", f"move {latest} aside and rerun: "
+                                   "each sample set keeps its own metrics.json").get("samples")
       if before and before != sample_dir:
         metrics.print0(f"replacing {latest} (it held {before}, whose metrics stay in its "
                        "metrics.json)")

@@ -35,6 +35,7 @@ from sgjax import (
   lock,
   metrics,
   platform,
+  readers,
   sharding,
   validation,
 )
@@ -69,23 +70,10 @@ GRID_FIELDS = ("sample.steps", "sample.num_samples", "sample.guidance.rule",
                "sample.guidance.gamma_weak", "sample.guidance.schedule")
 
 
-def check_config(config: ml_collections.ConfigDict) -> None:
-  """The `sweep` section's values (this module owns it); `check_grid` checks the grid."""
-  w = config.sweep
-  for name, ok, allowed in (
-      ("rules", all(r in guidance_lib.RULES for r in w.rules), f"each in {guidance_lib.RULES}"),
-      ("omegas", all(o >= 0 for o in w.omegas), "each >= 0"),
-      ("gammas_strong", all(0 <= g < 1 for g in w.gammas_strong), "each in [0, 1)"),
-      ("gammas_weak", all(0 <= g < 1 for g in w.gammas_weak), "each in [0, 1)"),
-      ("steps", all(int(k) >= 1 for k in w.steps), "each >= 1"),
-      ("per_class", w.per_class >= 1, ">= 1")):
-    errors.check(ok, f"sweep.{name}", w[name], f"must be {allowed}")
-
-
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
-  """What the sweep reads: the sampling job's fields and `sweep`."""
+  """What the sweep reads: the sampling job's fields and `sweep`'s declared values (the grid
+  itself: `check_grid`)."""
   validation.validate(config, num_devices, job="sweep")
-  check_config(config)
 
 
 def check_grid(sweep: ml_collections.ConfigDict) -> list[dict]:
@@ -119,9 +107,12 @@ def point_key(p: dict) -> tuple:
 
 
 def load_results(path: str) -> list[dict]:
+  """The rows of a results table (this sweep's results.jsonl, the study's points.jsonl): none
+  when it does not exist yet; a damaged one is one line naming the file and the line."""
   if not files.exists(path):
     return []
-  return [json.loads(line) for line in files.read_text(path).splitlines() if line.strip()]
+  return readers.jsonl(path, "results table", f"move {path} aside (its points are then "
+                       "sampled again) or restore it from a copy")
 
 
 def point_config(config: ml_collections.ConfigDict, p: dict) -> ml_collections.ConfigDict:
@@ -142,6 +133,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
   log = metrics.print0
   steps = checkpoint.saved_steps(os.path.join(workdir, "checkpoints"))
   if not steps:
+    workdir_lib.refuse_inside_a_run(workdir, f"--workdir={workdir}")  # Name the run, if any.
     raise errors.UserError(os.path.join(workdir, "checkpoints"), "no checkpoint there",
                            "train first (--mode=train) or point --workdir at a trained run")
   workdir_lib.check(workdir, config, resuming=False)  # Before any output folder is made.

@@ -270,16 +270,11 @@ class DiT(nn.Module):
 
 
 def check_config(config) -> None:
-  """The `model` fields only DiT reads (sgjax.models checks the shared ones)."""
+  """The `model` fields only DiT reads that depend on each other (sgjax.models checks the
+  shared ones; each field's own values: its declaration)."""
   m, check = config.model, errors.check
-  check(m.time_scale > 0, "model.time_scale", m.time_scale, "must be > 0")
-  check(m.prediction in PREDICTIONS, "model.prediction", m.prediction,
-        f"allowed: {PREDICTIONS}")
-  check(m.decoder_depth >= 0, "model.decoder_depth", m.decoder_depth,
-        "must be >= 0 (0 = no decoder, not a masked model)")
   if m.decoder_depth > 0:
-    check(m.decoder_heads >= 1, "model.decoder_heads", m.decoder_heads, "must be >= 1")
-    check(m.decoder_width >= 4 and m.decoder_width % m.decoder_heads == 0
+    check(m.decoder_width % m.decoder_heads == 0
           and m.decoder_width % 4 == 0, "model.decoder_width", m.decoder_width,
           f"must be a positive multiple of 4 (sin-cos embedding) and of model.decoder_heads "
           f"= {m.decoder_heads}")

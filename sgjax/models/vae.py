@@ -224,15 +224,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   latents of `encode.image_size` images (sgjax.tools.encode_latents checks `encode` itself)."""
   v, check = config.vae, errors.check
   chans = tuple(v.block_out_channels)
-  check(len(chans) >= 1 and all(c >= 1 and c % v.norm_groups == 0 for c in chans),
-        "vae.block_out_channels", chans,
+  check(all(c % v.norm_groups == 0 for c in chans), "vae.block_out_channels", chans,
         f"must be >= 1 entries, each a positive multiple of vae.norm_groups = {v.norm_groups}")
-  check(v.norm_groups >= 1, "vae.norm_groups", v.norm_groups, "must be >= 1")
-  check(v.layers_per_block >= 1, "vae.layers_per_block", v.layers_per_block, "must be >= 1")
-  check(v.latent_channels >= 1, "vae.latent_channels", v.latent_channels, "must be >= 1")
-  check(v.in_channels >= 1, "vae.in_channels", v.in_channels, "must be >= 1")
-  check(v.scale > 0, "vae.scale", v.scale, "must be > 0")
-  check(v.chunk >= 1, "vae.chunk", v.chunk, "must be >= 1")
   d, size, factor = config.data, config.encode.image_size, downsampling(v)
   if d.name == "latents":
     check(d.channels == v.latent_channels, "data.channels", d.channels,

@@ -40,16 +40,11 @@ LATENT_DTYPES = ("float16", "float32")  # encode.dtype: how the latent mean and 
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-  """The `encode` section (the VAE's own: sgjax.models.vae.check_config)."""
-  e, check = config.encode, errors.check
-  factor = vae_lib.downsampling(config.vae)
-  check(e.source in SOURCES, "encode.source", e.source, f"allowed: {SOURCES}")
-  check(e.image_size >= factor and e.image_size % factor == 0, "encode.image_size",
-        e.image_size, f"must be a positive multiple of the VAE's downsampling factor {factor}")
-  check(e.batch_size >= 1, "encode.batch_size", e.batch_size, "must be >= 1")
-  check(e.shard_size >= 1, "encode.shard_size", e.shard_size, "must be >= 1")
-  check(e.dtype in LATENT_DTYPES, "encode.dtype", e.dtype, f"allowed: {LATENT_DTYPES}")
-  check(e.max_shards >= 0, "encode.max_shards", e.max_shards, "must be >= 0 (0 = all)")
+  """The `encode` section against the VAE (its declared values: sgjax.validation; the VAE's
+  own: sgjax.models.vae.check_config)."""
+  e, factor = config.encode, vae_lib.downsampling(config.vae)
+  errors.check(e.image_size % factor == 0, "encode.image_size", e.image_size,
+               f"must be a positive multiple of the VAE's downsampling factor {factor}")
 
 
 def center_crop(image: Image.Image, size: int) -> np.ndarray:

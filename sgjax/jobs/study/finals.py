@@ -10,21 +10,21 @@ import jax
 import numpy as np
 import scipy.stats
 
-from sgjax import files
+from sgjax import files, readers
 from sgjax.eval import frechet
 from sgjax.jobs.study.search import (
-  POINT_FIELDS,
   budget_levels,
   budgets,
   everywhere,
   reference_budget,
+  setting_of,
 )
 from sgjax.jobs.study.table import (
-  FAMILIES,
   GAIN_PAIRS,
   PAIRS,
   Judge,
   Study,
+  families_of,
   family,
   key,
   label,
@@ -43,11 +43,11 @@ def final(study: Study, rows: list[dict]) -> list[dict]:
   # The reference budget first: it holds the most rows, so a study cut short still has it.
   for budget in sorted(levels, key=lambda b: (b != ref, b)):
     for model in sorted({r["model"] for r in rows}):
-      for fam in [f for f in FAMILIES if budget == ref or everywhere(study, model, f)]:
+      for fam in [f for f in families_of(rows) if budget == ref or everywhere(study, model, f)]:
         fits = [r for r in rows if r["model"] == model and family(r) == fam
                 and r["gmacs_per_image"] <= budget * 1.000001]
         if fits:
-          b = {k: study.best(fits)[k] for k in POINT_FIELDS}
+          b = setting_of(study.best(fits))
           for seed in seeds:
             p = dict(b, per_class=s.final_per_class)
             if seed != s.seed:
@@ -56,6 +56,26 @@ def final(study: Study, rows: list[dict]) -> list[dict]:
   scored = study.run([p for _, p in table], "final (matched compute)", resamples=s.bootstrap)
   by_key = {key(r): r for r in scored}
   return [dict(by_key[key(p)], budget=budget) for budget, p in table]
+
+
+def pairs_of(families: list[str]) -> list[tuple]:
+  """PAIRS, then each variant family's: SG with another token draw against SG and CFG;
+  autoguidance (each guide) against CFG; AG+SG (each guide, constant or cosine γ) against
+  autoguidance with the same guide."""
+  out = list(PAIRS)
+  for f in families:
+    rule, *tags = f.split()
+    if rule == "sg" and tags:
+      out += [(f, "sg"), (f, "cfg")]
+    elif rule == "ag":
+      out.append((f, "cfg"))
+    elif rule == "ag_sg" and (tags and tags[-1] != "cos"):
+      ag = " ".join(["ag", tags[-1]])
+      if (f, ag) not in out:
+        out.append((f, ag))
+    elif rule == "ag_sg" and tags == ["cos"]:
+      out.append((f, "ag"))
+  return out
 
 
 def paired(study: Study, finals: list[dict]) -> list[dict]:
@@ -73,7 +93,8 @@ def paired(study: Study, finals: list[dict]) -> list[dict]:
   name = lambda x: x[1] if x[0] == "main" else f"{x[0]} {x[1]}"
   path = os.path.join(study.out_dir, "paired.jsonl")
   pair_key = lambda r: (round(r["budget"], 6), r["seed"], r["a"], r["b"])
-  earlier = ({pair_key(r): r for r in map(json.loads, files.read_text(path).splitlines())}
+  earlier = ({pair_key(r): r for r in readers.jsonl(path, "study table",
+                                                     f"move {path} aside and rerun")}
              if files.exists(path) else {})
   out = []
 
@@ -93,7 +114,7 @@ def paired(study: Study, finals: list[dict]) -> list[dict]:
 
   for budget, seed in sorted({(k[0], k[3]) for k in by}):
     row_of = lambda x, budget=budget, seed=seed: by.get((budget, *side(x), seed))
-    for a, b in PAIRS:
+    for a, b in pairs_of(families_of(finals)):
       ra, rb = row_of(a), row_of(b)
       if ra is None or rb is None:
         continue

@@ -17,7 +17,7 @@ from sgjax.jobs.study.probe import probe
 from sgjax.jobs.study.report import log_tensorboard, plot, report
 from sgjax.jobs.study.search import dense_stage, screen, screen_budget
 from sgjax.jobs.study.table import Study, check
-from sgjax.jobs.study.training import checkpoints_stage
+from sgjax.jobs.study.training import checkpoints_stage, plot_trend, trend, trend_report
 
 
 @lock.holding("workdir", "study", "study")  # One writer per <workdir>/study.
@@ -45,14 +45,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
     parts["checkpoints"] = checkpoints_stage(study, parts["screen"])
   if "probe" in stages:
     parts["probe"] = probe(study, parts["screen"])
+  trend_rows = trend(study) if "trend" in stages else []
   log_tensorboard(study, parts)
   path = os.path.join(study.out_dir, "report.md")
   if jax.process_index() == 0:
     files.makedirs(study.out_dir)
-    files.write_text(path, report(study, parts) + "\n")
+    files.write_text(path, report(study, parts) + "\n" + (
+        "\n" + trend_report(study, trend_rows) + "\n" if trend_rows else ""))
     try:
       import matplotlib  # noqa: F401
-      for p in plot(study, parts):
+      for p in plot(study, parts) + ([plot_trend(study, trend_rows)] if trend_rows else []):
         study.log(f"plot: {p}")
     except ImportError:
       study.log("plots not drawn: matplotlib is not installed here (the table and report are)")
@@ -67,7 +69,7 @@ def main(argv) -> None:
   config = flags.FLAGS.config
   if config is None or not flags.FLAGS.workdir:
     raise errors.UserError("--config, --workdir", "required", "pass both")
-  validation.validate(config, jax.device_count(), job="sample")  # + check() in run()
+  validation.validate(config, jax.device_count(), job="study")  # + check() in run()
   path = run(config, flags.FLAGS.workdir)
   if jax.process_index() == 0:
     print(files.read_text(path))

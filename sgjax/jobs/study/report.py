@@ -9,7 +9,7 @@ import numpy as np
 from sgjax import metrics
 from sgjax.jobs import sweep
 from sgjax.jobs.study.search import budget_levels, reference_budget
-from sgjax.jobs.study.table import FAMILIES, FULL, LOSS_GAMMAS, Study, family, label
+from sgjax.jobs.study.table import FAMILIES, FULL, LOSS_GAMMAS, Study, families_of, family, label
 
 
 def _ci(r: dict, m: str) -> str:
@@ -62,7 +62,7 @@ def report(study: Study, parts: dict[str, list[dict]]) -> str:
     n = parts["screen"][0]["num_samples"]
     out += [f"## Screening ({n} samples a point), best of each rule", "",
             f"| rule | setting | GMACs | {m} | class accuracy |", "|---|---|---|---|---|"]
-    for fam in FAMILIES:
+    for fam in families_of(parts["screen"]):
       mine = [r for r in parts["screen"] if family(r) == fam]
       if mine:
         b = study.best(mine)
@@ -101,7 +101,7 @@ def report(study: Study, parts: dict[str, list[dict]]) -> str:
     out += ["## Each rule's best setting over training", "",
             "| rule | setting | " + " | ".join(f"step {s}" for s in steps) + " |",
             "|---|---|" + "---|" * len(steps)]
-    for fam in FAMILIES:
+    for fam in families_of(rows):
       mine = {r["checkpoint"]: r for r in rows if family(r) == fam}
       if mine:
         any_row = next(iter(mine.values()))
@@ -133,6 +133,15 @@ def _finish(fig, ax, xlabel: str, ylabel: str, path: str) -> str:
   return path
 
 
+def family_colors(plt, rows: list[dict]) -> dict[str, str]:
+  """A color per family: FAMILIES' six first (as every study drew them), variants after."""
+  cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+  colors = dict(zip(FAMILIES, cycle[:6], strict=True))
+  extra = [f for f in families_of(rows) if f not in colors]
+  colors.update({f: cycle[(6 + i) % len(cycle)] for i, f in enumerate(extra)})
+  return colors
+
+
 def plot(study: Study, parts: dict[str, list[dict]]) -> list[str]:
   """Quality vs GMACs with each rule's Pareto front (final points with their intervals),
   quality vs training step per rule, and the probe over training."""
@@ -140,8 +149,7 @@ def plot(study: Study, parts: dict[str, list[dict]]) -> list[str]:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   m, paths = study.metric, []
-  colors = dict(zip(FAMILIES, plt.rcParams["axes.prop_cycle"].by_key()["color"][:6],
-                    strict=True))
+  colors = family_colors(plt, [r for rows in parts.values() for r in rows if "rule" in r])
   metric_names = [(m, f"{m} (lower is better)")]
   if parts.get("screen") and "class_accuracy" in parts["screen"][0]:
     metric_names.append(("class_accuracy", "class accuracy (higher is better)"))
@@ -149,7 +157,7 @@ def plot(study: Study, parts: dict[str, list[dict]]) -> list[str]:
     if not parts.get("screen"):
       break
     fig, ax = plt.subplots(figsize=(7, 5))
-    for rule in FAMILIES:
+    for rule in families_of(parts["screen"]):
       rows = [r for r in parts["screen"] if family(r) == rule]
       if not rows:
         continue
@@ -168,7 +176,7 @@ def plot(study: Study, parts: dict[str, list[dict]]) -> list[str]:
                          os.path.join(study.out_dir, f"{name}_vs_gmacs.png")))
   if parts.get("checkpoints"):
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    for rule in FAMILIES:
+    for rule in families_of(parts["checkpoints"]):
       rows = sorted((r for r in parts["checkpoints"] if family(r) == rule),
                     key=lambda r: r["checkpoint"])
       if rows:
@@ -216,5 +224,5 @@ def log_tensorboard(study: Study, parts: dict[str, list[dict]]) -> None:
   final = {f"{r['budget']:.2f}GMACs/{family(r)}/{m}": r[m] for r in parts.get("final", [])
            for m in names if m in r}
   if final:
-    metrics.log_scalars(study.workdir, study.saved[-1], final, "study_final")
+    metrics.log_scalars(study.workdir, study.step, final, "study_final")
 

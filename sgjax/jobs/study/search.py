@@ -11,12 +11,13 @@ import numpy as np
 from sgjax import checkpoint, errors
 from sgjax import guidance as guidance_lib
 from sgjax.jobs.study.table import (
-  FAMILIES,
   FULL,
   MAX_STEPS,
   SEARCHED,
   TOP_PAIRS,
+  VARIANT_FIELDS,
   Study,
+  families_of,
   family,
   point,
 )
@@ -46,8 +47,46 @@ def guide_fields(study: Study, rule: str, step: int) -> dict | None:
   return {"guide_step": g}
 
 
+def guide_for(study: Study, spec: float, main_step: int) -> int | None:
+  """AG's guide for `main_step`: the kept checkpoint `spec` (>= 1), or the kept checkpoint
+  before `main_step` nearest (in log steps) to the share `spec` < 1 of it (autoguidance's
+  recipe: a guide trained ≈ 1/16 as long); None where there is none before `main_step`."""
+  earlier = [s for s in study.saved if 0 < s < main_step]
+  if spec >= 1:
+    return int(spec) if int(spec) in earlier else None
+  if not earlier:
+    return None
+  return min(earlier, key=lambda s: (abs(np.log(s / (spec * main_step))), s))
+
+
+def guide_tag(spec: float) -> str:
+  """A guide choice's name in family names: "g@500" (a step), "g/16" (a share)."""
+  return f"g@{int(spec)}" if spec >= 1 else f"g/{1 / spec:g}"
+
+
+def variants(study: Study, rule: str, step: int) -> list[dict]:
+  """The variants a rule is searched in, as extra point fields: SG at each of `token_draws`;
+  a guide rule at each of `guides` (tagged), or at `guide_step` (untagged); one ({}) else."""
+  s = study.config.study
+  if rule == "sg":
+    return [{} if d == "step" else {"token_draw": d} for d in s.token_draws]
+  if not guidance_lib.uses_guide(rule):
+    return [{}]
+  if not s.guides:
+    extra = guide_fields(study, rule, step)
+    return [] if extra is None else [extra]
+  out = []
+  for spec in s.guides:
+    g = guide_for(study, float(spec), step)
+    if g is None:
+      study.log(f"screen: {rule} {guide_tag(spec)} left out: no such checkpoint before {step}")
+    else:
+      out.append({"guide_step": g, "guide": guide_tag(spec)})
+  return out
+
+
 def screen(study: Study) -> list[dict]:
-  s, step = study.config.study, study.saved[-1]
+  s, step = study.config.study, study.step
   at = dict(checkpoint_step=step, per_class=s.per_class)
   rows = study.run([point("none", 1, g, 0, s.steps_ref, **at) for g in s.unguided_gammas],
                    "screen, unguided")
@@ -116,7 +155,7 @@ def budget_levels(study: Study) -> list[float]:
   s = study.config.study
   if s.budgets:
     return sorted(float(b) for b in s.budgets)
-  at = dict(checkpoint_step=study.saved[-1], per_class=s.per_class)
+  at = dict(checkpoint_step=study.step, per_class=s.per_class)
   return sorted(round(study.gmacs(point("cfg", 2.0, 0, 0, n, **at)), 6) for n in s.steps)
 
 
@@ -135,9 +174,8 @@ def screen_budget(study: Study, model: str = "main") -> list[dict]:
   intervals at each rule's best; each family's `top_settings` best are refit at the other
   budgets. The same for every rule, so no rule is searched more than another."""
   s = study.config.study
-  steps_of = (checkpoint.saved_steps(os.path.join(s.dense_workdir, "checkpoints"))
-              if model == "dense" else study.saved)
-  step = steps_of[-1]
+  step = (checkpoint.saved_steps(os.path.join(s.dense_workdir, "checkpoints"))[-1]
+          if model == "dense" else study.step)
   at = dict(checkpoint_step=step, per_class=s.per_class, model=model)
   levels = budget_levels(study)
   ref = reference_budget(study, levels)
@@ -166,36 +204,73 @@ def screen_budget(study: Study, model: str = "main") -> list[dict]:
                              f"screen @ {ref:.2f} GMACs, {what} intervals")
 
   for rule in [r for r in SEARCHED if r in rules]:
-    extra = guide_fields(study, rule, step)
-    if extra is None:
-      continue
-    tried, omegas = pairs, s.omegas
-    if rule != "sg":  # CFG-scale rules: CFG's ω grid, SG's best pairs.
-      omegas = s.cfg_omegas
-      if best_pairs:
-        tried = best_pairs
-    found = grid(rule, omegas, tried, extra, rule)
-    if rule == "sg" and found:
-      by_pair = {}
-      for r in found:
-        k = (r["gamma_strong"], r["gamma_weak"])
-        by_pair[k] = min(by_pair.get(k, np.inf), r[study.metric])
-      best_pairs = sorted(by_pair, key=by_pair.get)[:TOP_PAIRS]
-    rows += found
-    if guidance_lib.uses_guide(rule):
-      rows += grid(rule, s.cfg_omegas, [(0.0, 0.0)], extra, "ag (autoguidance alone)")
+    for extra in variants(study, rule, step):
+      tried, omegas = pairs, s.omegas
+      if rule != "sg":  # CFG-scale rules: CFG's ω grid, SG's best pairs.
+        omegas = s.cfg_omegas
+        if best_pairs:
+          tried = best_pairs
+      what = " ".join([rule, *(str(extra[k]) for k in ("token_draw", "guide") if k in extra)])
+      found = grid(rule, omegas, tried, extra, what)
+      if rule == "sg" and not extra and found:
+        by_pair = {}
+        for r in found:
+          k = (r["gamma_strong"], r["gamma_weak"])
+          by_pair[k] = min(by_pair.get(k, np.inf), r[study.metric])
+        best_pairs = sorted(by_pair, key=by_pair.get)[:TOP_PAIRS]
+      rows += found
+      if guidance_lib.uses_guide(rule):
+        tag_g = f" {extra['guide']}" if "guide" in extra else ""
+        rows += grid(rule, s.cfg_omegas, [(0.0, 0.0)], extra, "ag (autoguidance alone)" + tag_g)
+        if s.ag_cosine:  # The paper's AG+SG: γ on a cosine schedule, only ω searched.
+          gs0, gs1, gw0, gw1 = (float(g) for g in s.ag_cosine)
+          rows += grid(rule, s.cfg_omegas, [(gs0, gw0)],
+                       dict(extra, schedule="cosine", gamma_strong_end=gs1, gamma_weak_end=gw1),
+                       "ag_sg cosine" + tag_g)
+  rows += bracket_gamma(study, rows, ref, tag)
   rows += bracket_omega(study, rows, ref, tag)
   refit = []
-  for fam in [f for f in FAMILIES if everywhere(study, model, f)]:
+  for fam in [f for f in families_of(rows) if everywhere(study, model, f)]:
     mine = [r for r in rows if family(r) == fam]
     for b in levels:
       if b != ref:
-        refit += [fit_steps(study, {k: r[k] for k in POINT_FIELDS}, b)
+        refit += [fit_steps(study, setting_of(r), b)
                   for r in top(study, mine, int(s.top_settings))]
   return rows + study.run(refit, f"screen{tag}, the best settings at the other budgets")
 
 
 OMEGA_STEP = 1.5
+GAMMA_STEP = 0.1
+
+
+def bracket_gamma(study: Study, rows: list[dict], budget: float, tag: str = "") -> list[dict]:
+  """Where a sparse family's best γ_weak is the edge of the γ_weak it was tried at (at its ω,
+  γ_strong and interval), γ_weak is pushed past that edge (GAMMA_STEP lower, or halfway to 1)
+  until quality turns, up to `study.gamma_extensions` times: the optimum moves with training."""
+  added = []
+  for fam in families_of(rows):
+    mine = [r for r in rows if family(r) == fam]
+    b = guidance_lib.RULE_BRANCHES[mine[0]["rule"]]
+    if not (b.weak and b.sparse) or fam.split()[0] == "ag" or "schedule" in mine[0]:
+      continue
+    for _ in range(int(study.config.study.gamma_extensions)):
+      best = study.best(mine)
+      same = lambda r, best=best: (r["omega"] == best["omega"] and r["interval"] == best["interval"]
+                                   and r["gamma_strong"] == best["gamma_strong"])
+      tried = sorted({r["gamma_weak"] for r in mine if same(r)})
+      if best["gamma_weak"] == tried[0] and round(best["gamma_weak"] - GAMMA_STEP, 4) > max(
+          best["gamma_strong"], 0.0):
+        gamma = round(best["gamma_weak"] - GAMMA_STEP, 4)
+      elif best["gamma_weak"] == tried[-1] and best["gamma_weak"] < 0.99:
+        gamma = round((1 + best["gamma_weak"]) / 2, 4)
+      else:
+        break  # Bracketed: a worse γ_weak on each side (or at the range's end).
+      p = fit_steps(study, dict(setting_of(best), gamma_weak=gamma), budget)
+      new = study.run([p], f"screen{tag} @ {budget:.2f} GMACs, {fam} γ_weak past the grid's edge")
+      if not new:
+        break
+      mine, added = mine + new, added + new
+  return added
 
 
 def bracket_omega(study: Study, rows: list[dict], budget: float, tag: str = "") -> list[dict]:
@@ -204,7 +279,7 @@ def bracket_omega(study: Study, rows: list[dict], budget: float, tag: str = "") 
   `study.omega_extensions` times: the optimum is then bracketed, not assumed to lie inside the
   configured grid."""
   added = []
-  for fam in FAMILIES:
+  for fam in families_of(rows):
     mine = [r for r in rows if family(r) == fam]
     if not mine or not guidance_lib.RULE_BRANCHES[mine[0]["rule"]].weak:
       continue
@@ -218,7 +293,7 @@ def bracket_omega(study: Study, rows: list[dict], budget: float, tag: str = "") 
         omega = best["omega"] / OMEGA_STEP
       else:
         break  # Bracketed: a worse ω on each side.
-      p = fit_steps(study, dict({k: best[k] for k in POINT_FIELDS}, omega=round(omega, 4)), budget)
+      p = fit_steps(study, dict(setting_of(best), omega=round(omega, 4)), budget)
       new = study.run([p], f"screen{tag} @ {budget:.2f} GMACs, {fam} ω past the grid's edge")
       if not new:
         break
@@ -235,6 +310,11 @@ def everywhere(study: Study, model: str, fam: str) -> bool:
 
 POINT_FIELDS = ("rule", "omega", "gamma_strong", "gamma_weak", "steps", "interval", "guide_step",
                 "checkpoint", "per_class", "model")
+
+
+def setting_of(r: dict) -> dict:
+  """A scored row's point: its fields without the scores (variant fields where present)."""
+  return {k: r[k] for k in (*POINT_FIELDS, *VARIANT_FIELDS) if k in r}
 
 
 def budgets(study: Study, rows: list[dict]) -> list[float]:

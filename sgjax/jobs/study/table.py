@@ -27,12 +27,13 @@ from sgjax import (
 from sgjax import config as config_lib
 from sgjax import guidance as guidance_lib
 from sgjax import state as state_lib
+from sgjax import workdir as workdir_lib
 from sgjax.convert import inception_fid
 from sgjax.eval import fmnist, frechet, inception
 from sgjax.eval import metrics as eval_metrics
 from sgjax.jobs import evaluate, sweep
 
-STAGES = ("screen", "final", "checkpoints", "dense", "probe")
+STAGES = ("screen", "final", "checkpoints", "dense", "probe", "trend")
 SEARCHES = ("coordinate", "budget")
 ALL_RULES = guidance_lib.RULES
 # What the tables compare: the rules, and AG+SG at γ 0/0 apart ("ag": autoguidance alone, both
@@ -54,9 +55,31 @@ PAIRS = (("sg", "cfg"), ("cfg_sg", "cfg"), ("ag_sg", "ag"), ("sg", "none"), ("cf
 GAIN_PAIRS = ((("cfg", "none"), (("dense", "cfg"), ("dense", "none"))),)
 
 
+# A point's optional fields, present only where not the default (so the keys, feature files and
+# families of points without them are what they were): the weak branch's token draw, a γ
+# schedule with its end values, and the tag of AG's guide choice (`study.guides`).
+VARIANT_FIELDS = ("token_draw", "schedule", "gamma_strong_end", "gamma_weak_end", "guide")
+
+
 def family(r: dict) -> str:
-  dense_ag = r["rule"] == "ag_sg" and r["gamma_strong"] == 0 and r["gamma_weak"] == 0
-  return "ag" if dense_ag else r["rule"]
+  """What a table compares: the rule, "ag" for AG+SG at γ 0/0, and a variant's tags ("sg traj",
+  "ag_sg cos g/16", "ag g@500")."""
+  dense_ag = r["rule"] == "ag_sg" and r["gamma_strong"] == 0 and r["gamma_weak"] == 0 and (
+      r.get("schedule", "constant") == "constant")
+  out = "ag" if dense_ag else r["rule"]
+  if r.get("schedule", "constant") != "constant":
+    out += " cos"
+  if r.get("token_draw", "step") != "step":
+    out += " traj"
+  if "guide" in r:
+    out += f" {r['guide']}"
+  return out
+
+
+def families_of(rows: list[dict]) -> list[str]:
+  """The families present in `rows`: FAMILIES' order, then variants sorted."""
+  present = {family(r) for r in rows}
+  return [f for f in FAMILIES if f in present] + sorted(present - set(FAMILIES))
 
 
 def check(config: ml_collections.ConfigDict) -> None:
@@ -93,8 +116,11 @@ def check(config: ml_collections.ConfigDict) -> None:
   need(all(0 < t < 1 for t in s.probe_ts), "probe_ts", "outside (0, 1)", "t values in (0, 1)")
   need(all(b > 0 for b in s.budgets), "budgets", "must be > 0", "GMACs per image")
   need(s.search in SEARCHES, "search", "unknown search", f"one of {SEARCHES}")
-  need(set(s.final_families) <= set(FAMILIES), "final_families", "unknown family",
-       f"a subset of {FAMILIES} (() = all)")
+  need({f.split()[0] for f in s.final_families} <= set(FAMILIES), "final_families",
+       "unknown family", f"a subset of {FAMILIES}, variants tagged (() = all)")
+  if "trend" in s.stages:
+    need(len(s.checkpoints) > 0, "checkpoints", "the trend stage needs them",
+         "the checkpoint steps to study, e.g. (2000, 4000, 8000)")
   need(s.budget_ref >= 0, "budget_ref", "must be >= 0", "GMACs per image (0 = the middle budget)")
   need(int(s.top_settings) >= 1, "top_settings", "must be >= 1", "a positive integer")
   need(int(s.omega_extensions) >= 0, "omega_extensions", "must be >= 0", "0 (off) or more")
@@ -116,22 +142,33 @@ def check(config: ml_collections.ConfigDict) -> None:
 
 def point(rule: str, omega: float, gamma_strong: float, gamma_weak: float, steps: int, *,
           checkpoint_step: int, per_class: int, interval=FULL, guide_step: int = -1,
-          model: str = "main") -> dict | None:
-  """One setting, with the fields its rule ignores collapsed (None: the rule refuses it)."""
+          model: str = "main", **variant) -> dict | None:
+  """One setting, with the fields its rule ignores collapsed (None: the rule refuses it).
+  `variant`: VARIANT_FIELDS, kept only where they change the sampler."""
   s = guidance_lib.setting(rule, omega, gamma_strong, gamma_weak)
   if s is None:
     return None
-  if not guidance_lib.RULE_BRANCHES[rule].weak:
+  b = guidance_lib.RULE_BRANCHES[rule]
+  if not b.weak:
     interval = FULL
+  extra = {k: variant[k] for k in VARIANT_FIELDS if k in variant}
+  if extra.get("token_draw") == "step" or not (b.weak and b.sparse):
+    extra.pop("token_draw", None)
+  if extra.get("schedule", "constant") == "constant":
+    for k in ("schedule", "gamma_strong_end", "gamma_weak_end"):
+      extra.pop(k, None)
+  if not guidance_lib.uses_guide(rule):
+    extra.pop("guide", None)
   return dict(s, steps=int(steps), interval=[float(v) for v in interval],
               guide_step=int(guide_step) if guidance_lib.uses_guide(rule) else -1,
-              checkpoint=int(checkpoint_step), per_class=int(per_class), model=model)
+              checkpoint=int(checkpoint_step), per_class=int(per_class), model=model, **extra)
 
 
 def key(p: dict) -> tuple:
-  # "seed" only on points sampled with another seed than study.seed (the final's second seed).
+  # "seed" only on points sampled with another seed than study.seed (the final's second seed);
+  # variant fields only where present (a point without them keeps its key and features file).
   return (p["model"], p["checkpoint"], p["per_class"], *sweep.point_key(p), *p["interval"],
-          p["guide_step"], p.get("seed"))
+          p["guide_step"], p.get("seed"), *((k, p[k]) for k in VARIANT_FIELDS if k in p))
 
 
 def label(p: dict) -> str:
@@ -141,6 +178,10 @@ def label(p: dict) -> str:
     out += f" ω={p['omega']:g}"
   if b.sparse:
     out += f" γ={p['gamma_strong']:g}" + (f"/{p['gamma_weak']:g}" if b.weak else "")
+  if p.get("schedule", "constant") != "constant":
+    out += f" {p['schedule']}→{p['gamma_strong_end']:g}/{p['gamma_weak_end']:g}"
+  if p.get("token_draw", "step") != "step":
+    out += f" draw per {p['token_draw']}"
   if tuple(p["interval"]) != FULL:
     out += f" interval={p['interval'][0]:g}-{p['interval'][1]:g}"
   if p["guide_step"] >= 0:
@@ -223,17 +264,22 @@ def judge_for(config: ml_collections.ConfigDict, workdir: str, mesh, log) -> Jud
 class Study:
   """The points table of one study and what scoring a point needs (weights, judge, mesh)."""
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str, log=metrics.print0):
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, log=metrics.print0, *,
+               step: int | None = None, out_dir: str = ""):
+    """`step`: the checkpoint the screens study (default the latest); `out_dir`: where its
+    tables go (default <workdir>/study; the trend stage gives each checkpoint its own)."""
     self.config, self.workdir, self.log = config, workdir, log
     self.mesh = sharding.build_mesh(config.mesh)
-    self.out_dir = os.path.join(workdir, "study")
+    self.out_dir = out_dir or os.path.join(workdir, "study")
     self.path = os.path.join(self.out_dir, "points.jsonl")
     self.rows = {key(r): r for r in sweep.load_results(self.path)}
     self._judge, self._weights = None, {}
+    workdir_lib.refuse_inside_a_run(workdir, f"--workdir={workdir}")
     self.saved = checkpoint.saved_steps(os.path.join(workdir, "checkpoints"))
     if not self.saved:
       raise errors.UserError(os.path.join(workdir, "checkpoints"), "no checkpoint there",
                              "train first (--mode=train) or point --workdir at a trained run")
+    self.step = self.saved[-1] if step is None else int(step)
 
   def model_config(self, model: str) -> tuple[ml_collections.ConfigDict, str]:
     if model == "main":
@@ -243,9 +289,13 @@ class Study:
   def point_config(self, p: dict) -> ml_collections.ConfigDict:
     base, workdir = self.model_config(p["model"])
     return config_lib.replace(base, {
-        "sample.steps": p["steps"], "sample.num_samples": 0, "sample.guidance.schedule":
-        "constant", "sample.guidance.interval": tuple(p["interval"]),
+        "sample.steps": p["steps"], "sample.num_samples": 0,
+        "sample.guidance.interval": tuple(p["interval"]),
         "sample.guidance.guide_step": p["guide_step"], "sample.guidance.guide_workdir": workdir,
+        "sample.guidance.schedule": p.get("schedule", "constant"),
+        "sample.guidance.gamma_strong_end": p.get("gamma_strong_end", 0.0),
+        "sample.guidance.gamma_weak_end": p.get("gamma_weak_end", 0.0),
+        "sample.guidance.token_draw": p.get("token_draw", "step"),
         **{f"sample.guidance.{k}": p[k] for k in ("rule", "omega", "gamma_strong",
                                                   "gamma_weak")}})
 
