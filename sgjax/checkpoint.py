@@ -12,9 +12,12 @@ checkpoint, steps from before the workdir was recorded) are never deleted, and r
 folder read-only, so they neither create it nor clean up another process's save in progress.
 
 A save that fails for a full disk (or any OSError) stops the run with one line naming the step
-folder, the cause and the last complete checkpoint; the unfinished step (orbax's temporary
-folder, which no resume reads) is removed to give the space back, so a rerun after space is
-freed resumes from the last complete step.
+folder (an async save's own step, though its failure surfaces at the next save or at close),
+the cause and the last complete checkpoint; the unfinished step (orbax's temporary folder,
+which no resume reads) is removed to give the space back, so a rerun after space is freed
+resumes from the last complete step. What orbax's threads and event loop print about that same
+failure (its error logs, asyncio's unretrieved task errors, TensorStore's "Event loop is
+closed") is kept off the console: the one line says it.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -56,16 +60,44 @@ def _register_array_handler() -> None:
 _register_array_handler()
 
 
-def _drop_disk_full_task_errors(record: logging.LogRecord) -> bool:
-  """asyncio's "Task exception was never retrieved" for each of orbax's writes that hit the
-  full disk: that failure is reported once, as the save's one line."""
-  return not (record.exc_info and files.disk_full(record.exc_info[1]))
+def _orbax_disk_full(record: logging.LogRecord) -> bool:
+  """Whether `record` is asyncio's "Task exception was never retrieved" or orbax's own log of a
+  write that hit the full disk (from its writer threads, before the save is waited for): that
+  failure is reported once, as the save's one line."""
+  return bool(record.exc_info and files.disk_full(record.exc_info[1])) and (
+      record.name == "asyncio" or "orbax" in record.pathname)
+
+
+def _late_callback(unraisable) -> bool:
+  """TensorStore's "Event loop is closed": a write finishing after orbax closed the event loop
+  that awaited it, which happens only when a sibling write failed (that failure is raised and
+  reported by itself). TensorStore reports it as unraisable, from its own threads."""
+  err, tb = unraisable.exc_value, unraisable.exc_traceback
+  while tb is not None and tb.tb_next is not None:
+    tb = tb.tb_next
+  return (isinstance(err, RuntimeError) and str(err) == "Event loop is closed"
+          and tb is not None and tb.tb_frame.f_code.co_name == "_check_closed")
+
+
+def _quiet_failed_writes() -> None:
+  """Installs the two filters above, once at import: with async saves they fire in orbax's
+  threads before the main thread learns that the save failed."""
+  for name in ("asyncio", "absl"):
+    logging.getLogger(name).addFilter(lambda r: not _orbax_disk_full(r))
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    if not _late_callback(unraisable):
+      previous(unraisable)
+
+  sys.unraisablehook = hook
+
+
+_quiet_failed_writes()
 
 
 def _save_failed(directory: str, step: int | None, err: BaseException) -> errors.UserError:
   """The one line for a save that failed: the step, the cause, the last complete step."""
-  if files.disk_full(err):
-    logging.getLogger("asyncio").addFilter(_drop_disk_full_task_errors)  # Once: a set.
   complete = [s for s in saved_steps(directory) if s != step]
   last = (f"the last complete checkpoint is step {max(complete)} (kept): free space and rerun "
           "the same command to resume from it" if complete else
@@ -91,8 +123,21 @@ def _is_write_failure(err: BaseException) -> bool:
 
 
 class _Manager(ocp.CheckpointManager):
-  """Orbax's manager whose async save errors (raised when a save is waited for) are the one
-  line of a failed save."""
+  """Orbax's manager whose failed saves are one line naming the step that failed: an async
+  save's error surfaces only when it is waited for (at the next save or at close), so the
+  step in flight is remembered."""
+
+  _saving: int | None = None
+
+  def save(self, step: int, *args, **kwargs) -> bool:
+    self.wait_until_finished()  # An earlier save that failed is named as itself.
+    self._saving = step
+    try:
+      return super().save(step, *args, **kwargs)
+    except Exception as err:
+      if not _is_write_failure(err):
+        raise
+      raise _save_failed(str(self.directory), step, err) from err
 
   def wait_until_finished(self) -> None:
     try:
@@ -100,7 +145,7 @@ class _Manager(ocp.CheckpointManager):
     except Exception as err:
       if not _is_write_failure(err):
         raise
-      raise _save_failed(str(self.directory), None, err) from err
+      raise _save_failed(str(self.directory), self._saving, err) from err
 
 
 def manager(directory: str, *, max_to_keep: int | None = 3, async_save: bool = True,
@@ -157,15 +202,22 @@ class _IteratorSnapshot:
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_iter: Any | None) -> None:
+  """Saves `step` (async if the manager is); a save that fails is one line (`_Manager`)."""
   items = dict(state=ocp.args.StandardSave(state))
   if data_iter is not None:
     items["data"] = grain.checkpoint.CheckpointSave(_IteratorSnapshot(data_iter))
+  mngr.save(step, args=ocp.args.Composite(**items), force=True)
+
+
+def close(mngr: ocp.CheckpointManager, *, failing: bool = False) -> None:
+  """Finishes the pending save and closes `mngr`. `failing`: the caller is already stopping
+  with an error, which stays the one reported: a failed save (named already, or the same full
+  disk) is not raised over it."""
   try:
-    mngr.save(step, args=ocp.args.Composite(**items), force=True)
-  except Exception as err:
-    if not _is_write_failure(err):
+    mngr.close()
+  except errors.UserError:
+    if not failing:
       raise
-    raise _save_failed(str(mngr.directory), step, err) from err
 
 
 def _paths_and_shapes(tree: Any) -> dict[str, tuple]:

@@ -149,8 +149,13 @@ def _acquire_flock(path: str, directory: str, info: dict, log) -> int | None:
     previous = _parse(os.pread(fd, 1 << 16, 0).decode(errors="replace"))
     _note_takeover(directory, previous, log)
     data = (json.dumps(info, indent=1) + "\n").encode()
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, data, 0)
+    try:
+      os.ftruncate(fd, 0)
+      os.pwrite(fd, data, 0)
+    except OSError as err:  # A full disk: one line, and no empty lock file left behind.
+      os.unlink(path)
+      os.close(fd)
+      raise files.write_failed(path, err) from err
     return fd
 
 
@@ -256,6 +261,7 @@ def hold(directory: str, what: str, log: Callable[[str], None] | None = None
         _release(directory, fd, token)
       raise
   elif refusal is not None:
+    _remove_empty(created)
     raise refusal
   _held[key] = [1, fd, token]
   try:
@@ -264,11 +270,16 @@ def hold(directory: str, what: str, log: Callable[[str], None] | None = None
     del _held[key]
     if lead and token is not None:
       _release(directory, fd, token)
-    for folder in created:  # Made for the lock alone (the job then refused early): gone again.
-      try:
-        os.rmdir(folder)
-      except OSError:  # Not empty: the job wrote there.
-        break
+    _remove_empty(created)
+
+
+def _remove_empty(created: list[str]) -> None:
+  """The folders made for the lock alone (deepest first; the job refused early): gone again."""
+  for folder in created:
+    try:
+      os.rmdir(folder)
+    except OSError:  # Not empty: the job wrote there.
+      break
 
 
 def holding(param: str, what: str, sub: str = "") -> Callable:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from typing import Any
 
@@ -27,7 +28,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from sgjax import checkpoint, files, generate, metrics, models, pipeline, sampling, sharding
+from sgjax import checkpoint, errors, files, generate, metrics, models, pipeline, sampling, sharding
 from sgjax import config as config_lib
 from sgjax import guidance as guidance_lib
 from sgjax import state as state_lib
@@ -138,6 +139,17 @@ class Previews:
                                                    step=g.guide_step)
     return {guidance_lib.MAIN: main, guidance_lib.GUIDE: self._guide}
 
+  def _save(self, path: str, grid: np.ndarray) -> None:
+    """Writes a grid's PNG; one that cannot be written (a full disk) is a warning line: a grid
+    is worth less than the run, which goes on."""
+    try:
+      files.makedirs(self.out_dir)
+      sampling.save_png(path, grid)
+    except errors.UserError as err:  # sgjax.files' write failures: the OSError is the cause.
+      warning = files.write_failed(path, err.__cause__ or err, "training goes on",
+                                   subject="sample grid not written")
+      print(f"warning: {warning}", file=sys.stderr, flush=True)
+
   def write(self, step: int, state) -> float:
     """Draws and writes the grids of `step`; returns the seconds it took (all processes)."""
     if not self.enabled:
@@ -158,8 +170,7 @@ class Previews:
         grid = sampling.image_grid(images, rows=grid_shape(len(images)))
         if grid.shape[0] <= 256:  # Small images: shown at twice their size.
           grid = grid.repeat(2, axis=0).repeat(2, axis=1)
-        files.makedirs(self.out_dir)
-        sampling.save_png(os.path.join(self.out_dir, f"step_{step}_{rule}.png"), grid)
+        self._save(os.path.join(self.out_dir, f"step_{step}_{rule}.png"), grid)
         self.writer.image(step, tag(rule, c.sample.guidance.omega), grid)
     seconds = time.perf_counter() - t0
     compile_s = self.pipe.compile_seconds - compile_s0

@@ -25,14 +25,6 @@ StepVelocity = Callable[..., jax.Array]
 SAMPLERS = ("euler", "heun")
 
 
-def check_config(config) -> None:
-  """The sampler's fields of `sample`: its method and its time grid (steps, shift)."""
-  s, check = config.sample, errors.check
-  check(s.steps >= 1, "sample.steps", s.steps, "must be >= 1")
-  check(s.sampler in SAMPLERS, "sample.sampler", s.sampler, f"allowed: {SAMPLERS}")
-  check(s.time_shift > 0, "sample.time_shift", s.time_shift, "must be > 0 (1 = uniform grid)")
-
-
 def make_velocity_fn(model: dit.DiT) -> guidance_lib.VelocityFn:
   def velocity(params, x, t, y, sparsity, token_key):
     return model.apply({"params": params}, x, t, y, sparsity=sparsity, token_key=token_key)

@@ -225,6 +225,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     first_step = int(state["step"])
     profiler = monitor.StepProfiler(tc, workdir, first_step, log=metrics_lib.print0)
     watch = preemption.PreemptionWatch().start()
+    failing = True  # Until the loop ends: then a failed last save is this run's error.
     try:
       # What the run shows at start: the resolved config (text, and hparams for a new run) and
       # the parameter table; then sample grids and a profile while it trains (sgjax.monitor).
@@ -292,11 +293,14 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
             print(f"SIGTERM: stopped at step {step} with a checkpoint; rerun the same command "
                   "to resume", flush=True)
           break
+      failing = False
     finally:
-      # Also on NaN abort or Ctrl-C: finish pending async saves, release files.
+      # Also on NaN abort or Ctrl-C: finish pending async saves, release files. The error that
+      # stops a run is reported once: a save failing too does not replace it.
       profiler.close()
       watch.stop()
-      ckpt.wait_until_finished()
-      ckpt.close()
-      writer.close()
+      try:
+        checkpoint.close(ckpt, failing=failing)
+      finally:
+        writer.close()
   return state

@@ -4,14 +4,14 @@ reads, once, before the job does any work.
 First every field the job reads is checked against its declaration (sgjax.config: type,
 tuple arity, range, finiteness, allowed values; `check_fields`). Then each section's checks of
 what depends on other fields run in the module that reads them (`check_config` there:
-sgjax.models and its kinds, data.pipeline, models.vae, sparsity,
-sharding, state, objectives, monitor, sampling, generate, guidance, eval.metrics); a job's own
-section is checked by the job (sgjax.jobs.demo, sgjax.jobs.sweep, sgjax.jobs.study,
-sgjax.tools.encode_latents). So a training run does not fail on a sweep-only setting, and every
-job still fails in its first second on a bad value of a field it uses. Errors name the field
-and the allowed range: `sgjax.errors.UserError`, one line, exit 2. A key that `base_config()`
-does not have (a typo in a config file, where `ConfigDict.update` would add it silently) is
-refused for every job. The declarations themselves are sgjax.config's (a leaf).
+sgjax.models and its kinds, data.pipeline, models.vae, sparsity, sharding, state, objectives,
+monitor, generate, guidance, eval.metrics; the sampler's own fields need no more than their
+declarations); a job's own section is checked by the job (sgjax.jobs.demo, sgjax.jobs.sweep,
+sgjax.jobs.study, sgjax.tools.encode_latents). So a training run does not fail on a sweep-only
+setting, and every job still fails in its first second on a bad value of a field it uses.
+Errors name the field and the allowed range: `sgjax.errors.UserError`, one line, exit 2. A key
+that `base_config()` does not have (a typo in a config file, where `ConfigDict.update` would add
+it silently) is refused for every job. The declarations themselves are sgjax.config's (a leaf).
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ from sgjax import (
   models,
   monitor,
   objectives,
-  sampling,
   sharding,
   sparsity,
   state,
@@ -106,7 +105,6 @@ def _check_train(config: ml_collections.ConfigDict, num_devices: int | None) -> 
 
 
 def _check_sample(config: ml_collections.ConfigDict, num_devices: int | None) -> None:
-  sampling.check_config(config)  # The sampler and its time grid.
   generate.check_config(config, num_devices)  # The batches.
   guidance.check_config(config)  # The rule and its schedule, step by step.
 

@@ -466,6 +466,25 @@ def tmpfs(folder, size: str):
 
 
 
+def fill(folder, leave: int) -> str:
+  """Writes a ballast file, `filler`, so that `leave` bytes stay free on `folder`'s disk (a
+  tmpfs: the failure then comes at the write meant to hit it); its path."""
+  st_ = os.statvfs(folder)
+  filler = os.path.join(folder, "filler")
+  with open(filler, "wb") as f:
+    f.write(b"\0" * max(st_.f_bavail * st_.f_frsize - leave, 0))
+  return filler
+
+
+def one_error_line(proc: subprocess.CompletedProcess) -> str:
+  """The one `error: …` line of a command a user's mistake (or a full disk) stopped: asserts
+  exit status 2, no traceback and no other error line on stderr."""
+  lines = [s for s in proc.stderr.splitlines() if s.startswith("error: ")]
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr and len(lines) == 1, proc.stderr[-3000:]
+  return lines[0]
+
+
 # ------------------------------------------------------------------ config values to fuzz with
 def _number_bounds(spec) -> tuple[float, float, bool, bool]:
   """(lo, hi, lo_open, hi_open) of a declared number's bounds (±inf where open-ended)."""

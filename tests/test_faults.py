@@ -1,7 +1,9 @@
-"""Faults during writes (issue 23 items 3, 4): a full disk (a real tmpfs that fills up, and an
-injected OSError where a tmpfs cannot stand in) stops a writer with one line naming the file,
-the full disk and what is kept, leaves nothing half-written where a resume would read it, and the
-rerun after space is freed ends bit-exact; failed metric writes never stop training; SIGKILL
+"""Faults during writes (issue 23 items 3, 4; issue 32 item 6): a full disk (a real tmpfs that
+fills up, and an injected OSError where a tmpfs cannot stand in) stops a writer (the train loop,
+sample shards, an export, the study's table, a writer lock) with one line naming the file, the
+full disk and what is kept, and from the command line nothing else (no traceback from orbax's
+threads); it leaves nothing half-written where a resume would read it, and the rerun after space
+is freed ends bit-exact; failed metric writes and sample grids never stop training; SIGKILL
 during a sample-shard run, an eval's feature caching and encode_latents, then a rerun, gives the
 uninterrupted run's bytes (or features)."""
 
@@ -18,16 +20,21 @@ import jax
 import numpy as np
 import pytest
 
-from sgjax import errors, files, metrics, sharding, train
+from sgjax import errors, files, lock, metrics, sharding, train
 from sgjax.convert import inception_fid
 from sgjax.jobs import evaluate as eval_job
 from sgjax.jobs import sample as sample_job
+from sgjax.jobs import study as study_lib
+from sgjax.jobs import sweep
 from sgjax.tools import encode_latents
 from tests.builders import (
   VAE,
+  fill,
   image_folder,
   inception_state_dict,
   latent_config,
+  one_error_line,
+  read_events,
   tiny_config,
   tmpfs,
   write_checkpoints,
@@ -48,15 +55,6 @@ def _du(path) -> int:
   return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
 
 
-def _fill(folder, leave: int) -> str:
-  """Writes a filler file so that `leave` bytes stay free on `folder`'s disk; its path."""
-  st = os.statvfs(folder)
-  filler = os.path.join(folder, "filler")
-  with open(filler, "wb") as f:
-    f.write(b"\0" * max(st.f_bavail * st.f_frsize - leave, 0))
-  return filler
-
-
 def _launch(args):
   return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
@@ -75,8 +73,21 @@ def _kill_when(proc, ready, timeout=300):
 
 
 # ------------------------------------------------------------------ a full disk
+FULL = "the disk is full (no space left on device)"
+REDO = ("free space (or fix the folder) and rerun the same command: finished files are kept, "
+        "this one is redone")
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=_env(), capture_output=True,
+                        text=True, timeout=300)
+
+
 def test_a_full_disk_stops_training_keeps_the_last_checkpoint_and_resumes_bit_exact(tmp_path):
   c = tiny_config()  # 4 steps, checkpoints at 2 and 4.
+  # Async saves, as the shipped configs make them: the write fails in orbax's threads and event
+  # loop, where it used to print tracebacks ("Event loop is closed") before the one line.
+  c.train.async_checkpoint = True
   straight = str(tmp_path / "straight")
   expected = [np.asarray(a) for a in jax.tree.leaves(train.train(c, straight))]
   # A disk with room for everything but the step-4 checkpoint (half of it fits).
@@ -85,12 +96,15 @@ def test_a_full_disk_stops_training_keeps_the_last_checkpoint_and_resumes_bit_ex
   disk = tmp_path / "disk"
   with tmpfs(disk, str(room + 64 * PAGE)) as remount:
     workdir = str(disk / "run")
-    with pytest.raises(errors.UserError) as stop:
-      train.train(c, workdir)
-    assert str(stop.value) == (
-        f"{workdir}/checkpoints/4: checkpoint step 4 was not saved: the disk is full (no "
-        "space left on device); the last complete checkpoint is step 2 (kept): free space and "
-        "rerun the same command to resume from it")
+    proc = _cli("sgjax.main", "--config=tests/configs/tiny.py", f"--workdir={workdir}",
+                "--config.train.async_checkpoint=True")
+    assert one_error_line(proc) == (
+        f"error: {workdir}/checkpoints/4: checkpoint step 4 was not saved: {FULL}; the last "
+        "complete checkpoint is step 2 (kept): free space and rerun the same command to resume "
+        "from it")
+    # Nothing else on stderr but the progress lines: no log of orbax's threads.
+    assert [s for s in proc.stderr.splitlines() if not s.startswith(("[2/4", "[4/4", "error: "))
+            ] == [], proc.stderr[-3000:]
     # The unfinished step is gone (its space given back); nothing a resume would read.
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2"]
     assert not os.path.exists(os.path.join(workdir, "writer.lock"))
@@ -101,12 +115,90 @@ def test_a_full_disk_stops_training_keeps_the_last_checkpoint_and_resumes_bit_ex
       np.testing.assert_array_equal(a, np.asarray(b))
 
 
+def test_a_full_disk_while_drawing_grids_is_a_warning_and_training_goes_on(tmp_path, capsys):
+  c = tiny_config()
+  c.train.sample_every = 2  # Grids at steps 2 and 4.
+  c.sample.guidance.update(rule="cfg", omega=1.5)  # One grid a step (CFG is drawn beside others).
+  workdir = tmp_path / "run"
+  # The grids' folder alone is a full disk: checkpoints and TensorBoard land elsewhere.
+  with tmpfs(workdir / "samples", "64k"):
+    fill(workdir / "samples", 0)
+    state = train.train(c, str(workdir))
+    assert os.listdir(workdir / "samples") == ["filler"]  # No half-written grid.
+  assert int(state["step"]) == 4
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
+  warnings = [s for s in capsys.readouterr().err.splitlines() if s.startswith("warning: ")]
+  assert warnings == [f"warning: {workdir}/samples/step_{n}_cfg.png: sample grid not written: "
+                      f"{FULL}; training goes on" for n in (2, 4)]
+  # The grids still reach TensorBoard, on its own disk.
+  images = [(e.step, v.tag) for e in read_events(workdir / "tensorboard")
+            for v in e.summary.value if v.HasField("image")]
+  assert images == [(2, "samples/cfg_omega1.5"), (4, "samples/cfg_omega1.5")]
+
+
+def test_sample_shards_and_an_export_on_a_full_disk_are_one_line(checkpointed, tmp_path):
+  shards_disk, export_disk = tmp_path / "shards", tmp_path / "export"
+  with tmpfs(shards_disk, "4m"), tmpfs(export_disk, "64k"):
+    workdir = str(shards_disk / "run")
+    shutil.copytree(checkpointed, workdir)
+    # Room for the lock, the set's settings.json and its first shard (a page each).
+    fill(shards_disk, 3 * PAGE)
+    fill(export_disk, 0)
+    out = str(export_disk / "ema.safetensors")
+    procs = {name: subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, env=_env(),
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for name, args in {
+                 "sample": ["sgjax.main", "--config=tests/configs/tiny.py", f"--workdir={workdir}",
+                            "--mode=sample", "--config.sample.num_samples=32",
+                            "--config.sample.shard_batches=1"],
+                 "export": ["sgjax.jobs.export", "--config=tests/configs/tiny.py",
+                            f"--workdir={checkpointed}", "--layout=sgjax", f"--out={out}"]}.items()}
+    done = {k: subprocess.CompletedProcess(p.args, p.wait(timeout=300), *p.communicate())
+            for k, p in procs.items()}
+    sets = os.path.join(workdir, "samples_sg_32")
+    assert one_error_line(done["sample"]) == (
+        f"error: {sets}/shard_00001.npz: cannot write: {FULL}; {REDO}")
+    assert sorted(os.listdir(sets)) == ["settings.json", "shard_00000.npz"]  # No .tmp, no lock.
+    assert files.load_npz(os.path.join(sets, "shard_00000.npz"))["arr_0"].shape == (8, 16, 16, 1)
+    assert one_error_line(done["export"]) == f"error: {out}: cannot write: {FULL}; {REDO}"
+    assert os.listdir(export_disk) == ["filler"]
+
+
+def test_the_study_table_and_a_writer_lock_on_a_full_disk_are_one_line(checkpointed, tmp_path,
+                                                                        monkeypatch):
+  disk = tmp_path / "disk"
+  with tmpfs(disk, "64k"):
+    study = study_lib.Study(tiny_config(), checkpointed, out_dir=str(disk / "study"))
+    study._judge = study_lib.Judge("fd", None, None, None)  # Scores are not under test.
+    monkeypatch.setattr(study_lib.Study, "score", lambda self, p, resamples: dict(
+        p, fd=1.0, num_samples=4, gmacs_per_image=0.5, seconds=0.0))
+    first, second = (study_lib.point("sg", 1.5, 0.0, g, 3, checkpoint_step=2, per_class=1)
+                     for g in (0.5, 0.75))
+    (row,) = study.run([first], "screen")
+    filler = fill(disk, 0)
+    with pytest.raises(errors.UserError) as stop:
+      study.run([second], "screen")
+    assert str(stop.value) == f"{study.path}: cannot write: {FULL}; {REDO}"
+    # The table keeps its finished points (the rerun scores only the one that was lost).
+    assert sweep.load_results(study.path) == [row]
+    assert sorted(os.listdir(disk / "study")) == ["points.jsonl"]
+
+    # A writer lock (any job's first write) on the full disk: the same line, nothing left.
+    os.remove(filler)
+    os.makedirs(disk / "run")
+    fill(disk, 0)
+    with pytest.raises(errors.UserError) as stop, lock.hold(str(disk / "run" / "out"), "test"):
+      pass
+    assert str(stop.value) == f"{disk}/run/out/writer.lock: cannot write: {FULL}; {REDO}"
+    assert os.listdir(disk / "run") == []
+
+
 def test_failed_metric_writes_warn_once_and_the_run_goes_on(tmp_path, capsys):
   disk = tmp_path / "disk"
   with tmpfs(disk, "1m"):
     writer = metrics.MetricWriter(str(disk / "run"), enabled=True)
     writer.write(1, {"loss": 1.0})
-    filler = _fill(disk, 0)
+    filler = fill(disk, 0)
     for step in range(2, 40):  # Far more than tensorboardX's queue of 10 (a dead thread hangs).
       writer.write(step, {"loss": 1.0 / step, "lr": 0.1})
       writer.text(step, "config", "x" * 5000)
@@ -126,7 +218,7 @@ def test_a_full_disk_keeps_finished_shards_and_names_the_one_that_failed(tmp_pat
   shard = np.random.default_rng(0).integers(0, 256, (64, 16, 16, 1), np.uint8)  # 16 KB.
   with tmpfs(disk, "256k"):
     files.save_npz(disk / "shard_00000.npz", arr_0=shard)
-    _fill(disk, 2 * PAGE)  # Half a shard's room.
+    fill(disk, 2 * PAGE)  # Half a shard's room.
     with pytest.raises(errors.UserError) as stop:
       files.save_npz(disk / "shard_00001.npz", arr_0=shard)
     assert str(stop.value) == (
@@ -247,7 +339,7 @@ def test_encode_latents_killed_between_shards_or_stopped_by_a_full_disk_resumes_
   sizes = [len(b) for b in expected.values()]
   meta = os.path.getsize(os.path.join(straight, "metadata.json"))
   with tmpfs(disk, "1m"):
-    filler = _fill(disk, PAGE * (1 + pages(meta) + pages(sizes[0]) + pages(sizes[1]) - 1))
+    filler = fill(disk, PAGE * (1 + pages(meta) + pages(sizes[0]) + pages(sizes[1]) - 1))
     out = str(disk / "latents")
     with pytest.raises(errors.UserError) as stop:
       encode_latents.encode(latent_config(images, out, weights))
