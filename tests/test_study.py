@@ -348,9 +348,9 @@ def test_trend_runs_the_fair_comparison_at_each_checkpoint_with_every_variant_an
     cos = [r for r in rows if study_lib.family(r) == "ag_sg cos g/2"]
     assert all((r["gamma_strong"], r["gamma_strong_end"], r["gamma_weak"], r["gamma_weak_end"])
                == (0.0, 0.5, 0.5, 0.0) for r in cos)
-    for fam in ("sg", "sg traj"):  # A two-value grid's best is an edge: pushed past it once.
+    for fam in ("sg", "sg traj"):  # A two-value grid's best is an edge: pushed past it.
       gammas = {r["gamma_weak"] for r in rows if study_lib.family(r) == fam}
-      assert len(gammas - {0.5, 0.75}) == 1 and gammas - {0.5, 0.75} <= {0.4, 0.875}
+      assert 1 <= len(gammas - {0.5, 0.75}) <= 2 and gammas - {0.5, 0.75} <= {.3, .4, .85, .925}
     paired = {(p["a"], p["b"]) for p in map(json.loads, open(root / f"step_{step}"
                                                               / "paired.jsonl"))}
     assert {("sg", "cfg"), ("sg traj", "sg"), ("sg traj", "cfg"), ("ag g/2", "cfg"),

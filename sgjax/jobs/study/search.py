@@ -227,8 +227,10 @@ def screen_budget(study: Study, model: str = "main") -> list[dict]:
           rows += grid(rule, s.cfg_omegas, [(gs0, gw0)],
                        dict(extra, schedule="cosine", gamma_strong_end=gs1, gamma_weak_end=gw1),
                        "ag_sg cosine" + tag_g)
+  # γ_weak, then ω, then γ_weak again at the ω found (each a no-op where already bracketed).
   rows += bracket_gamma(study, rows, ref, tag)
   rows += bracket_omega(study, rows, ref, tag)
+  rows += bracket_gamma(study, rows, ref, tag)
   refit = []
   for fam in [f for f in families_of(rows) if everywhere(study, model, f)]:
     mine = [r for r in rows if family(r) == fam]
@@ -245,8 +247,9 @@ GAMMA_STEP = 0.1
 
 def bracket_gamma(study: Study, rows: list[dict], budget: float, tag: str = "") -> list[dict]:
   """Where a sparse family's best γ_weak is the edge of the γ_weak it was tried at (at its ω,
-  γ_strong and interval), γ_weak is pushed past that edge (GAMMA_STEP lower, or halfway to 1)
-  until quality turns, up to `study.gamma_extensions` times: the optimum moves with training."""
+  γ_strong and interval), γ_weak is pushed past that edge (GAMMA_STEP lower or higher; above
+  0.9 halfway to 1) until quality turns, up to `study.gamma_extensions` times: the optimum
+  moves with training."""
   added = []
   for fam in families_of(rows):
     mine = [r for r in rows if family(r) == fam]
@@ -262,7 +265,8 @@ def bracket_gamma(study: Study, rows: list[dict], budget: float, tag: str = "") 
           best["gamma_strong"], 0.0):
         gamma = round(best["gamma_weak"] - GAMMA_STEP, 4)
       elif best["gamma_weak"] == tried[-1] and best["gamma_weak"] < 0.99:
-        gamma = round((1 + best["gamma_weak"]) / 2, 4)
+        g = best["gamma_weak"]
+        gamma = round(g + GAMMA_STEP if g + GAMMA_STEP < 0.9 + 1e-9 else (1 + g) / 2, 4)
       else:
         break  # Bracketed: a worse γ_weak on each side (or at the range's end).
       p = fit_steps(study, dict(setting_of(best), gamma_weak=gamma), budget)
