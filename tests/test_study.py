@@ -356,6 +356,8 @@ def test_trend_runs_the_fair_comparison_at_each_checkpoint_with_every_variant_an
     assert {("sg", "cfg"), ("sg traj", "sg"), ("sg traj", "cfg"), ("ag g/2", "cfg"),
             ("ag_sg g/2", "ag g/2"), ("ag_sg cos g/2", "ag g/2")} <= paired
   trend = [json.loads(line) for line in open(root / "trend.jsonl")]
+  # One final per family and step: the one chosen now (the table may hold superseded ones).
+  assert len([r for r in trend if r["kind"] == "final"]) == 2 * 7
   finals = [r for r in trend if r["kind"] == "final"]
   assert {(r["step"], r["family"]) for r in finals} == {
       (s, f) for s in (2, 4) for f in ("none", "cfg", "sg", "sg traj", "ag_sg g/2", "ag g/2",

@@ -65,7 +65,9 @@ def trend(study: Study) -> list[dict]:
     screen = screen_budget(at)
     finals = final(at, screen)
     parts = dict(screen=screen, final=finals, paired=paired(at, finals))
-    if jax.process_index() == 0:
+    if jax.process_index() == 0:  # The finals chosen now (the table keeps superseded ones).
+      files.write_text(os.path.join(at.out_dir, "finals.jsonl"),
+                       "".join(json.dumps(r) + "\n" for r in finals))
       files.write_text(os.path.join(at.out_dir, "report.md"), report(at, parts) + "\n")
   probe(study, [])
   return trend_rows(study)
@@ -87,17 +89,16 @@ def trend_rows(study: Study) -> list[dict]:
                  if n.startswith("step_")) if files.exists(root) else []
   out = []
   for step in steps:
-    at = Study(study.config, study.workdir, study.log, step=step, out_dir=step_dir(study, step))
-    at._judge = study.judge()
     ep = dict(step=step, epochs=epochs(study, step))
-    finals = [r for r in at.rows.values() if r["per_class"] == s.final_per_class
-              and r["checkpoint"] == step and r["model"] == "main"]
+    path = os.path.join(step_dir(study, step), "finals.jsonl")
+    finals = (readers.jsonl(path, "study table", f"move {path} aside and rerun")
+              if files.exists(path) else [])
     for r in sorted(finals, key=lambda r: (family(r), r.get("seed", s.seed))):
       out.append(dict(ep, kind="final", family=family(r), label=label(r),
                       seed=r.get("seed", s.seed), gmacs=r["gmacs_per_image"],
                       **{k: r[k] for k in (m, f"{m}_lo", f"{m}_hi", "class_accuracy",
                                            "precision", "recall", "variance_ratio") if k in r}))
-    path = os.path.join(at.out_dir, "paired.jsonl")
+    path = os.path.join(step_dir(study, step), "paired.jsonl")
     if files.exists(path):
       for r in readers.jsonl(path, "study table", f"move {path} aside and rerun"):
         out.append(dict(ep, kind="paired", a=r["a"], b=r["b"], seed=r["seed"],
