@@ -105,10 +105,11 @@ def trend_rows(study: Study) -> list[dict]:
                         budget=r["budget"], **{k: r[k] for k in r if k.startswith("d_")}))
   path = os.path.join(study.out_dir, "probe.jsonl")
   if files.exists(path):
+    # Every probed checkpoint, not only the studied ones: the probe is cheap, so it runs at
+    # more steps (the held-out loss per doubling says when the run has converged).
     for r in readers.jsonl(path, "study table", f"move {path} aside and rerun"):
-      if r["checkpoint"] in steps:
-        out.append(dict(step=r["checkpoint"], epochs=epochs(study, r["checkpoint"]),
-                        kind="probe", **{k: v for k, v in r.items() if k != "checkpoint"}))
+      out.append(dict(step=r["checkpoint"], epochs=epochs(study, r["checkpoint"]), kind="probe",
+                      **{k: v for k, v in r.items() if k != "checkpoint"}))
   if jax.process_index() == 0 and out:
     files.makedirs(root)
     files.write_text(os.path.join(root, "trend.jsonl"),
@@ -124,7 +125,7 @@ def _ci(v: float, lo: float | None, hi: float | None, sign: str = "") -> str:
 def trend_report(study: Study, rows: list[dict]) -> str:
   """trend.md: each family's final score, each paired difference and the probe, by checkpoint."""
   m, seed = study.metric, study.config.study.seed
-  steps = sorted({r["step"] for r in rows})
+  steps = sorted({r["step"] for r in rows if r["kind"] != "probe"})
   ep = {r["step"]: r["epochs"] for r in rows}
   head = " | ".join(f"{s} ({ep[s]:.1f} ep)" for s in steps)
   out = [f"# Trend over training: {study.workdir}", "",
@@ -150,11 +151,22 @@ def trend_report(study: Study, rows: list[dict]) -> str:
   out += ["", "## Probe: ‖ΔSG‖/‖ΔCFG‖, cosine, draw noise, held-out loss at γ 0 / 0.5 / 0.9",
           "", "| step | epochs | t | ‖ΔSG‖/‖ΔCFG‖ | cosine | draw noise | loss γ0 | loss γ0.5 "
           "| loss γ0.9 |", "|---|---|---|---|---|---|---|---|---|"]
-  for r in (r for r in rows if r["kind"] == "probe"):
+  probes = sorted((r for r in rows if r["kind"] == "probe"), key=lambda r: (r["step"], r["t"]))
+  for r in probes:
     out.append(f"| {r['step']} | {r['epochs']:.2f} | {r['t']:g} | "
                f"{r['sg_diff_norm'] / r['cfg_diff_norm']:.2f} | {r['cosine']:.3f} | "
                f"{r.get('draw_noise_norm', float('nan')):.3f} | {r['loss_gamma0']:.4f} | "
                f"{r['loss_gamma0.5']:.4f} | {r['loss_gamma0.9']:.4f} |")
+  out += ["", "## Convergence: held-out loss at γ 0 (mean over the probe's t), its gain per "
+          "doubling of steps", "", "| step | epochs | loss γ0 | gain per doubling since the "
+          "previous probed step |", "|---|---|---|---|"]
+  prev = None
+  for step in sorted({r["step"] for r in probes}):
+    loss = float(np.mean([r["loss_gamma0"] for r in probes if r["step"] == step]))
+    gain = ("—" if prev is None else
+            f"{100 * (1 - (loss / prev[1]) ** (1 / np.log2(step / prev[0]))):.1f}%")
+    out.append(f"| {step} | {ep[step]:.2f} | {loss:.4f} | {gain} |")
+    prev = (step, loss)
   return "\n".join(out)
 
 
@@ -189,7 +201,7 @@ def plot_trend(study: Study, rows: list[dict]) -> str | None:
                      fmt="-o", ms=3, capsize=2, label=f"{a} − {b}")
   axes[1].axhline(0, color="k", lw=0.8)
   axes[1].set_ylabel(f"Δ{m}, paired (< 0: a is better)")
-  probes = [r for r in rows if r["kind"] == "probe"]
+  probes = sorted((r for r in rows if r["kind"] == "probe"), key=lambda r: (r["step"], r["t"]))
   for t in sorted({r["t"] for r in probes}):
     rs = sorted((r for r in probes if r["t"] == t), key=lambda r: r["step"])
     axes[2].plot([r["epochs"] for r in rs], [r["sg_diff_norm"] / r["cfg_diff_norm"] for r in rs],
