@@ -19,13 +19,14 @@ declare -A ROWS=(
   [xl2_dense_v6e-8]="--config=configs/imagenet256.py --topology=v6e-8 --mode=train --config.mesh.data=1 --config.mesh.fsdp=8 --config.sparsity.routes=() --config.sample.guidance.rule=cfg"
   [xl2_routed_v5p-64]="--config=configs/imagenet256.py --topology=v5p-64 --mode=train --config.mesh.data=4 --config.mesh.fsdp=8"
   [xl2_dense_v5p-64]="--config=configs/imagenet256.py --topology=v5p-64 --mode=train --config.mesh.data=4 --config.mesh.fsdp=8 --config.sparsity.routes=() --config.sample.guidance.rule=cfg"
+  [xl2_routed_v5e-32]="--config=configs/imagenet256.py --topology=v5litepod-32 --mode=train --config.mesh.data=4 --config.mesh.fsdp=8"
   [xl2_sample_v5p-8]="--config=configs/imagenet256.py --topology=v5p-8 --mode=sample --config.mesh.data=1 --config.mesh.fsdp=4"
   [xl2_sample_v5e-8]="--config=configs/imagenet256.py --topology=v5litepod-8 --mode=sample --config.mesh.data=1 --config.mesh.fsdp=8"
   [t2i_2p5b_v5p-8]="--config=configs/t2i_2p5b.py --topology=v5p-8 --mode=train --config.mesh.data=1 --config.mesh.fsdp=4 --config.train.grad_accum=48"
   [t2i_2p5b_v6e-8]="--config=configs/t2i_2p5b.py --topology=v6e-8 --mode=train --config.mesh.data=1 --config.mesh.fsdp=8 --config.train.grad_accum=96"
 )
 ORDER=(xl2_routed_v5p-8 xl2_sample_v5p-8 xl2_routed_v5e-8 xl2_dense_v5e-8 xl2_dense_v5p-8
-       xl2_routed_v6e-8 xl2_dense_v6e-8 xl2_routed_v5p-64 xl2_dense_v5p-64 xl2_sample_v5e-8
+       xl2_routed_v6e-8 xl2_dense_v6e-8 xl2_routed_v5p-64 xl2_dense_v5p-64 xl2_routed_v5e-32 xl2_sample_v5e-8
        t2i_2p5b_v5p-8 t2i_2p5b_v6e-8)
 [ $# -gt 0 ] && ORDER=("$@")
 for row in "${ORDER[@]}"; do

@@ -13,16 +13,29 @@ import jax
 import numpy as np
 import pytest
 
-from sgjax import checkpoint, distributed, models, sharding
+from sgjax import checkpoint, distributed, models, sharding, train, validation
 from sgjax import state as state_lib
 from tests.builders import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 3
 MESH = dict(data=2, fsdp=2, tensor=2)  # Params are split across the two processes too.
+# One routed block: with tiny_config's three, each process's train step compiles ~50% longer.
+MODEL = {"model.depth": 1, "sparsity.routes": ((0, 0, 0.5),)}
 OVERRIDES = [f"--config.mesh.{k}={v}" for k, v in MESH.items()] + [
+    f"--config.{k}={v}" for k, v in MODEL.items()] + [
     f"--config.train.num_steps={STEPS}", f"--config.train.checkpoint_every={STEPS}",
     "--config.train.log_every=1"]
+
+
+def _config():
+  """The runs' config: tiny_config with MODEL and MESH (what OVERRIDES give the command line)."""
+  c = tiny_config()
+  c.model.depth = MODEL["model.depth"]
+  c.sparsity.routes = MODEL["sparsity.routes"]
+  c.mesh.update(MESH)
+  c.train.update(num_steps=STEPS, checkpoint_every=STEPS, log_every=1)
+  return c
 
 
 def _free_port() -> int:
@@ -65,7 +78,7 @@ def _metrics(workdir: str) -> list[dict]:
 
 
 def _restore(workdir: str, mesh):
-  c = tiny_config()
+  c = _config()
   model = models.from_config(c)
   abstract, _ = state_lib.abstract_state_and_shardings(
       model, state_lib.make_optimizer(c.train), c.seed, mesh)
@@ -77,11 +90,26 @@ def _restore(workdir: str, mesh):
   return state
 
 
+def _train_here(workdir: str) -> None:
+  """The one-process run in this process (8 devices, like the test's): what `--mode=train`
+  does with the pair's config and flags, without starting a third interpreter."""
+  c = _config()
+  validation.validate(c, jax.device_count(), job="train")
+  train.train(c, workdir)
+
+
 def test_two_processes_train_like_one(tmp_path):
   two, one = str(tmp_path / "two"), str(tmp_path / "one")
   address = f"127.0.0.1:{_free_port()}"
-  outs = _wait([_spawn(two, 4, f"--coordinator_address={address}", "--num_processes=2",
-                       f"--process_id={p}") for p in range(2)] + [_spawn(one, 8)], timeout=300)
+  pair = [_spawn(two, 4, f"--coordinator_address={address}", "--num_processes=2",
+                 f"--process_id={p}") for p in range(2)]
+  try:
+    _train_here(one)  # Meanwhile.
+  except BaseException:
+    for p in pair:
+      p.kill()
+    raise
+  outs = _wait(pair, timeout=300)
 
   # Same global batches: the per-step losses agree (another batch gives another loss).
   m_two, m_one = _metrics(two), _metrics(one)

@@ -14,7 +14,7 @@ from sgjax import checkpoint, train
 from tests.builders import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS, EVERY = 40, 10
+STEPS, EVERY = 30, 5  # The signal comes at step EVERY: 25 steps and 5 saves before the end.
 OVERRIDES = [f"--config.train.num_steps={STEPS}", f"--config.train.checkpoint_every={EVERY}",
              "--config.train.log_every=5", "--config.train.async_checkpoint=False"]
 
@@ -43,16 +43,18 @@ def _signal_at_first_checkpoint(runs: dict, timeout=120):
       else:
         assert proc.poll() is None, proc.stdout.read()
     assert time.time() < t_end, "no checkpoint appeared"
-    time.sleep(0.02)
+    time.sleep(0.005)
 
 
 def test_sigterm_or_sigkill_then_resume_equals_uninterrupted(tmp_path):
-  # Both interrupted runs go at once, beside the uninterrupted one (run here meanwhile).
+  # The uninterrupted run first: its compiled step lands in the test run's compilation cache
+  # (tests/conftest.py), so the two interrupted runs, which then go at once, load it instead of
+  # each compiling the same program beside the other.
+  uninterrupted = [np.asarray(a) for a in jax.tree.leaves(
+      train.train(_config(), str(tmp_path / "straight")))]
   runs = {sig: (str(tmp_path / sig.name), _launch(str(tmp_path / sig.name)))
           for sig in (signal.SIGTERM, signal.SIGKILL)}
   _signal_at_first_checkpoint(runs)
-  uninterrupted = [np.asarray(a) for a in jax.tree.leaves(
-      train.train(_config(), str(tmp_path / "straight")))]
   for sig, (workdir, proc) in runs.items():
     out, _ = proc.communicate(timeout=120)
     latest = checkpoint.manager(os.path.join(workdir, "checkpoints")).latest_step()

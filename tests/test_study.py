@@ -3,6 +3,7 @@ intervals, and the latent + Inception FID path."""
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from sgjax import errors
 from sgjax.convert import inception_fid
 from sgjax.eval import frechet
 from sgjax.jobs import study as study_lib
+from sgjax.jobs.study import compare as compare_lib
 from tests.builders import (
   VAE,
   inception_state_dict,
@@ -375,3 +377,54 @@ def test_trend_runs_the_fair_comparison_at_each_checkpoint_with_every_variant_an
   monkeypatch.setattr(study_lib.Study, "score", lambda *a: pytest.fail("sampled on a rerun"))
   study_lib.run(c, workdir)
   assert (root / "trend.jsonl").read_text() == before
+
+
+def test_compare_pairs_two_runs_finals_family_by_family(tmp_path, monkeypatch):
+  """`sgjax.jobs.study.compare`: A − B for each family both runs' trend stage chose, and the
+  difference of gains (A f − A g) − (B f − B g), each with a paired interval; a run against a
+  copy of itself differs by exactly 0; another classifier or an unstudied step is refused."""
+  c = _config()
+  c.study.update(search="budget", stages=("trend",), rules=("cfg", "sg"), steps=(2,),
+                 cfg_intervals=(), omegas=(3.0,), gammas_weak=(0.5,), omega_extensions=0,
+                 gamma_extensions=0, bootstrap=16, checkpoints=(2,), probe_gammas=(0.0, 0.5))
+  monkeypatch.setattr(study_lib.table, "judge_for", lambda *a, **k: _pixel_judge())
+  a, b = tmp_path / "a", tmp_path / "b"
+  write_checkpoints(c, str(a), [2])
+  write_checkpoints(c, str(b), [1, 2], scale=0.05)
+  for w in (a, b):
+    (w / compare_lib.CLASSIFIER).write_bytes(b"one classifier")
+    study_lib.run(c, str(w))
+  rows = compare_lib.compare(c, str(a), 2, str(b), 2)
+  finals = {w: {study_lib.family(r): r["fd_fmnist"] for r in map(
+      json.loads, open(w / "study" / "trend" / "step_2" / "finals.jsonl"))} for w in (a, b)}
+  by = {r["family"]: r for r in rows}
+  assert set(by) == {"none", "cfg", "sg", "(sg − cfg)", "(sg − none)", "(cfg − none)"}
+  for f in ("none", "cfg", "sg"):
+    assert by[f]["d_fd_fmnist"] == pytest.approx(finals[a][f] - finals[b][f])
+    assert by[f]["d_fd_fmnist_lo"] < by[f]["d_fd_fmnist"] < by[f]["d_fd_fmnist_hi"]
+  gain = lambda w: finals[w]["sg"] - finals[w]["cfg"]
+  assert by["(sg − cfg)"]["d_fd_fmnist"] == pytest.approx(gain(a) - gain(b))
+  assert "| sg | " in compare_lib.table(rows, "fd_fmnist", "A@2", "B@2")
+
+  shutil.copytree(a, tmp_path / "a_copy")
+  for r in compare_lib.compare(c, str(a), 2, str(tmp_path / "a_copy"), 2):
+    assert r["d_fd_fmnist"] == r["d_fd_fmnist_lo"] == r["d_fd_fmnist_hi"] == 0
+
+  with pytest.raises(errors.UserError, match=r"--other_step = 1: .*has not been studied"):
+    compare_lib.compare(c, str(a), 2, str(b), 1)
+  (b / compare_lib.CLASSIFIER).write_bytes(b"another classifier")
+  with pytest.raises(errors.UserError, match=r"fmnist_classifier.msgpack: another FD-FMNIST"):
+    compare_lib.compare(c, str(a), 2, str(b), 2)
+
+
+def test_trend_report_gives_no_gain_per_doubling_from_step_0():
+  """A run started from other weights (train.init_from) has a step-0 checkpoint: the probe there
+  is listed, and the convergence table starts its doublings after it (was a division by 0)."""
+  probe = dict(kind="probe", t=0.5, sg_diff_norm=2.0, cfg_diff_norm=1.0, cosine=0.3,
+               draw_noise_norm=0.5, **{"loss_gamma0.5": 0.3, "loss_gamma0.9": 0.4})
+  rows = [dict(probe, step=s, epochs=s / 100, loss_gamma0=v)
+          for s, v in ((0, 0.4), (100, 0.2), (400, 0.1))]
+  study = type("S", (), dict(metric="fd_fmnist", workdir="RUN", config=_config()))()
+  text = study_lib.training.trend_report(study, rows)
+  assert "| 0 | 0.00 | 0.4000 | — |" in text and "| 100 | 1.00 | 0.2000 | — |" in text
+  assert "| 400 | 4.00 | 0.1000 | 29.3% |" in text  # 1 − 0.5^(1/2): two doublings halve it.

@@ -86,7 +86,9 @@ def test_trdit_sg_and_cfg_sg_branches_on_the_real_model():
   x, t, c = trdit_inputs(model)
   null = {"text": jax.random.normal(jax.random.key(9), (model.text_tokens, model.text_width)),
           "text_mask": jnp.arange(model.text_tokens) < 2}
-  velocity = sampling.make_velocity_fn(model)
+  # Jitted (the sparsity static, as in the sampler): one compile per branch setting and batch
+  # instead of an eager dispatch per op; every side of each comparison goes through it.
+  velocity = jax.jit(sampling.make_velocity_fn(model), static_argnums=4)
   routes = Sparsity.from_routes([(1, 1, 0.5)])
   k0, k1 = jax.random.split(jax.random.key(7))
   strong, weak = routes.with_gamma(0.25), routes.with_gamma(0.5)

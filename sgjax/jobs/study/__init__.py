@@ -31,7 +31,8 @@ against `eval.reference` (docs/eval.md). `report.md` and the plots go beside the
 
 One module per concern: `table` (points, the judge, `Study`), `search` (the screens), `finals`
 (matched comparison, paired differences), `probe`, `training` (over checkpoints), `report`
-(report.md, plots), `job` (the command).
+(report.md, plots), `job` (the command), `compare` (two runs' finals paired:
+`python -m sgjax.jobs.study.compare`).
 """
 
 from sgjax.jobs.study.finals import final, paired, paired_difference

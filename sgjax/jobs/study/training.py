@@ -163,7 +163,8 @@ def trend_report(study: Study, rows: list[dict]) -> str:
   prev = None
   for step in sorted({r["step"] for r in probes}):
     loss = float(np.mean([r["loss_gamma0"] for r in probes if r["step"] == step]))
-    gain = ("—" if prev is None else
+    # No doubling from step 0 (a run started from other weights saves its start as step 0).
+    gain = ("—" if prev is None or prev[0] == 0 else
             f"{100 * (1 - (loss / prev[1]) ** (1 / np.log2(step / prev[0]))):.1f}%")
     out.append(f"| {step} | {ep[step]:.2f} | {loss:.4f} | {gain} |")
     prev = (step, loss)
