@@ -428,3 +428,18 @@ def test_trend_report_gives_no_gain_per_doubling_from_step_0():
   text = study_lib.training.trend_report(study, rows)
   assert "| 0 | 0.00 | 0.4000 | — |" in text and "| 100 | 1.00 | 0.2000 | — |" in text
   assert "| 400 | 4.00 | 0.1000 | 29.3% |" in text  # 1 − 0.5^(1/2): two doublings halve it.
+
+
+def test_two_guide_choices_that_name_one_checkpoint_are_searched_once():
+  """At step 8000 with checkpoints kept every 500, the guide at 1/16 is step 500, the fixed
+  guide's: one family (the first named), not the same points sampled twice under two tags."""
+  c = _config()
+  c.study.guides = (500.0, 0.0625)
+  logged = []
+  study = type("S", (), dict(config=c, saved=[125, 250, 500, 1000, 8000, 16000],
+                             log=staticmethod(logged.append)))()
+  assert study_lib.search.variants(study, "ag_sg", 8000) == [
+      {"guide_step": 500, "guide": "g@500"}]
+  assert any("g/16 is g@500 at step 8000 (guide 500)" in m for m in logged)
+  assert study_lib.search.variants(study, "ag_sg", 16000) == [
+      {"guide_step": 500, "guide": "g@500"}, {"guide_step": 1000, "guide": "g/16"}]

@@ -78,8 +78,12 @@ def variants(study: Study, rule: str, step: int) -> list[dict]:
   out = []
   for spec in s.guides:
     g = guide_for(study, float(spec), step)
+    same = [o["guide"] for o in out if o["guide_step"] == g]
     if g is None:
       study.log(f"screen: {rule} {guide_tag(spec)} left out: no such checkpoint before {step}")
+    elif same:  # Two choices, one guide (g/16 of 8000 is step 500): the same points twice.
+      study.log(f"screen: {rule} {guide_tag(spec)} is {same[0]} at step {step} (guide {g}): "
+                f"searched once, as {same[0]}")
     else:
       out.append({"guide_step": g, "guide": guide_tag(spec)})
   return out
