@@ -426,7 +426,8 @@ def _declared() -> dict[str, Any]:
       # and the twin at budget_ref only; () = all everywhere). probe_gammas: the
       # probe's (γs, γw) (() = SG's best); probe_routes: the routes the probe drops tokens on
       # where the model has none (a dense twin; () = the model's).
-      # omega_extensions: how often the budget search pushes a best ω past its grid's edge.
+      # omega_extensions: how often the budget search pushes a best ω past its grid's edge
+      # (× or ÷ 1.5; below 1.5 halfway to 1, down to 1.1).
       search=F("coordinate", text("coordinate", "budget")),
       budget_ref=F(0.0, real(">= 0", note="0 = the middle budget")),
       top_settings=F(2, integer(">= 1")), final_seeds=F((), tuple_of(integer(">= 0"))),

@@ -295,7 +295,9 @@ def test_paired_differences_and_the_gain_difference_keep_earlier_rows_without_fe
       np.savez(study.features_path(r), features=f, labels=labels,
                hits=(logits.argmax(-1) == labels).astype(np.float64))
       fd[k[1:]] = frechet.distance_of_features(f, judge.ref_mu, judge.ref_sigma)
-  earlier = dict(budget=2.0, seed=c.study.seed, a="sg", b="cfg", d_fd_fmnist=-1.25)
+  earlier = dict(budget=2.0, seed=c.study.seed, a="sg", b="cfg",
+                 a_label=study_lib.label(finals[2.0, "main", "sg"]),
+                 b_label=study_lib.label(finals[2.0, "main", "cfg"]), d_fd_fmnist=-1.25)
   os.makedirs(study.out_dir, exist_ok=True)
   paired_path = os.path.join(study.out_dir, "paired.jsonl")
   open(paired_path, "w").write(json.dumps(earlier) + "\n")
@@ -317,6 +319,13 @@ def test_paired_differences_and_the_gain_difference_keep_earlier_rows_without_fe
     assert -1 <= r["d_class_accuracy_lo"] <= r["d_class_accuracy"] <= r["d_class_accuracy_hi"]
   assert by[2.0, "sg", "cfg"] == earlier  # Kept, not recomputed from missing features.
   assert any("(sg) − (cfg) at 2.00 GMACs left out" in m and "earlier estimate is kept" in m
+             for m in logged)
+  assert [json.loads(line) for line in open(paired_path)] == out
+  # SG's best setting moved since (another ω): the earlier estimate is of other rows, so it goes.
+  finals[2.0, "main", "sg"]["omega"] = 4.0
+  out = study_lib.paired(study, list(finals.values()))
+  assert (2.0, "sg", "cfg") not in {(r["budget"], r["a"], r["b"]) for r in out}
+  assert any("(sg) − (cfg) at 2.00 GMACs left out" in m and "of other settings, is dropped" in m
              for m in logged)
   assert [json.loads(line) for line in open(paired_path)] == out
 
@@ -443,3 +452,29 @@ def test_two_guide_choices_that_name_one_checkpoint_are_searched_once():
   assert any("g/16 is g@500 at step 8000 (guide 500)" in m for m in logged)
   assert study_lib.search.variants(study, "ag_sg", 16000) == [
       {"guide_step": 500, "guide": "g@500"}, {"guide_step": 1000, "guide": "g/16"}]
+
+
+def test_omega_is_pushed_toward_1_below_a_grid_that_starts_at_its_best():
+  """Autoguidance's best is often the CFG grid's lowest ω, 1.5: ÷ 1.5 would be unguided, so ω
+  goes halfway to 1 (1.25, 1.125, …) until quality turns; above, the ÷ 1.5 step is unchanged."""
+  c = _config()
+  c.study.omega_extensions = 3
+
+  def scored(points, optimum):
+    return [dict(p, fd_fmnist=(p["omega"] - optimum) ** 2) for p in points if p is not None]
+
+  def fd(r):
+    return r["fd_fmnist"]
+
+  for rule, grid, optimum, pushed in (("ag_sg", (1.5, 2.0, 3.0), 1.2, [1.25, 1.125]),
+                                      ("sg", (3.0, 4.5), 2.2, [2.0, 1.3333])):
+    study = type("S", (), dict(
+        config=c, gmacs=lambda self, p: float(p["steps"]),
+        run=lambda self, points, what, optimum=optimum: scored(points, optimum),
+        best=lambda self, rows: min(rows, key=fd)))()
+    at = dict(checkpoint_step=400, per_class=1, guide_step=100 if rule == "ag_sg" else -1)
+    rows = scored([study_lib.point(rule, w, 0.0, 0.0 if rule == "ag_sg" else 0.5, 12, **at)
+                   for w in grid], optimum)
+    added = study_lib.bracket_omega(study, rows, budget=12.0)
+    assert [r["omega"] for r in added] == pushed
+    assert all(r["steps"] == 12 for r in added)  # Each at the whole budget.

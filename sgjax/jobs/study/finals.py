@@ -86,7 +86,8 @@ def paired(study: Study, finals: list[dict]) -> list[dict]:
 
   A pair whose rows' features are not in the study's folder (points.jsonl copied without
   features/, e.g. back from another machine) is left out with a note, and its row from an
-  earlier paired.jsonl is kept rather than lost."""
+  earlier paired.jsonl is kept rather than lost, where it pairs the same settings (a side whose
+  best setting has changed since makes it an estimate of other rows: dropped, with a note)."""
   s, m = study.config.study, study.metric
   by = {(r["budget"], r["model"], family(r), r.get("seed", s.seed)): r for r in finals}
   side = lambda x: x if isinstance(x, tuple) else ("main", x)
@@ -101,9 +102,16 @@ def paired(study: Study, finals: list[dict]) -> list[dict]:
   def add(row: dict, plus: list[dict], minus: list[dict]) -> None:
     if not all(files.exists(study.features_path(r)) for r in plus + minus):
       kept = earlier.get(pair_key(row))
+      stale = kept is not None and (kept.get("a_label"), kept.get("b_label")) != (
+          row["a_label"], row["b_label"])
+      if stale:  # A side's best setting has changed since: that estimate is of other rows.
+        kept = None
+        del earlier[pair_key(row)]
       study.log(f"paired: ({row['a']}) − ({row['b']}) at {row['budget']:.2f} GMACs left out: "
                 f"a row's features are not in {study.out_dir}/features (rescore the row to "
-                "pair it)" + ("; its earlier estimate is kept" if kept else ""))
+                "pair it)" + ("; its earlier estimate is kept" if kept else
+                              "; its earlier estimate, of other settings, is dropped" if stale
+                              else ""))
       if kept:
         out.append(kept)
       return

@@ -246,6 +246,7 @@ def screen_budget(study: Study, model: str = "main") -> list[dict]:
 
 
 OMEGA_STEP = 1.5
+OMEGA_FLOOR = 1.1  # Closer to 1 than this, guidance is within sampling noise of none.
 GAMMA_STEP = 0.1
 
 
@@ -283,9 +284,11 @@ def bracket_gamma(study: Study, rows: list[dict], budget: float, tag: str = "") 
 
 def bracket_omega(study: Study, rows: list[dict], budget: float, tag: str = "") -> list[dict]:
   """Where a guided family's best ω is the edge of the ω it was tried at, ω is pushed past that
-  edge (× or ÷ 1.5, at the best setting's γ pair and interval) until quality turns, up to
-  `study.omega_extensions` times: the optimum is then bracketed, not assumed to lie inside the
-  configured grid."""
+  edge (× or ÷ 1.5, at the best setting's γ pair and interval; where ÷ 1.5 would reach ω 1,
+  unguided, halfway to 1) until quality turns, up to `study.omega_extensions` times: the optimum is
+  then bracketed, not assumed to lie inside the configured grid. CFG-scale grids start at 1.5,
+  so without the step toward 1 a family whose best is ω 1.5 (autoguidance, AG+SG) would be
+  bracketed from above only."""
   added = []
   for fam in families_of(rows):
     mine = [r for r in rows if family(r) == fam]
@@ -297,8 +300,9 @@ def bracket_omega(study: Study, rows: list[dict], budget: float, tag: str = "") 
                       r["gamma_weak"] == best["gamma_weak"] and r["interval"] == best["interval"]})
       if best["omega"] == tried[-1]:
         omega = best["omega"] * OMEGA_STEP
-      elif best["omega"] == tried[0] and best["omega"] / OMEGA_STEP > 1:
-        omega = best["omega"] / OMEGA_STEP
+      elif best["omega"] == tried[0] and best["omega"] > OMEGA_FLOOR:
+        w = best["omega"]
+        omega = w / OMEGA_STEP if w / OMEGA_STEP > 1 else (1 + w) / 2
       else:
         break  # Bracketed: a worse ω on each side.
       p = fit_steps(study, dict(setting_of(best), omega=round(omega, 4)), budget)
