@@ -478,3 +478,37 @@ def test_omega_is_pushed_toward_1_below_a_grid_that_starts_at_its_best():
     added = study_lib.bracket_omega(study, rows, budget=12.0)
     assert [r["omega"] for r in added] == pushed
     assert all(r["steps"] == 12 for r in added)  # Each at the whole budget.
+
+
+def test_trend_compares_the_reference_budget_where_a_checkpoint_has_finals_at_others(tmp_path):
+  """Where SG comes close, a checkpoint's finals are repeated at CFG's 8- and 20-step costs and a
+  second seed: the trend's tables and plots keep to the middle (reference) budget, every row is
+  kept in trend.jsonl with its budget, and the other budgets stay in the checkpoint's report."""
+  c = _config()
+  study = type("S", (), dict(metric="fd_fmnist", workdir="RUN", config=c, _train_size=6400,
+                             out_dir=str(tmp_path)))()
+  at = dict(checkpoint_step=400, per_class=2)
+  settings = dict(cfg=("cfg", 2.0, 0.0), sg=("sg", 3.0, 0.5))
+  fd = {1.0: 9.0, 2.0: 5.0, 3.0: 4.0}  # The middle budget, 2.0, is the reference.
+  finals, pairs = [], []
+  for budget, v in fd.items():
+    for seed in (c.study.seed, c.study.seed + 1):
+      for fam, (rule, w, gw) in settings.items():
+        r = dict(study_lib.point(rule, w, 0.0, gw, 4, **at), budget=budget,
+                 gmacs_per_image=budget, fd_fmnist=v + (fam == "sg") + 0.5 * (seed != c.study.seed))
+        finals.append(dict(r, seed=seed) if seed != c.study.seed else r)
+      pairs.append(dict(budget=budget, seed=seed, a="sg", b="cfg", d_fd_fmnist=budget,
+                        d_fd_fmnist_lo=budget - 1, d_fd_fmnist_hi=budget + 1))
+  d = tmp_path / "trend" / "step_400"
+  os.makedirs(d)
+  (d / "finals.jsonl").write_text("".join(json.dumps(r) + "\n" for r in finals))
+  (d / "paired.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
+  rows = study_lib.training.trend_rows(study)
+  assert len([r for r in rows if r["kind"] == "final"]) == 12
+  assert {(r["budget"], r["reference"]) for r in rows} == {(1.0, False), (2.0, True),
+                                                           (3.0, False)}
+  text = (tmp_path / "trend" / "trend.md").read_text()
+  assert "| cfg | 5.00 |" in text and "| sg | 6.00 |" in text  # Seed 1 at the reference.
+  assert f"| sg − cfg | {c.study.seed} | +2.00 [+1.00, +3.00] |" in text
+  assert f"| sg − cfg | {c.study.seed + 1} | +2.00 [+1.00, +3.00] |" in text
+  assert "9.00" not in text and "+3.00 [+2.00" not in text  # No other budget's row.

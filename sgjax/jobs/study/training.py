@@ -93,16 +93,24 @@ def trend_rows(study: Study) -> list[dict]:
     path = os.path.join(step_dir(study, step), "finals.jsonl")
     finals = (readers.jsonl(path, "study table", f"move {path} aside and rerun")
               if files.exists(path) else [])
-    for r in sorted(finals, key=lambda r: (family(r), r.get("seed", s.seed))):
+    # The trend compares the reference budget; a checkpoint may also hold finals at other
+    # budgets (CFG's cost at 8 and 20 steps where SG came close), listed in its report.md.
+    levels = sorted({round(r["budget"], 6) for r in finals})
+    ref = (round(float(s.budget_ref), 6) if s.budget_ref > 0 else
+           levels[len(levels) // 2] if levels else None)
+    at_ref = lambda r, ref=ref: ref is None or round(r["budget"], 6) == ref
+    for r in sorted(finals, key=lambda r: (family(r), r.get("seed", s.seed), r["budget"])):
       out.append(dict(ep, kind="final", family=family(r), label=label(r),
                       seed=r.get("seed", s.seed), gmacs=r["gmacs_per_image"],
+                      budget=r["budget"], reference=at_ref(r),
                       **{k: r[k] for k in (m, f"{m}_lo", f"{m}_hi", "class_accuracy",
                                            "precision", "recall", "variance_ratio") if k in r}))
     path = os.path.join(step_dir(study, step), "paired.jsonl")
     if files.exists(path):
       for r in readers.jsonl(path, "study table", f"move {path} aside and rerun"):
         out.append(dict(ep, kind="paired", a=r["a"], b=r["b"], seed=r["seed"],
-                        budget=r["budget"], **{k: r[k] for k in r if k.startswith("d_")}))
+                        budget=r["budget"], reference=at_ref(r),
+                        **{k: r[k] for k in r if k.startswith("d_")}))
   path = os.path.join(study.out_dir, "probe.jsonl")
   if files.exists(path):
     # Every probed checkpoint, not only the studied ones: the probe is cheap, so it runs at
@@ -130,10 +138,12 @@ def trend_report(study: Study, rows: list[dict]) -> str:
   head = " | ".join(f"{s} ({ep[s]:.1f} ep)" for s in steps)
   out = [f"# Trend over training: {study.workdir}", "",
          f"Finals at the reference budget (seed {seed}), {m} with its 95% bootstrap interval; "
-         "paired differences a − b with their 95% paired intervals; the probe at each t.", "",
+         "paired differences a − b at that budget with their 95% paired intervals (each seed); "
+         "the probe at each t. Other budgets: each checkpoint's report.md.", "",
          f"## {m} by checkpoint (step, epochs)", "", f"| family | {head} |",
          "|---|" + "---|" * len(steps)]
-  finals = [r for r in rows if r["kind"] == "final" and r["seed"] == seed]
+  finals = [r for r in rows if r["kind"] == "final" and r["seed"] == seed
+            and r.get("reference", True)]
   for fam in sorted({r["family"] for r in finals}, key=lambda f: (f.split()[0], f)):
     by = {r["step"]: r for r in finals if r["family"] == fam}
     out.append(f"| {fam} | " + " | ".join(
@@ -141,7 +151,7 @@ def trend_report(study: Study, rows: list[dict]) -> str:
         for s in steps) + " |")
   out += ["", f"## Paired differences Δ{m} (a − b) by checkpoint", "",
           f"| a − b | seed | {head} |", "|---|---|" + "---|" * len(steps)]
-  pairs = [r for r in rows if r["kind"] == "paired"]
+  pairs = [r for r in rows if r["kind"] == "paired" and r.get("reference", True)]
   for a, b, sd in sorted({(r["a"], r["b"], r["seed"]) for r in pairs}):
     by = {r["step"]: r for r in pairs if (r["a"], r["b"], r["seed"]) == (a, b, sd)}
     d = f"d_{m}"
@@ -181,7 +191,8 @@ def plot_trend(study: Study, rows: list[dict]) -> str | None:
   if not rows:
     return None
   fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
-  finals = [r for r in rows if r["kind"] == "final" and r["seed"] == seed]
+  finals = [r for r in rows if r["kind"] == "final" and r["seed"] == seed
+            and r.get("reference", True)]
   fams = sorted({r["family"] for r in finals}, key=lambda f: (f.split()[0], f))
   cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
   colors = {f: cycle[i % len(cycle)] for i, f in enumerate(fams)}
@@ -192,7 +203,8 @@ def plot_trend(study: Study, rows: list[dict]) -> str | None:
     axes[0].errorbar(x, y, yerr=err, fmt="-o", ms=3, capsize=2, color=colors[fam], label=fam)
   axes[0].set_ylabel(f"{m} (lower is better)")
   pairs = [r for r in rows if r["kind"] == "paired" and r["seed"] == seed
-           and " − " not in r["a"] and r["b"] != "none" and not r["b"].startswith("dense")]
+           and r.get("reference", True) and " − " not in r["a"] and r["b"] != "none"
+           and not r["b"].startswith("dense")]
   d = f"d_{m}"
   for i, (a, b) in enumerate(sorted({(r["a"], r["b"]) for r in pairs})):
     rs = sorted((r for r in pairs if (r["a"], r["b"]) == (a, b)), key=lambda r: r["step"])
