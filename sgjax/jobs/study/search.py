@@ -246,7 +246,7 @@ def screen_budget(study: Study, model: str = "main") -> list[dict]:
 
 
 OMEGA_STEP = 1.5
-OMEGA_FLOOR = 1.1  # Closer to 1 than this, guidance is within sampling noise of none.
+OMEGA_FLOOR = 1.1  # Where the push toward 1 stops: ω 1 itself is unguided sampling.
 GAMMA_STEP = 0.1
 
 

@@ -16,7 +16,7 @@ from sgjax.jobs import sweep
 from sgjax.jobs.study.finals import final, paired
 from sgjax.jobs.study.probe import probe
 from sgjax.jobs.study.report import report
-from sgjax.jobs.study.search import screen_budget
+from sgjax.jobs.study.search import reference_budget, screen_budget
 from sgjax.jobs.study.table import Study, families_of, family, label
 
 
@@ -96,8 +96,7 @@ def trend_rows(study: Study) -> list[dict]:
     # The trend compares the reference budget; a checkpoint may also hold finals at other
     # budgets (CFG's cost at 8 and 20 steps where SG came close), listed in its report.md.
     levels = sorted({round(r["budget"], 6) for r in finals})
-    ref = (round(float(s.budget_ref), 6) if s.budget_ref > 0 else
-           levels[len(levels) // 2] if levels else None)
+    ref = round(reference_budget(study, levels), 6) if levels else None
     at_ref = lambda r, ref=ref: ref is None or round(r["budget"], 6) == ref
     for r in sorted(finals, key=lambda r: (family(r), r.get("seed", s.seed), r["budget"])):
       out.append(dict(ep, kind="final", family=family(r), label=label(r),
