@@ -1,5 +1,6 @@
-"""Launch scripts: shellcheck-clean; the TPU launcher's dry run is the expected gcloud sequence;
-the SLURM script hands every task the coordinator, the process count and its own id."""
+"""Launch scripts: shellcheck-clean (so are CI's and the results' scripts); the TPU launcher's
+dry run is the expected gcloud sequence; the SLURM script hands every task the coordinator, the
+process count and its own id."""
 
 import glob
 import os
@@ -13,6 +14,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN = os.path.join(ROOT, "tests", "golden", "tpu_dry_run_queued_v4.txt")
 SCRIPTS = sorted(glob.glob(os.path.join(ROOT, "launch", "*.sh"))
                  + glob.glob(os.path.join(ROOT, "launch", "*.sbatch")))
+# Scripts a user reruns to reproduce a result, and CI's own: held to the launchers' standard.
+OTHER_SCRIPTS = sorted(glob.glob(os.path.join(ROOT, "docs", "results", "*", "*.sh"))
+                       + [os.path.join(ROOT, ".ci", "run")])
 
 
 def _tpu(*args, check=True):
@@ -20,12 +24,13 @@ def _tpu(*args, check=True):
                         capture_output=True, text=True, check=check)
 
 
-def test_every_launch_script_passes_shellcheck():
+def test_every_shell_script_passes_shellcheck():
   assert shutil.which("shellcheck"), "shellcheck missing: `make setup` installs it (Debian)"
   assert {"tpu.sh", "slurm_gpu.sbatch", "bench_suite.sh"} <= {os.path.basename(s)
                                                               for s in SCRIPTS}
-  out = subprocess.run(["shellcheck", "--severity=style", *SCRIPTS], capture_output=True,
-                       text=True)
+  assert {"train.sh", "trend.sh", "run"} <= {os.path.basename(s) for s in OTHER_SCRIPTS}
+  out = subprocess.run(["shellcheck", "--severity=style", *SCRIPTS, *OTHER_SCRIPTS],
+                       capture_output=True, text=True)
   assert out.returncode == 0, out.stdout + out.stderr
 
 

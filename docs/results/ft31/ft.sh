@@ -22,7 +22,7 @@ for pair in "1250:1296,1375,1496" "2000:2196" "4000:4196"; do
     cp -r "$R/deep83/checkpoints/$src" "$W/checkpoints/"
   fi
   for n in ${targets//,/ }; do
-    $PY -m sgjax.main --config=$DEEP --workdir="$W" --mode=train --config.train.num_steps=$n \
+    $PY -m sgjax.main --config=$DEEP --workdir="$W" --mode=train --config.train.num_steps="$n" \
       --config.train.checkpoint_every=500 --config.train.keep_period=125
   done
 done
